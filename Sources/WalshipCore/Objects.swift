@@ -1,0 +1,63 @@
+import WalshipFormat
+import WalshipLZ4
+
+/// Thrown by a payload handler to end a download early (the restore target was reached).
+struct StopStreaming: Error {}
+
+/// Errors reading a stored object, naming the object and replica.
+public struct ObjectError: Error, CustomStringConvertible {
+    public let key: String
+    public let replica: String
+    public let problem: String
+    public var description: String { "object '\(key)' in \(replica) \(problem)" }
+}
+
+/// Streams one stored object: checks its metadata, then decompresses its LZ4 frame and hands
+/// the payload to `payload` chunk by chunk. Returns the metadata. Wraps every format failure
+/// in an ObjectError that names the object.
+@discardableResult
+func streamObject(_ replica: Replica, key: String, expect kind: ObjectKind,
+                  onMetadata: (ObjectMetadata) throws -> Void = { _ in },
+                  payload: (UnsafeRawBufferPointer) throws -> Void) throws -> ObjectMetadata {
+    var head: [UInt8] = []
+    var meta: ObjectMetadata?
+    let lz = try LZ4FrameDecompressor(name: key)
+    var stopped = false
+    func wrap(_ e: Error) -> Error {
+        if e is StopStreaming || e is ObjectError || e is ReplicaError { return e }
+        if let s = e as? SystemError { return s }
+        if let l = e as? LZ4Error { return ObjectError(key: key, replica: replica.displayURL, problem: "is corrupt or truncated (\(l.message))") }
+        return ObjectError(key: key, replica: replica.displayURL, problem: "is unreadable: \(e)")
+    }
+    do {
+        try replica.get(key: key) { chunk in
+            var rest = chunk
+            if meta == nil {
+                let need = ObjectMetadata.encodedSize - head.count
+                head.append(contentsOf: UnsafeRawBufferPointer(rebasing: rest[0..<min(need, rest.count)]))
+                rest = UnsafeRawBufferPointer(rebasing: rest[min(need, rest.count)...])
+                if head.count < ObjectMetadata.encodedSize { return }
+                let m = try ObjectMetadata.decode(head, objectName: key)
+                guard m.kind == kind else {
+                    throw ObjectError(key: key, replica: replica.displayURL, problem: "is a \(m.kind), expected a \(kind)")
+                }
+                if m.flags & ObjectMetadata.flagEncrypted != 0 {
+                    throw ObjectError(key: key, replica: replica.displayURL, problem: "is encrypted; give the key with --encryption-key-file")
+                }
+                meta = m
+                try onMetadata(m)
+            }
+            if !rest.isEmpty { try lz.feed(rest, payload) }
+        }
+        guard meta != nil else {
+            throw ObjectError(key: key, replica: replica.displayURL, problem: "is truncated: \(head.count) bytes, shorter than its metadata header")
+        }
+        try lz.finish()
+    } catch is StopStreaming {
+        stopped = true
+    } catch {
+        throw wrap(error)
+    }
+    _ = stopped
+    return meta!
+}

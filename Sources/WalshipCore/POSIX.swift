@@ -1,0 +1,251 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// An error from a system call, with errno and what was being done.
+public struct SystemError: Error, CustomStringConvertible {
+    public let errno: Int32
+    public let context: String
+    public var description: String {
+        var hint = ""
+        switch errno {
+        case ENOSPC: hint = " (the disk is full: free space or move the spool)"
+        case EACCES, EPERM: hint = " (permission denied: check the owner and mode)"
+        case ENOENT: hint = " (no such file or directory)"
+        default: break
+        }
+        return "\(context): \(String(cString: strerror(errno)))\(hint)"
+    }
+    static func last(_ context: String) -> SystemError { SystemError(errno: Glibc.errno, context: context) }
+}
+
+public func nowMicroseconds() -> Int64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return Int64(ts.tv_sec) * 1_000_000 + Int64(ts.tv_nsec) / 1000
+}
+
+public func monotonicMicroseconds() -> Int64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Int64(ts.tv_sec) * 1_000_000 + Int64(ts.tv_nsec) / 1000
+}
+
+/// An open file descriptor with positioned I/O; closed on release.
+public final class RawFile {
+    public let fd: Int32
+    public let path: String
+
+    public init(path: String, flags: Int32, mode: mode_t = 0o600) throws {
+        let f = open(path, flags | O_CLOEXEC, mode)
+        guard f >= 0 else { throw SystemError.last("open \(path)") }
+        self.fd = f
+        self.path = path
+    }
+
+    public static func openIfExists(_ path: String, flags: Int32 = O_RDONLY) throws -> RawFile? {
+        let f = open(path, flags | O_CLOEXEC)
+        if f < 0 {
+            if Glibc.errno == ENOENT { return nil }
+            throw SystemError.last("open \(path)")
+        }
+        return RawFile(fd: f, path: path)
+    }
+
+    private init(fd: Int32, path: String) { self.fd = fd; self.path = path }
+    deinit { close(fd) }
+
+    public func size() throws -> Int {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw SystemError.last("stat \(path)") }
+        return Int(st.st_size)
+    }
+
+    /// Reads up to `count` bytes at `offset`; fewer only at end of file.
+    public func read(at offset: Int, into buf: UnsafeMutableRawBufferPointer) throws -> Int {
+        var done = 0
+        while done < buf.count {
+            let n = pread(fd, buf.baseAddress! + done, buf.count - done, off_t(offset + done))
+            if n < 0 { if Glibc.errno == EINTR { continue }; throw SystemError.last("read \(path)") }
+            if n == 0 { break }
+            done += n
+        }
+        return done
+    }
+
+    public func read(at offset: Int, count: Int) throws -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: count)
+        let n = try b.withUnsafeMutableBytes { try read(at: offset, into: $0) }
+        if n < count { b.removeLast(count - n) }
+        return b
+    }
+
+    public func write(at offset: Int, _ data: UnsafeRawBufferPointer) throws {
+        var done = 0
+        while done < data.count {
+            let n = pwrite(fd, data.baseAddress! + done, data.count - done, off_t(offset + done))
+            if n < 0 { if Glibc.errno == EINTR { continue }; throw SystemError.last("write \(path)") }
+            done += n
+        }
+    }
+
+    public func append(_ data: UnsafeRawBufferPointer) throws {
+        var done = 0
+        while done < data.count {
+            let n = Glibc.write(fd, data.baseAddress! + done, data.count - done)
+            if n < 0 { if Glibc.errno == EINTR { continue }; throw SystemError.last("write \(path)") }
+            done += n
+        }
+    }
+
+    public func append(_ data: [UInt8]) throws { try data.withUnsafeBytes { try append($0) } }
+
+    public func truncate(to size: Int) throws {
+        guard ftruncate(fd, off_t(size)) == 0 else { throw SystemError.last("truncate \(path)") }
+    }
+
+    public func sync() throws {
+        guard fsync(fd) == 0 else { throw SystemError.last("fsync \(path)") }
+    }
+
+    public func inode() throws -> (dev: UInt64, ino: UInt64) {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw SystemError.last("stat \(path)") }
+        return (UInt64(st.st_dev), UInt64(st.st_ino))
+    }
+}
+
+public enum FS {
+    public static func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
+
+    public static func isDirectory(_ path: String) -> Bool {
+        var st = stat()
+        return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
+    }
+
+    public static func isRegularFile(_ path: String) -> Bool {
+        var st = stat()
+        return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG
+    }
+
+    public static func fileSize(_ path: String) -> Int? {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return nil }
+        return Int(st.st_size)
+    }
+
+    public static func makeDirectories(_ path: String, mode: mode_t = 0o755) throws {
+        if isDirectory(path) { return }
+        let parent = dirname(path)
+        if parent != path && !parent.isEmpty { try makeDirectories(parent, mode: mode) }
+        if mkdir(path, mode) != 0 && Glibc.errno != EEXIST { throw SystemError.last("mkdir \(path)") }
+    }
+
+    public static func list(_ path: String) throws -> [String] {
+        guard let d = opendir(path) else {
+            if Glibc.errno == ENOENT { return [] }
+            throw SystemError.last("list \(path)")
+        }
+        defer { closedir(d) }
+        var names: [String] = []
+        while let e = readdir(d) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { raw in
+                String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names.sorted()
+    }
+
+    public static func remove(_ path: String) throws {
+        if unlink(path) != 0 && Glibc.errno != ENOENT { throw SystemError.last("remove \(path)") }
+    }
+
+    public static func removeTree(_ path: String) {
+        if isDirectory(path) {
+            for n in (try? list(path)) ?? [] { removeTree(path + "/" + n) }
+            rmdir(path)
+        } else { unlink(path) }
+    }
+
+    public static func rename(_ from: String, _ to: String) throws {
+        guard Glibc.rename(from, to) == 0 else { throw SystemError.last("rename \(from) to \(to)") }
+    }
+
+    public static func syncDirectory(_ path: String) throws {
+        let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { throw SystemError.last("open directory \(path)") }
+        defer { close(fd) }
+        guard fsync(fd) == 0 else { throw SystemError.last("fsync directory \(path)") }
+    }
+
+    /// Writes a whole file atomically: temp file beside it, fsync, rename, fsync directory.
+    public static func writeAtomically(_ path: String, _ data: [UInt8], mode: mode_t = 0o600) throws {
+        let tmp = path + ".tmp-\(getpid())"
+        do {
+            let f = try RawFile(path: tmp, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: mode)
+            try f.append(data)
+            try f.sync()
+        }
+        try rename(tmp, path)
+        try syncDirectory(dirname(path))
+    }
+
+    public static func readAll(_ path: String) throws -> [UInt8] {
+        let f = try RawFile(path: path, flags: O_RDONLY)
+        return try f.read(at: 0, count: try f.size())
+    }
+
+    public static func dirname(_ path: String) -> String {
+        guard let i = path.lastIndex(of: "/") else { return "." }
+        if i == path.startIndex { return "/" }
+        return String(path[..<i])
+    }
+
+    public static func basename(_ path: String) -> String {
+        guard let i = path.lastIndex(of: "/") else { return path }
+        return String(path[path.index(after: i)...])
+    }
+
+    public static func absolute(_ path: String) -> String {
+        if path.hasPrefix("/") { return normalize(path) }
+        var buf = [CChar](repeating: 0, count: 4096)
+        guard getcwd(&buf, buf.count) != nil else { return path }
+        return normalize(String(cString: buf) + "/" + path)
+    }
+
+    static func normalize(_ path: String) -> String {
+        var out: [Substring] = []
+        for part in path.split(separator: "/") {
+            if part == "." { continue }
+            if part == ".." { _ = out.popLast(); continue }
+            out.append(part)
+        }
+        return "/" + out.joined(separator: "/")
+    }
+
+    /// Copies a file through a bounded buffer into an atomic destination.
+    public static func copyAtomically(from src: String, to dst: String) throws {
+        let input = try RawFile(path: src, flags: O_RDONLY)
+        let tmp = dst + ".tmp-\(getpid())"
+        do {
+            let out = try RawFile(path: tmp, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644)
+            var buf = [UInt8](repeating: 0, count: 1 << 20)
+            var off = 0
+            while true {
+                let n = try buf.withUnsafeMutableBytes { try input.read(at: off, into: $0) }
+                if n == 0 { break }
+                try buf.withUnsafeBytes { try out.append(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+                off += n
+            }
+            try out.sync()
+        } catch {
+            try? remove(tmp)
+            throw error
+        }
+        try rename(tmp, dst)
+        try syncDirectory(dirname(dst))
+    }
+}

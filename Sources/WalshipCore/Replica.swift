@@ -1,0 +1,173 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import WalshipFormat
+
+/// Errors of the replica domain: where objects live and how they are reached.
+public enum ReplicaError: Error, CustomStringConvertible {
+    case badURL(String, String)
+    case notAReplica(String, String)
+    case missingObject(String, String)
+    case unsupported(String)
+    case io(String, String)
+
+    public var description: String {
+        switch self {
+        case .badURL(let u, let why): return "bad replica URL '\(u)': \(why)"
+        case .notAReplica(let where_, let why): return "\(where_) is not a walship replica: \(why)"
+        case .missingObject(let replica, let key): return "object '\(key)' is missing from replica \(replica)"
+        case .unsupported(let s): return s
+        case .io(let replica, let s): return "replica \(replica): \(s)"
+        }
+    }
+}
+
+/// Where objects are stored. Keys are relative paths like "generations/<gen>/snapshots/x".
+public protocol Replica: AnyObject {
+    /// A display form of the URL, without credentials.
+    var displayURL: String { get }
+    /// Checks the replica can be written by walship (creating it if new), before replication.
+    func prepareForWriting() throws
+    /// Checks the location holds a walship replica, before reading.
+    func checkReadable() throws
+    func put(key: String, fromFile path: String) throws
+    func put(key: String, bytes: [UInt8]) throws
+    /// Streams an object's bytes to `handle` in chunks.
+    func get(key: String, _ handle: (UnsafeRawBufferPointer) throws -> Void) throws
+    /// Every key under `prefix`, sorted.
+    func list(prefix: String) throws -> [String]
+    func delete(keys: [String]) throws
+}
+
+public let replicaMarkerKey = "walship-replica.json"
+
+public enum ReplicaFactory {
+    /// Opens a replica from its URL: file:///abs/path (or a plain absolute path).
+    public static func open(_ url: String) throws -> Replica {
+        if url.hasPrefix("file://") {
+            let path = String(url.dropFirst("file://".count))
+            guard path.hasPrefix("/") else {
+                throw ReplicaError.badURL(url, "a file URL needs an absolute path, like file:///var/backups/app-replica")
+            }
+            return FileReplica(root: FS.normalize(percentDecoded(path)))
+        }
+        if url.hasPrefix("/") { return FileReplica(root: FS.normalize(url)) }
+        if url.hasPrefix("s3://") {
+            throw ReplicaError.unsupported("s3:// replicas are not built into this version of walship yet; use a file:// replica")
+        }
+        throw ReplicaError.badURL(url, "use file:///absolute/path or s3://bucket/prefix?endpoint=URL")
+    }
+
+    static func percentDecoded(_ s: String) -> String {
+        var out: [UInt8] = []
+        let b = Array(s.utf8)
+        var i = 0
+        while i < b.count {
+            if b[i] == 37, i + 2 < b.count, let v = UInt8(String(decoding: b[i + 1...i + 2], as: UTF8.self), radix: 16) {
+                out.append(v); i += 3
+            } else { out.append(b[i]); i += 1 }
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+}
+
+/// A replica in a local (or mounted) directory. Every write is atomic: temp file, fsync,
+/// rename, fsync of the directory.
+public final class FileReplica: Replica {
+    public let root: String
+    public init(root: String) { self.root = root }
+    public var displayURL: String { "file://" + root }
+
+    public func prepareForWriting() throws {
+        if FS.exists(root) && !FS.isDirectory(root) {
+            throw ReplicaError.notAReplica(root, "it is a file, not a directory")
+        }
+        try FS.makeDirectories(root)
+        let entries = try FS.list(root)
+        let foreign = entries.filter { $0 != "generations" && $0 != replicaMarkerKey && !$0.contains(".tmp-") }
+        if !foreign.isEmpty {
+            throw ReplicaError.notAReplica(root, "the directory holds other files (\(foreign.prefix(3).joined(separator: ", "))); choose an empty or new directory for the replica")
+        }
+        if !entries.contains(replicaMarkerKey) {
+            try put(key: replicaMarkerKey, bytes: Array("{\"format\":\"walship-replica\",\"version\":1}\n".utf8))
+        }
+    }
+
+    public func checkReadable() throws {
+        guard FS.isDirectory(root) else {
+            throw ReplicaError.notAReplica(root, FS.exists(root) ? "it is not a directory" : "no such directory")
+        }
+        let entries = try FS.list(root)
+        guard entries.contains(replicaMarkerKey) || entries.contains("generations") else {
+            let what = entries.isEmpty ? "the directory is empty" : "it holds other files (\(entries.prefix(3).joined(separator: ", "))) and no \(replicaMarkerKey)"
+            throw ReplicaError.notAReplica(root, what)
+        }
+    }
+
+    private func path(_ key: String) -> String { root + "/" + key }
+
+    public func put(key: String, fromFile src: String) throws {
+        let dst = path(key)
+        try FS.makeDirectories(FS.dirname(dst))
+        try FS.copyAtomically(from: src, to: dst)
+    }
+
+    public func put(key: String, bytes: [UInt8]) throws {
+        let dst = path(key)
+        try FS.makeDirectories(FS.dirname(dst))
+        try FS.writeAtomically(dst, bytes, mode: 0o644)
+    }
+
+    public func get(key: String, _ handle: (UnsafeRawBufferPointer) throws -> Void) throws {
+        guard let f = try RawFile.openIfExists(path(key)) else { throw ReplicaError.missingObject(displayURL, key) }
+        var buf = [UInt8](repeating: 0, count: 1 << 20)
+        var off = 0
+        while true {
+            let n = try buf.withUnsafeMutableBytes { try f.read(at: off, into: $0) }
+            if n == 0 { break }
+            try buf.withUnsafeBytes { try handle(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+            off += n
+        }
+    }
+
+    public func list(prefix: String) throws -> [String] {
+        var keys: [String] = []
+        func walk(_ rel: String) throws {
+            let full = rel.isEmpty ? root : path(rel)
+            for name in try FS.list(full) where !name.contains(".tmp-") {
+                let r = rel.isEmpty ? name : rel + "/" + name
+                if FS.isDirectory(path(r)) { try walk(r) } else { keys.append(r) }
+            }
+        }
+        var start = prefix
+        while start.hasSuffix("/") { start.removeLast() }
+        if start.isEmpty || FS.isDirectory(path(start)) { try walk(start) }
+        return keys.sorted()
+    }
+
+    public func delete(keys: [String]) throws {
+        for k in keys { try FS.remove(path(k)) }
+    }
+}
+
+/// Reads the replica's generations, snapshots and segments from a LIST.
+public func listGenerations(_ replica: Replica) throws -> [GenerationListing] {
+    var byGen: [String: (snaps: [SnapshotName], segs: [SegmentName], hasMeta: Bool)] = [:]
+    for key in try replica.list(prefix: "generations/") {
+        let parts = key.split(separator: "/").map(String.init)
+        guard parts.count >= 3, parts[0] == "generations", GenerationID.isValid(parts[1]) else { continue }
+        let gen = parts[1]
+        var entry = byGen[gen] ?? ([], [], false)
+        if parts.count == 3 && parts[2] == "generation.json" { entry.hasMeta = true }
+        if parts.count == 4, parts[2] == "snapshots", let s = SnapshotName.parse(generation: gen, fileName: parts[3]) {
+            entry.snaps.append(s)
+        }
+        if parts.count == 5, parts[2] == "segments", let lvl = Int(parts[3]),
+           let s = SegmentName.parse(generation: gen, level: lvl, fileName: parts[4]) {
+            entry.segs.append(s)
+        }
+        byGen[gen] = entry
+    }
+    return byGen.map { GenerationListing(id: $0.key, snapshots: $0.value.snaps, segments: $0.value.segs) }
+        .sorted { $0.id < $1.id }
+}

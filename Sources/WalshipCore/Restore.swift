@@ -1,0 +1,216 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import WalshipFormat
+import WalshipSQLite
+
+public enum IntegrityMode: String, CaseIterable, Sendable {
+    case full, quick, none
+}
+
+public struct RestoreOptions {
+    public var target: RestoreTarget = .latest
+    public var force = false
+    public var ifNotExists = false
+    public var ifReplicaExists = false
+    public var integrity: IntegrityMode = .full
+    public init() {}
+}
+
+/// Errors of the restore domain. Each says what to do about it.
+public enum RestoreError: Error, CustomStringConvertible {
+    case outputExists(String)
+    case outputDirectoryMissing(String)
+    case checksumMismatch(expected: UInt64, actual: UInt64, after: String)
+    case integrityFailed(String)
+    case chainBroken(String)
+
+    public var description: String {
+        switch self {
+        case .outputExists(let p): return "\(p) already exists; pass --force to overwrite it, or --if-not-exists to keep it"
+        case .outputDirectoryMissing(let p): return "the output directory \(p) does not exist; create it first"
+        case .checksumMismatch(let e, let a, let after):
+            return "restored database checksum \(hex16(a)) does not match the recorded \(hex16(e)) after \(after): the replica is corrupt; nothing was written"
+        case .integrityFailed(let s): return "PRAGMA integrity_check failed on the restored database: \(s); nothing was written"
+        case .chainBroken(let s): return s
+        }
+    }
+}
+
+public struct RestoreResult: Sendable {
+    public var skipped: String?
+    public var generation = ""
+    public var txid: UInt64 = 0
+    public var commitTimeUs: Int64 = 0
+    public var snapshotKey = ""
+    public var segmentCount = 0
+    public var transactionsApplied = 0
+    public var bytesDownloaded: UInt64 = 0
+    public var dbPages: UInt32 = 0
+    public var pageSize = 0
+    public var checksum: UInt64 = 0
+}
+
+public enum Restorer {
+    public static func restore(replica: Replica, output: String, options: RestoreOptions,
+                               log: (String) -> Void = { _ in }) throws -> RestoreResult {
+        let out = FS.absolute(output)
+        if FS.exists(out) {
+            if options.ifNotExists { return RestoreResult(skipped: "\(out) already exists; --if-not-exists leaves it as it is") }
+            if !options.force { throw RestoreError.outputExists(out) }
+        }
+        let dir = FS.dirname(out)
+        guard FS.isDirectory(dir) else { throw RestoreError.outputDirectoryMissing(dir) }
+        if options.ifReplicaExists {
+            let readable = (try? replica.checkReadable()) != nil
+            if !readable || ((try? listGenerations(replica))?.isEmpty ?? true) {
+                return RestoreResult(skipped: "no replica at \(replica.displayURL); --if-replica-exists leaves \(out) absent")
+            }
+        }
+        try replica.checkReadable()
+        let plan = try RestorePlanner.plan(try listGenerations(replica), target: options.target)
+        log("restoring \(options.target) from generation \(plan.generation): snapshot \(plan.snapshot.key) and \(plan.segments.count) segment(s)")
+
+        let tmp = out + ".walship-restore-\(getpid())"
+        func cleanup() { for p in [tmp, tmp + "-wal", tmp + "-shm", tmp + "-journal"] { try? FS.remove(p) } }
+        cleanup()
+        do {
+            var result = try build(replica: replica, plan: plan, into: tmp, options: options)
+            try verifyIntegrity(tmp, mode: options.integrity)
+            cleanup_sidecars(tmp)
+            let f = try RawFile(path: tmp, flags: O_RDWR)
+            try f.sync()
+            for p in [out + "-wal", out + "-shm"] { try FS.remove(p) }   // a stale WAL would be replayed onto the restore
+            try FS.rename(tmp, out)
+            try FS.syncDirectory(dir)
+            result.generation = plan.generation
+            return result
+        } catch {
+            cleanup()
+            throw error
+        }
+    }
+
+    static func cleanup_sidecars(_ p: String) { for s in ["-wal", "-shm", "-journal"] { try? FS.remove(p + s) } }
+
+    /// Writes the snapshot and applies transactions into `tmp`, then checks the checksum.
+    static func build(replica: Replica, plan: RestorePlan, into tmp: String, options: RestoreOptions) throws -> RestoreResult {
+        var result = RestoreResult()
+        let file = try RawFile(path: tmp, flags: O_RDWR | O_CREAT | O_TRUNC, mode: 0o644)
+        var offset = 0
+        let snapMeta = try streamObject(replica, key: plan.snapshot.key, expect: .snapshot) { chunk in
+            try file.write(at: offset, chunk)
+            offset += chunk.count
+        }
+        result.bytesDownloaded += UInt64(offset)
+        guard snapMeta.lastTxid == plan.snapshot.txid, UInt64(offset) == snapMeta.payloadBytes,
+              offset == Int(snapMeta.dbPages) * snapMeta.pageSize else {
+            throw ObjectError(key: plan.snapshot.key, replica: replica.displayURL,
+                              problem: "does not match its metadata (txid \(snapMeta.lastTxid), \(offset) bytes for \(snapMeta.dbPages) pages)")
+        }
+        let pageSize = snapMeta.pageSize
+        var applied = snapMeta.lastTxid
+        var expectedChecksum = snapMeta.dbChecksum
+        var commitTime = snapMeta.lastTimeUs
+        var dbPages = snapMeta.dbPages
+        var describe = "snapshot \(plan.snapshot.key)"
+        result.snapshotKey = plan.snapshot.key
+
+        segments: for seg in plan.segments {
+            var decoder = SegmentDecoder(name: seg.key)
+            var current: TransactionHeader?
+            var skipping = false
+            var reachedTarget = false
+            let meta = try streamObject(replica, key: seg.key, expect: .segment, onMetadata: { m in
+                guard m.pageSize == pageSize, m.generation == plan.generation else {
+                    throw ObjectError(key: seg.key, replica: replica.displayURL, problem: "belongs to another generation or page size")
+                }
+            }) { chunk in
+                result.bytesDownloaded += UInt64(chunk.count)
+                try decoder.feed(chunk) { event in
+                    switch event {
+                    case .begin(let ps):
+                        guard ps == pageSize else { throw FormatError.corrupt("page size \(ps), expected \(pageSize)") }
+                    case .transaction(let t):
+                        if t.txid <= applied { skipping = true; return }
+                        skipping = false
+                        guard t.txid == applied + 1 else {
+                            throw RestoreError.chainBroken("object '\(seg.key)' starts at txid \(t.txid) but the restore is at \(applied): the chain has a gap")
+                        }
+                        switch options.target {
+                        case .txid(let n) where t.txid > n: reachedTarget = true; throw StopStreaming()
+                        case .timeUs(let ts) where t.commitTimeUs > ts: reachedTarget = true; throw StopStreaming()
+                        default: break
+                        }
+                        current = t
+                    case .page(let pgno, let bytes):
+                        if skipping { return }
+                        try file.write(at: Int(pgno - 1) * pageSize, bytes)
+                    case .commit(let sum):
+                        if skipping { return }
+                        guard let t = current else { return }
+                        try file.truncate(to: Int(t.dbPages) * pageSize)
+                        applied = t.txid; expectedChecksum = sum; commitTime = t.commitTimeUs; dbPages = t.dbPages
+                        result.transactionsApplied += 1
+                        current = nil
+                    case .end:
+                        break
+                    }
+                }
+            }
+            if !reachedTarget {
+                do { try decoder.finish() } catch {
+                    throw ObjectError(key: seg.key, replica: replica.displayURL, problem: "is truncated (\(error))")
+                }
+                guard meta.lastTxid == seg.lastTxid, meta.firstTxid == seg.firstTxid else {
+                    throw ObjectError(key: seg.key, replica: replica.displayURL, problem: "holds txids \(meta.firstTxid)-\(meta.lastTxid), not what its name says")
+                }
+            }
+            result.segmentCount += 1
+            describe = "txid \(applied) (object '\(seg.key)')"
+            if reachedTarget { break segments }
+        }
+        if case .txid(let n) = options.target, applied != n {
+            throw RestoreError.chainBroken("transaction \(n) is not in the replica (restore reached \(applied))")
+        }
+        let actual = try checksumOfFile(file, pageSize: pageSize)
+        guard actual == expectedChecksum else {
+            throw RestoreError.checksumMismatch(expected: expectedChecksum, actual: actual, after: describe)
+        }
+        result.txid = applied; result.commitTimeUs = commitTime; result.dbPages = dbPages
+        result.pageSize = pageSize; result.checksum = actual
+        return result
+    }
+
+    /// Recomputes the whole-database checksum of a file in one pass.
+    static func checksumOfFile(_ file: RawFile, pageSize: Int) throws -> UInt64 {
+        let size = try file.size()
+        let pages = size / pageSize
+        let lockPage = DatabaseChecksum.lockBytePage(pageSize: pageSize)
+        var sum: UInt64 = 0
+        let batch = max(1, (1 << 20) / pageSize)
+        var buf = [UInt8](repeating: 0, count: batch * pageSize)
+        var pg = 1
+        while pg <= pages {
+            let n = min(batch, pages - pg + 1)
+            let got = try buf.withUnsafeMutableBytes { try file.read(at: (pg - 1) * pageSize, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n * pageSize])) }
+            guard got == n * pageSize else { throw SystemError(errno: EIO, context: "short read of \(file.path)") }
+            buf.withUnsafeBytes { b in
+                for i in 0..<n where UInt32(pg + i) != lockPage {
+                    sum ^= DatabaseChecksum.pageHash(UnsafeRawBufferPointer(rebasing: b[i * pageSize..<(i + 1) * pageSize]), pageNumber: UInt32(pg + i))
+                }
+            }
+            pg += n
+        }
+        return sum
+    }
+
+    static func verifyIntegrity(_ path: String, mode: IntegrityMode) throws {
+        guard mode != .none else { return }
+        let db = try SQLiteConnection(path: path, mode: .readWrite)
+        let rows = try db.query(mode == .full ? "PRAGMA integrity_check" : "PRAGMA quick_check")
+        let lines = rows.compactMap { $0.first ?? nil }
+        db.close()
+        guard lines == ["ok"] else { throw RestoreError.integrityFailed(lines.prefix(5).joined(separator: "; ")) }
+    }
+}

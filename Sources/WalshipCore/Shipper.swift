@@ -1,0 +1,122 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Dispatch
+import Logging
+import WalshipFormat
+
+/// A plain mutex (pthread), for the little state shared between the agent and its shippers.
+final class Mutex {
+    private var m = pthread_mutex_t()
+    init() { pthread_mutex_init(&m, nil) }
+    deinit { pthread_mutex_destroy(&m) }
+    func locked<T>(_ body: () throws -> T) rethrows -> T {
+        pthread_mutex_lock(&m); defer { pthread_mutex_unlock(&m) }
+        return try body()
+    }
+}
+
+/// Uploads the spool's outbox to one replica, strictly in sequence order, on its own queue.
+/// A replica that fails is retried with capped exponential backoff and jitter; it delays
+/// only itself (G7). Its acknowledged sequence is kept in the spool.
+final class Shipper {
+    let replica: Replica
+    let id: String
+    private let spool: Spool
+    private let logger: Logger
+    private let queue: DispatchQueue
+    private let mutex = Mutex()
+    private var _acked: UInt64
+    private var _limit: UInt64 = 0
+    private var _lastError: String?
+    private var _lastSuccessUs: Int64 = 0
+    private var _running = false
+    private var _stopping = false
+    private var _uploads = 0
+    private var _bytes: UInt64 = 0
+
+    init(replica: Replica, spool: Spool, logger: Logger) {
+        self.replica = replica
+        self.id = hex16(XXH64.hash(Array(replica.displayURL.utf8)))
+        self.spool = spool
+        self.logger = logger
+        self.queue = DispatchQueue(label: "walship.ship.\(id)")
+        self._acked = spool.loadAck(id)
+    }
+
+    var acked: UInt64 { mutex.locked { _acked } }
+    var lastError: String? { mutex.locked { _lastError } }
+    var lastSuccessUs: Int64 { mutex.locked { _lastSuccessUs } }
+    var uploads: (count: Int, bytes: UInt64) { mutex.locked { (_uploads, _bytes) } }
+
+    /// Ships every outbox entry with a sequence below `limit` (entries the state vouches for).
+    func kick(limit: UInt64) {
+        let start: Bool = mutex.locked {
+            _limit = max(_limit, limit)
+            if _running { return false }
+            _running = true
+            return true
+        }
+        if start { queue.async { self.drain() } }
+    }
+
+    func stop() { mutex.locked { _stopping = true } }
+
+    private func drain() {
+        var backoffMs = 250
+        while true {
+            let (limit, acked, stopping) = mutex.locked { (_limit, _acked, _stopping) }
+            let entries: [Spool.OutboxEntry]
+            do { entries = try spool.outboxEntries().filter { $0.sequence > acked && $0.sequence < limit } } catch {
+                logger.error("cannot read the spool outbox", metadata: ["error": "\(error)"])
+                entries = []
+            }
+            if entries.isEmpty {
+                let done: Bool = mutex.locked {
+                    if _limit == limit { _running = false; return true }
+                    return false
+                }
+                if done { return }
+                continue
+            }
+            var failed = false
+            for e in entries {
+                do {
+                    try replica.put(key: e.key, fromFile: e.path)
+                    try spool.saveAck(id, e.sequence)
+                    let size = UInt64(FS.fileSize(e.path) ?? 0)
+                    mutex.locked {
+                        _acked = e.sequence; _lastError = nil; _lastSuccessUs = nowMicroseconds()
+                        _uploads += 1; _bytes += size
+                    }
+                    backoffMs = 250
+                } catch {
+                    let msg = "\(error)"
+                    let first = mutex.locked { () -> Bool in let f = _lastError == nil; _lastError = msg; return f }
+                    if first {
+                        logger.error("upload failed; retrying with backoff", metadata: ["replica.url": "\(replica.displayURL)", "object.key": "\(e.key)", "error": "\(msg)"])
+                    }
+                    failed = true
+                    break
+                }
+            }
+            if failed {
+                if stopping { mutex.locked { _running = false }; return }
+                let jitter = Int.random(in: 0...(backoffMs / 2))
+                usleep(UInt32((backoffMs + jitter) * 1000))
+                backoffMs = min(backoffMs * 2, 30_000)
+            }
+        }
+    }
+
+    /// Waits until everything below `limit` is acknowledged, or the deadline passes.
+    func waitUntilShipped(limit: UInt64, deadlineUs: Int64) -> Bool {
+        while monotonicMicroseconds() < deadlineUs {
+            if acked >= limit - 1 || (try? spool.outboxEntries().filter({ $0.sequence > acked && $0.sequence < limit }).isEmpty) == true {
+                return true
+            }
+            usleep(5_000)
+        }
+        return false
+    }
+}

@@ -1,0 +1,28 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Asks a running agent for a snapshot through a request file in its spool.
+public enum SnapshotRequest {
+    static func spool(_ db: String, _ dir: String?) -> Spool {
+        Spool(dir: dir ?? Spool.defaultDirectory(forDatabase: FS.absolute(db)))
+    }
+
+    /// The pid of the agent replicating `database`, if one runs.
+    public static func runningAgent(database: String, spoolDirectory: String?) -> Int32? {
+        spool(database, spoolDirectory).isLockedByAnotherProcess()
+    }
+
+    /// Creates the request and waits until the agent removes it (after the snapshot).
+    public static func ask(database: String, spoolDirectory: String?, timeoutUs: Int64) throws -> Bool {
+        let s = spool(database, spoolDirectory)
+        try FS.writeAtomically(s.snapshotRequestPath, Array("requested\n".utf8))
+        let deadline = monotonicMicroseconds() + timeoutUs
+        while monotonicMicroseconds() < deadline {
+            if !FS.exists(s.snapshotRequestPath) { return true }
+            usleep(50_000)
+        }
+        try? FS.remove(s.snapshotRequestPath)
+        return false
+    }
+}

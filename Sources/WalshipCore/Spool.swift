@@ -1,0 +1,234 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import WalshipFormat
+import WalshipLZ4
+
+/// What the agent knows durably about its database, written atomically after each cut.
+struct AgentState: Codable {
+    var version = 1
+    var dbPath: String
+    var dbDevice: UInt64
+    var dbInode: UInt64
+    var generation: String
+    var pageSize: Int
+    var lastTxid: UInt64
+    var lastCommitTimeUs: Int64
+    var dbPages: UInt32
+    var dbChecksum: UInt64
+    /// Page-hash table entries are known to be written through this txid.
+    var tableTxid: UInt64
+    var wal: WalPosition
+    var nextSequence: UInt64
+    var lastSnapshotTimeUs: Int64
+    var lastSnapshotTxid: UInt64
+}
+
+/// The local spool beside the database: state, page-hash table, outbox of objects waiting
+/// for every replica, per-replica acknowledgements. Directory 0700, files 0600.
+final class Spool {
+    let dir: String
+    var statePath: String { dir + "/state.json" }
+    var tablePath: String { dir + "/pagehash.bin" }
+    var outboxDir: String { dir + "/outbox" }
+    var acksDir: String { dir + "/acks" }
+    var workDir: String { dir + "/work" }
+    var snapshotRequestPath: String { dir + "/snapshot-request" }
+    private var lockFD: Int32 = -1
+
+    init(dir: String) { self.dir = dir }
+
+    static func defaultDirectory(forDatabase db: String) -> String {
+        FS.dirname(db) + "/." + FS.basename(db) + "-walship"
+    }
+
+    func prepare() throws {
+        try FS.makeDirectories(dir, mode: 0o700)
+        chmod(dir, 0o700)
+        for d in [outboxDir, acksDir, workDir] { try FS.makeDirectories(d, mode: 0o700) }
+        for n in try FS.list(workDir) { try FS.remove(workDir + "/" + n) }
+    }
+
+    /// Takes the spool's lock so two agents never replicate one database. Returns the pid of
+    /// the holder when it is taken.
+    func lock() throws -> Int32? {
+        let fd = open(dir + "/agent.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw SystemError.last("open \(dir)/agent.lock") }
+        if flock(fd, LOCK_EX | LOCK_NB) != 0 {
+            var buf = [UInt8](repeating: 0, count: 32)
+            let n = pread(fd, &buf, 32, 0)
+            close(fd)
+            let text = String(decoding: buf.prefix(max(0, n)), as: UTF8.self).trimmingCharacters()
+            return Int32(text) ?? -1
+        }
+        ftruncate(fd, 0)
+        let pid = Array("\(getpid())\n".utf8)
+        _ = pid.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
+        lockFD = fd
+        return nil
+    }
+
+    func isLockedByAnotherProcess() -> Int32? {
+        let fd = open(dir + "/agent.lock", O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        if flock(fd, LOCK_EX | LOCK_NB) != 0 {
+            var buf = [UInt8](repeating: 0, count: 32)
+            let n = pread(fd, &buf, 32, 0)
+            return Int32(String(decoding: buf.prefix(max(0, n)), as: UTF8.self).trimmingCharacters()) ?? -1
+        }
+        flock(fd, LOCK_UN)
+        return nil
+    }
+
+    func loadState() throws -> AgentState? {
+        guard FS.exists(statePath) else { return nil }
+        let bytes = try FS.readAll(statePath)
+        return try? JSONDecoder().decode(AgentState.self, from: Data(bytes))
+    }
+
+    func saveState(_ s: AgentState) throws {
+        let data = try JSONEncoder().encode(s)
+        try FS.writeAtomically(statePath, Array(data))
+    }
+
+    // MARK: outbox
+
+    struct OutboxEntry {
+        var sequence: UInt64
+        var key: String
+        var path: String
+    }
+
+    func outboxEntries() throws -> [OutboxEntry] {
+        try FS.list(outboxDir).compactMap { name in
+            guard let sep = name.firstIndex(of: "~"), let seq = UInt64(name[..<sep], radix: 16) else { return nil }
+            let key = name[name.index(after: sep)...].replacingAll("~", with: "/")
+            return OutboxEntry(sequence: seq, key: key, path: outboxDir + "/" + name)
+        }.sorted { $0.sequence < $1.sequence }
+    }
+
+    /// Moves a finished file into the outbox under the next sequence number.
+    func enqueue(file: String, key: String, sequence: UInt64) throws {
+        let name = hex16(sequence) + "~" + key.replacingAll("/", with: "~")
+        try FS.rename(file, outboxDir + "/" + name)
+        try FS.syncDirectory(outboxDir)
+    }
+
+    func ackPath(_ replicaID: String) -> String { acksDir + "/" + replicaID }
+
+    func loadAck(_ replicaID: String) -> UInt64 {
+        guard let b = try? FS.readAll(ackPath(replicaID)) else { return 0 }
+        return UInt64(String(decoding: b, as: UTF8.self).trimmingCharacters()) ?? 0
+    }
+
+    func saveAck(_ replicaID: String, _ seq: UInt64) throws {
+        try FS.writeAtomically(ackPath(replicaID), Array("\(seq)\n".utf8))
+    }
+
+    var outboxBytes: Int {
+        ((try? FS.list(outboxDir)) ?? []).reduce(0) { $0 + (FS.fileSize(outboxDir + "/" + $1) ?? 0) }
+    }
+}
+
+extension String {
+    func trimmingCharacters() -> String {
+        var s = Substring(self)
+        while let c = s.first, c == " " || c == "\n" || c == "\t" || c == "\0" { s = s.dropFirst() }
+        while let c = s.last, c == " " || c == "\n" || c == "\t" || c == "\0" { s = s.dropLast() }
+        return String(s)
+    }
+    func replacingAll(_ a: Character, with b: String) -> String {
+        var out = ""
+        for c in self { if c == a { out += b } else { out.append(c) } }
+        return out
+    }
+}
+
+extension Substring {
+    func replacingAll(_ a: Character, with b: String) -> String { String(self).replacingAll(a, with: b) }
+}
+
+/// page number → XXH64 of the page, on disk (8 bytes a page) with an in-memory overlay of the
+/// changes not yet written. Lets the whole-database checksum be updated per transaction
+/// without holding the database in memory.
+final class PageHashTable {
+    let file: RawFile
+    private var overlay: [UInt32: UInt64] = [:]
+    init(path: String) throws {
+        file = try RawFile(path: path, flags: O_RDWR | O_CREAT, mode: 0o600)
+    }
+
+    func get(_ pg: UInt32) throws -> UInt64 {
+        if let v = overlay[pg] { return v }
+        var v: UInt64 = 0
+        let n = try withUnsafeMutableBytes(of: &v) { try file.read(at: Int(pg - 1) * 8, into: $0) }
+        return n == 8 ? UInt64(littleEndian: v) : 0
+    }
+
+    func set(_ pg: UInt32, _ h: UInt64) { overlay[pg] = h }
+
+    var hasPending: Bool { !overlay.isEmpty }
+
+    /// Writes the overlay to the file.
+    func flush() throws {
+        for (pg, h) in overlay.sorted(by: { $0.key < $1.key }) {
+            var v = h.littleEndian
+            try withUnsafeBytes(of: &v) { try file.write(at: Int(pg - 1) * 8, $0) }
+        }
+        overlay.removeAll(keepingCapacity: true)
+    }
+
+    func discardPending() { overlay.removeAll() }
+
+    /// Rewrites the whole table (after a snapshot), streaming from `entries`.
+    func rewrite(pages: UInt32, _ hashAt: (UInt32) throws -> UInt64) throws {
+        overlay.removeAll()
+        try file.truncate(to: 0)
+        var buf = [UInt8](); buf.reserveCapacity(64 * 1024)
+        var off = 0
+        for pg in stride(from: UInt32(1), through: pages, by: 1) {
+            var v = try hashAt(pg).littleEndian
+            withUnsafeBytes(of: &v) { buf.append(contentsOf: $0) }
+            if buf.count >= 64 * 1024 { try buf.withUnsafeBytes { try file.write(at: off, $0) }; off += buf.count; buf.removeAll(keepingCapacity: true) }
+        }
+        if !buf.isEmpty { try buf.withUnsafeBytes { try file.write(at: off, $0) } }
+    }
+}
+
+/// Builds one object file in the spool's work directory: a metadata placeholder, then an LZ4
+/// frame streamed to disk; `finish` fills in the metadata and fsyncs.
+final class ObjectBuilder {
+    let path: String
+    private let file: RawFile
+    private var compressor: LZ4FrameCompressor!
+    private var written = ObjectMetadata.encodedSize
+
+    init(path: String) throws {
+        self.path = path
+        file = try RawFile(path: path, flags: O_RDWR | O_CREAT | O_TRUNC, mode: 0o600)
+        try file.append([UInt8](repeating: 0, count: ObjectMetadata.encodedSize))
+        let f = file
+        compressor = try LZ4FrameCompressor { chunk in try f.append(chunk) }
+    }
+
+    func write(_ bytes: UnsafeRawBufferPointer) throws { try compressor.write(bytes) }
+    func write(_ bytes: [UInt8]) throws { try compressor.write(bytes) }
+    var payloadBytes: UInt64 { compressor.bytesIn }
+    var storedBytes: UInt64 { UInt64(ObjectMetadata.encodedSize) + compressor.bytesOut }
+
+    func finish(_ meta: ObjectMetadata) throws {
+        try compressor.finish()
+        var m = meta
+        m.payloadBytes = compressor.bytesIn
+        try m.encoded().withUnsafeBytes { try file.write(at: 0, $0) }
+        try file.sync()
+    }
+
+    func abandon() { try? FS.remove(path) }
+}

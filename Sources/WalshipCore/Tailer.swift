@@ -1,0 +1,188 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import WalshipFormat
+
+/// A committed transaction found in the WAL: where each page's last version lives.
+struct CommittedTransaction {
+    var frames: [(pageNumber: UInt32, frameIndex: Int)]
+    var commitSize: UInt32
+    var header: WalHeader
+}
+
+/// Where the tailer stands: the WAL header and the frames consumed up to the last commit.
+struct WalPosition: Codable, Equatable {
+    var header: WalHeader?
+    var frames: Int
+    var checksum: WalChecksum
+}
+
+/// Follows a WAL file: validates new frames against the checksum chain and returns whole
+/// committed transactions. It never returns frames of a transaction whose commit frame it has
+/// not validated (G1). It keeps, for snapshots, the newest committed frame of every page in
+/// the current WAL.
+final class WalTailer {
+    let walPath: String
+    private var file: RawFile?
+    private(set) var header: WalHeader?
+    private var validator: WalFrameValidator?
+    /// Position after the last commit frame.
+    private(set) var committedFrames = 0
+    private(set) var committedChecksum = WalChecksum.zero
+    private var pending: [UInt32: Int] = [:]
+    private var pendingOrder: [UInt32] = []
+    /// Newest committed frame of each page in the current WAL.
+    private(set) var pageFrames: [UInt32: Int] = [:]
+    /// Database size after the last commit in the current WAL, 0 if the WAL has no commit.
+    private(set) var lastCommitSize: UInt32 = 0
+    private var readBuffer = [UInt8]()
+
+    init(walPath: String) { self.walPath = walPath }
+
+    var position: WalPosition { WalPosition(header: header, frames: committedFrames, checksum: committedChecksum) }
+
+    enum Observation {
+        case transactions([CommittedTransaction])
+        /// The WAL header changed: SQLite restarted the log (or something replaced it).
+        case headerChanged(old: WalHeader?, new: WalHeader)
+    }
+
+    private func openFile() throws -> RawFile? {
+        if let f = file { return f }
+        file = try RawFile.openIfExists(walPath)
+        return file
+    }
+
+    func readHeader() throws -> WalHeader? {
+        guard let f = try openFile() else { return nil }
+        let b = try f.read(at: 0, count: walHeaderSize)
+        return WalHeader.parse(b)
+    }
+
+    /// Starts following a new log from its first frame (after a restart of the WAL).
+    func adopt(_ h: WalHeader?) {
+        header = h
+        validator = h.map { WalFrameValidator(header: $0) }
+        committedFrames = 0
+        committedChecksum = h?.checksum ?? .zero
+        pending.removeAll(); pendingOrder.removeAll()
+        pageFrames.removeAll()
+        lastCommitSize = 0
+    }
+
+    /// Reads what is new. Call repeatedly; returns at most one header change per call, before
+    /// any transaction of the new log.
+    func poll() throws -> Observation {
+        guard let f = try openFile() else { return .transactions([]) }
+        guard let h = try readHeader() else { return .transactions([]) }   // empty or being rewritten
+        if h != header {
+            return .headerChanged(old: header, new: h)
+        }
+        var v = validator!
+        let frameSize = h.frameSize
+        let fileSize = try f.size()
+        var out: [CommittedTransaction] = []
+        var invalid = false
+        var batchFrames = 16
+        while !invalid {
+            let offset = h.frameOffset(v.validFrames + 1)
+            let available = (fileSize - offset) / frameSize
+            if available <= 0 { break }
+            let n = min(available, batchFrames)
+            batchFrames = min(batchFrames * 4, max(1, (4 << 20) / frameSize))
+            if readBuffer.count < n * frameSize { readBuffer = [UInt8](repeating: 0, count: n * frameSize) }
+            let got = try readBuffer.withUnsafeMutableBytes {
+                try f.read(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n * frameSize]))
+            }
+            let whole = got / frameSize
+            if whole == 0 { break }
+            readBuffer.withUnsafeBytes { buf in
+                for i in 0..<whole {
+                    let unit = UnsafeRawBufferPointer(rebasing: buf[i * frameSize..<(i + 1) * frameSize])
+                    guard let fr = v.validate(unit) else { invalid = true; break }
+                    if pending[fr.pageNumber] == nil { pendingOrder.append(fr.pageNumber) }
+                    pending[fr.pageNumber] = fr.index
+                    if fr.isCommit {
+                        out.append(CommittedTransaction(frames: pendingOrder.map { ($0, pending[$0]!) },
+                                                        commitSize: fr.commitSize, header: h))
+                        for (pg, idx) in pending { pageFrames[pg] = idx }
+                        pending.removeAll(keepingCapacity: true); pendingOrder.removeAll(keepingCapacity: true)
+                        lastCommitSize = fr.commitSize
+                        committedFrames = fr.index
+                        committedChecksum = fr.checksum
+                    }
+                }
+            }
+            if whole < n { break }
+        }
+        if invalid {
+            // The first invalid frame ends the valid log. Frames after the last commit may be
+            // rewritten (rollback, in-place rewrite before commit): start again from the commit.
+            v = WalFrameValidator(header: h, resumeAfter: committedFrames, checksum: committedChecksum)
+            pending.removeAll(keepingCapacity: true); pendingOrder.removeAll(keepingCapacity: true)
+        }
+        validator = v
+        if readBuffer.count > (8 << 20) { readBuffer = [] }
+        return .transactions(out)
+    }
+
+    /// Re-validates the current WAL from frame 1 and checks that the chain reaches `position`
+    /// exactly; on success the tailer stands at `position` with its page map rebuilt.
+    func resume(at position: WalPosition) throws -> Bool {
+        guard let h = try readHeader(), let want = position.header, h == want else { return false }
+        adopt(h)
+        while committedFrames < position.frames {
+            guard case .transactions(let txns) = try pollLimited(upTo: position.frames), !txns.isEmpty else { return false }
+        }
+        return committedFrames == position.frames && committedChecksum == position.checksum
+    }
+
+    /// Like poll, but never passes frame `limit` (used to replay up to a known position).
+    private func pollLimited(upTo limit: Int) throws -> Observation {
+        guard let f = try openFile(), let h = header else { return .transactions([]) }
+        var v = validator!
+        var out: [CommittedTransaction] = []
+        var buf = [UInt8](repeating: 0, count: h.frameSize)
+        while v.validFrames < limit {
+            let got = try buf.withUnsafeMutableBytes { try f.read(at: h.frameOffset(v.validFrames + 1), into: $0) }
+            guard got == h.frameSize else { break }
+            let ok: Bool = buf.withUnsafeBytes { b in
+                guard let fr = v.validate(b) else { return false }
+                if pending[fr.pageNumber] == nil { pendingOrder.append(fr.pageNumber) }
+                pending[fr.pageNumber] = fr.index
+                if fr.isCommit {
+                    out.append(CommittedTransaction(frames: pendingOrder.map { ($0, pending[$0]!) }, commitSize: fr.commitSize, header: h))
+                    for (pg, idx) in pending { pageFrames[pg] = idx }
+                    pending.removeAll(); pendingOrder.removeAll()
+                    lastCommitSize = fr.commitSize; committedFrames = fr.index; committedChecksum = fr.checksum
+                }
+                return true
+            }
+            if !ok { break }
+        }
+        validator = v
+        return .transactions(out)
+    }
+
+    /// Reads one page image out of a committed frame.
+    func readPage(frameIndex: Int, into buf: UnsafeMutableRawBufferPointer) throws {
+        guard let f = try openFile(), let h = header else { throw SystemError(errno: EIO, context: "WAL \(walPath) vanished") }
+        let n = try f.read(at: h.frameOffset(frameIndex) + walFrameHeaderSize, into: buf)
+        guard n == h.pageSize else { throw SystemError(errno: EIO, context: "short read of frame \(frameIndex) in \(walPath)") }
+    }
+
+    /// Reads a page for a snapshot: the frame's page, then re-reads the frame header to make
+    /// sure the log was not restarted underneath (then the caller uses the database file).
+    func readPageIfStillValid(frameIndex: Int, into buf: UnsafeMutableRawBufferPointer) throws -> Bool {
+        guard let f = try openFile(), let h = header else { return false }
+        let off = h.frameOffset(frameIndex)
+        let n = try f.read(at: off + walFrameHeaderSize, into: buf)
+        guard n == h.pageSize else { return false }
+        let fh = try f.read(at: off, count: walFrameHeaderSize)
+        guard fh.count == walFrameHeaderSize else { return false }
+        return fh.withUnsafeBytes { bigEndian32($0, at: 8) == h.salt1 && bigEndian32($0, at: 12) == h.salt2 }
+    }
+
+    /// Frames in the current log after the last commit we consumed (how big the WAL is).
+    var framesInLog: Int { committedFrames }
+}

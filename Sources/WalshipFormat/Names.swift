@@ -1,0 +1,68 @@
+// Object names in a replica. They carry txid and commit-time ranges so that a restore plan
+// needs LIST only (DESIGN §5):
+//   generations/<gen>/generation.json
+//   generations/<gen>/snapshots/<txid:016x>-<unixMs>.snap.lz4
+//   generations/<gen>/segments/<level>/<first:016x>-<last:016x>-<firstUnixMs>-<lastUnixMs>.seg.lz4
+
+public struct SnapshotName: Equatable, Hashable, Sendable {
+    public var generation: String
+    public var txid: UInt64
+    public var timeMs: Int64
+    public init(generation: String, txid: UInt64, timeMs: Int64) { self.generation = generation; self.txid = txid; self.timeMs = timeMs }
+    public var fileName: String { "\(hex16(txid))-\(timeMs).snap.lz4" }
+    public var key: String { "generations/\(generation)/snapshots/\(fileName)" }
+
+    public static func parse(generation: String, fileName: String) -> SnapshotName? {
+        guard fileName.hasSuffix(".snap.lz4") else { return nil }
+        let parts = fileName.dropLast(".snap.lz4".count).split(separator: "-", omittingEmptySubsequences: false)
+        guard parts.count == 2, parts[0].count == 16, let txid = UInt64(parts[0], radix: 16),
+              let ms = Int64(parts[1]) else { return nil }
+        return SnapshotName(generation: generation, txid: txid, timeMs: ms)
+    }
+}
+
+public struct SegmentName: Equatable, Hashable, Sendable {
+    public var generation: String
+    public var level: Int
+    public var firstTxid: UInt64
+    public var lastTxid: UInt64
+    public var firstTimeMs: Int64
+    public var lastTimeMs: Int64
+    public init(generation: String, level: Int, firstTxid: UInt64, lastTxid: UInt64, firstTimeMs: Int64, lastTimeMs: Int64) {
+        self.generation = generation; self.level = level; self.firstTxid = firstTxid; self.lastTxid = lastTxid
+        self.firstTimeMs = firstTimeMs; self.lastTimeMs = lastTimeMs
+    }
+    public var fileName: String { "\(hex16(firstTxid))-\(hex16(lastTxid))-\(firstTimeMs)-\(lastTimeMs).seg.lz4" }
+    public var key: String { "generations/\(generation)/segments/\(level)/\(fileName)" }
+
+    public static func parse(generation: String, level: Int, fileName: String) -> SegmentName? {
+        guard fileName.hasSuffix(".seg.lz4") else { return nil }
+        let parts = fileName.dropLast(".seg.lz4".count).split(separator: "-", omittingEmptySubsequences: false)
+        guard parts.count == 4, parts[0].count == 16, parts[1].count == 16,
+              let a = UInt64(parts[0], radix: 16), let b = UInt64(parts[1], radix: 16),
+              let t0 = Int64(parts[2]), let t1 = Int64(parts[3]), a <= b, t0 <= t1 else { return nil }
+        return SegmentName(generation: generation, level: level, firstTxid: a, lastTxid: b, firstTimeMs: t0, lastTimeMs: t1)
+    }
+}
+
+public enum GenerationID {
+    /// A new id: 16 hex digits of the creation time in microseconds, then 4 random hex digits,
+    /// so that ids sort by creation time.
+    public static func make(timeUs: Int64, random: UInt16) -> String {
+        hex16(UInt64(timeUs)) + hexPadded(UInt64(random), width: 4)
+    }
+    public static func isValid(_ s: String) -> Bool {
+        s.utf8.count == 20 && s.utf8.allSatisfy { ($0 >= 48 && $0 <= 57) || ($0 >= 97 && $0 <= 102) }
+    }
+    public static func creationTimeUs(_ s: String) -> Int64? {
+        guard isValid(s), let v = UInt64(s.prefix(16), radix: 16) else { return nil }
+        return Int64(v)
+    }
+}
+
+public func hex16(_ v: UInt64) -> String { hexPadded(v, width: 16) }
+
+func hexPadded(_ v: UInt64, width: Int) -> String {
+    let s = String(v, radix: 16)
+    return String(repeating: "0", count: max(0, width - s.count)) + s
+}

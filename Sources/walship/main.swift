@@ -1,0 +1,236 @@
+import ArgumentParser
+import Logging
+import WalshipCore
+import WalshipFormat
+#if canImport(Glibc)
+import Glibc
+#endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+struct Walship: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "walship",
+        abstract: "Continuous, point-in-time recoverable backups of SQLite databases.",
+        discussion: """
+        walship tails a SQLite database's write-ahead log, ships LZ4-compressed segments every sync \
+        interval beside periodic snapshots to a replica, and restores the database exactly as it was \
+        after any transaction.
+
+        Replica URLs: file:///absolute/path (s3:// comes in a later version).
+        Durations: 500ms, 1s, 15m, 24h, 7d. Timestamps: RFC 3339 (2024-12-14T14:00:00Z).
+        """,
+        version: "0.1.0",
+        subcommands: [Replicate.self, Restore.self, List.self, Snapshot.self]
+    )
+}
+
+struct LogOptions: ParsableArguments {
+    @Option(help: "Log level: trace, debug, info, notice, warning, error.")
+    var logLevel: String = "info"
+
+    func bootstrap() {
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = level
+            return h
+        }
+    }
+}
+
+/// Prints one clear error line and exits non-zero.
+func fail(_ error: Error) -> Never {
+    var msg = "\(error)"
+    if let e = error as? ValidationError { msg = e.message }
+    FileHandleStderr.write("walship: error: \(msg)\n")
+    exit(1)
+}
+
+enum FileHandleStderr {
+    static func write(_ s: String) {
+        var bytes = Array(s.utf8)
+        _ = Glibc.write(2, &bytes, bytes.count)
+    }
+}
+
+func parseDuration(_ s: String, _ name: String) throws -> Int64 {
+    do { return try DurationText.parseMicroseconds(s) } catch { throw ValidationError("\(name): \(error)") }
+}
+
+struct Replicate: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Replicate a database continuously (runs until SIGTERM/SIGINT).",
+        discussion: """
+        With no REPLICA_URL, replicates to file://<dir of DB>/<name>-replica. The database is switched \
+        to WAL mode if needed. The application must use busy_timeout >= 5000 ms. On SIGTERM or SIGINT, \
+        walship ships everything committed, then exits 0.
+        """)
+
+    @Argument(help: "Path of the SQLite database.") var database: String
+    @Argument(help: "Replica URLs (default: file://<dir of DB>/<name>-replica).") var replicas: [String] = []
+    @Option(help: "How often a segment is cut and shipped.") var syncInterval: String = "1s"
+    @Option(help: "How often a full snapshot is taken.") var snapshotInterval: String = "24h"
+    @Option(help: "Checkpoint the WAL once it holds this many frames.") var checkpointFrames: Int = 1000
+    @Option(help: "Spool directory (default: .<name>-walship beside the database).") var spoolDir: String?
+    @OptionGroup var log: LogOptions
+
+    func validate() throws {
+        _ = try parseDuration(syncInterval, "--sync-interval")
+        _ = try parseDuration(snapshotInterval, "--snapshot-interval")
+        guard try parseDuration(syncInterval, "--sync-interval") >= 10_000 else { throw ValidationError("--sync-interval must be at least 10ms") }
+        guard checkpointFrames >= 10 else { throw ValidationError("--checkpoint-frames must be at least 10") }
+    }
+
+    func run() throws {
+        log.bootstrap()
+        let logger = Logger(label: "walship")
+        let db = FS.absolute(database)
+        var opts = AgentOptions(databasePath: db, replicaURLs: replicas.isEmpty ? [AgentOptions.defaultReplicaURL(forDatabase: db)] : replicas)
+        opts.syncIntervalUs = try parseDuration(syncInterval, "--sync-interval")
+        opts.snapshotIntervalUs = try parseDuration(snapshotInterval, "--snapshot-interval")
+        opts.checkpointFrames = checkpointFrames
+        opts.spoolDirectory = spoolDir.map(FS.absolute)
+        do {
+            let agent = Agent(options: opts, logger: logger)
+            try agent.start()
+            try agent.run()
+        } catch { fail(error) }
+    }
+}
+
+struct Restore: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Restore a database from a replica, to its latest state or to a point in time.",
+        discussion: """
+        --timestamp T restores the state after the last transaction whose commit time (as seen by the \
+        agent, milliseconds after the real commit) is at or before T. --txid N restores the state right \
+        after transaction N. The result is verified against the recorded whole-database checksum and \
+        PRAGMA integrity_check, written to a temporary file beside OUT, fsynced and renamed: OUT is \
+        never half-written.
+        """)
+
+    @Argument(help: "Replica URL to restore from.") var replica: String
+    @Option(name: [.short, .customLong("output")], help: "Path of the restored database.") var output: String
+    @Option(help: "Restore to this RFC 3339 time.") var timestamp: String?
+    @Option(help: "Restore to right after this transaction id.") var txid: UInt64?
+    @Flag(help: "Overwrite OUT if it exists.") var force = false
+    @Flag(help: "Do nothing (exit 0) if OUT already exists.") var ifNotExists = false
+    @Flag(help: "Do nothing (exit 0) if the replica holds nothing yet.") var ifReplicaExists = false
+    @Option(help: "Integrity check after restore: full, quick or none.") var integrity: String = "full"
+    @OptionGroup var log: LogOptions
+
+    func validate() throws {
+        if timestamp != nil && txid != nil { throw ValidationError("give --timestamp or --txid, not both") }
+        if let t = timestamp { do { _ = try Timestamp.parseMicroseconds(t) } catch { throw ValidationError("--timestamp: \(error)") } }
+        guard IntegrityMode(rawValue: integrity) != nil else { throw ValidationError("--integrity must be full, quick or none") }
+        if force && ifNotExists { throw ValidationError("--force and --if-not-exists contradict each other") }
+    }
+
+    func run() throws {
+        log.bootstrap()
+        var o = RestoreOptions()
+        if let t = timestamp { o.target = .timeUs(try Timestamp.parseMicroseconds(t)) }
+        if let n = txid { o.target = .txid(n) }
+        o.force = force; o.ifNotExists = ifNotExists; o.ifReplicaExists = ifReplicaExists
+        o.integrity = IntegrityMode(rawValue: integrity)!
+        do {
+            let r = try ReplicaFactory.open(replica)
+            let res = try Restorer.restore(replica: r, output: output, options: o) { msg in
+                FileHandleStderr.write("walship: \(msg)\n")
+            }
+            if let s = res.skipped { print("walship: \(s)"); return }
+            print("restored \(FS.absolute(output)): generation \(res.generation), txid \(res.txid), committed \(Timestamp.format(microseconds: res.commitTimeUs)), \(res.transactionsApplied) transaction(s) from \(res.segmentCount) segment(s) after \(res.snapshotKey), checksum \(hex16(res.checksum)) verified, integrity \(o.integrity.rawValue == "none" ? "not checked" : "ok")")
+        } catch { fail(error) }
+    }
+}
+
+struct List: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "List a replica's generations, snapshots, segments and time ranges.")
+    @Argument(help: "Replica URL.") var replica: String
+    @Flag(help: "Print JSON.") var json = false
+
+    func run() throws {
+        do {
+            let r = try ReplicaFactory.open(replica)
+            try r.checkReadable()
+            let gens = try listGenerations(r)
+            if json {
+                var out: [[String: AnyEncodable]] = []
+                for g in gens {
+                    out.append([
+                        "generation": AnyEncodable(g.id),
+                        "snapshots": AnyEncodable(g.snapshots.map { ["key": $0.key, "txid": "\($0.txid)", "time": Timestamp.format(microseconds: $0.timeMs * 1000)] }),
+                        "segments": AnyEncodable(g.segments.map { ["key": $0.key, "first_txid": "\($0.firstTxid)", "last_txid": "\($0.lastTxid)",
+                                                                    "first_time": Timestamp.format(microseconds: $0.firstTimeMs * 1000),
+                                                                    "last_time": Timestamp.format(microseconds: $0.lastTimeMs * 1000), "level": "\($0.level)"] }),
+                        "first_txid": AnyEncodable(g.snapshots.first.map { "\($0.txid)" } ?? ""),
+                        "last_txid": AnyEncodable(g.lastTxid.map { "\($0)" } ?? ""),
+                        "first_time": AnyEncodable(g.firstTimeMs.map { Timestamp.format(microseconds: $0 * 1000) } ?? ""),
+                        "last_time": AnyEncodable(g.lastTimeMs.map { Timestamp.format(microseconds: $0 * 1000) } ?? ""),
+                        "granularity": AnyEncodable("transaction"),
+                    ])
+                }
+                let enc = JSONEncoder()
+                enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+                print(String(decoding: try enc.encode(out), as: UTF8.self))
+                return
+            }
+            if gens.isEmpty { print("no generations in \(r.displayURL)"); return }
+            print("replica \(r.displayURL)")
+            for g in gens {
+                let first = g.firstTimeMs.map { Timestamp.format(microseconds: $0 * 1000) } ?? "-"
+                let last = g.lastTimeMs.map { Timestamp.format(microseconds: $0 * 1000) } ?? "-"
+                print("generation \(g.id)  txids \(g.snapshots.first.map { "\($0.txid)" } ?? "-")..\(g.lastTxid.map { "\($0)" } ?? "-")  \(first) .. \(last)  \(g.snapshots.count) snapshot(s), \(g.segments.count) segment(s), exact to the transaction")
+                for s in g.snapshots { print("  snapshot txid \(s.txid)  \(Timestamp.format(microseconds: s.timeMs * 1000))  \(s.key)") }
+                for s in g.segments {
+                    print("  segment  txids \(s.firstTxid)..\(s.lastTxid)  \(Timestamp.format(microseconds: s.firstTimeMs * 1000)) .. \(Timestamp.format(microseconds: s.lastTimeMs * 1000))  level \(s.level)")
+                }
+            }
+        } catch { fail(error) }
+    }
+}
+
+struct AnyEncodable: Encodable {
+    let value: Encodable
+    init(_ v: Encodable) { value = v }
+    func encode(to encoder: Encoder) throws { try value.encode(to: encoder) }
+}
+
+struct Snapshot: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Take a base snapshot now.",
+        discussion: "If an agent is replicating DB, it is asked to take the snapshot; otherwise walship takes it, ships it and exits.")
+    @Argument(help: "Path of the SQLite database.") var database: String
+    @Argument(help: "Replica URLs (default: file://<dir of DB>/<name>-replica).") var replicas: [String] = []
+    @Option(help: "Spool directory (default: .<name>-walship beside the database).") var spoolDir: String?
+    @Option(help: "How long to wait for a running agent.") var timeout: String = "120s"
+    @OptionGroup var log: LogOptions
+
+    func run() throws {
+        log.bootstrap()
+        let logger = Logger(label: "walship")
+        let db = FS.absolute(database)
+        var opts = AgentOptions(databasePath: db, replicaURLs: replicas.isEmpty ? [AgentOptions.defaultReplicaURL(forDatabase: db)] : replicas)
+        opts.spoolDirectory = spoolDir.map(FS.absolute)
+        opts.oneShotSnapshot = true
+        do {
+            guard FS.exists(db) else { throw AgentError.databaseMissing(db) }
+            if let pid = SnapshotRequest.runningAgent(database: db, spoolDirectory: opts.spoolDirectory) {
+                let ok = try SnapshotRequest.ask(database: db, spoolDirectory: opts.spoolDirectory, timeoutUs: try parseDuration(timeout, "--timeout"))
+                guard ok else { throw ValidationError("the running agent (pid \(pid)) did not take the snapshot within \(timeout)") }
+                print("snapshot taken by the running agent (pid \(pid))")
+                return
+            }
+            let agent = Agent(options: opts, logger: logger)
+            try agent.start()
+            try agent.run()
+            print("snapshot of \(db) at txid \(agent.currentTxid) shipped (generation \(agent.currentGeneration))")
+        } catch { fail(error) }
+    }
+}
+
+Walship.main()
