@@ -37,7 +37,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
-        .testTarget(name: "WalshipFormatTests", dependencies: ["WalshipFormat", "WalshipLZ4"]),
+        .testTarget(name: "WalshipFormatTests", dependencies: ["WalshipFormat", "WalshipLZ4", "WalshipSQLite"]),
     ],
     swiftLanguageModes: [.v5]
 )
