@@ -120,7 +120,10 @@ class Ticketing:
 
     def transaction(self):
         rng = self.rng
-        self.con.execute("BEGIN")
+        # IMMEDIATE: a deferred transaction that reads before it writes cannot wait on the
+        # busy timeout when it upgrades to a write (SQLite returns SQLITE_BUSY at once), so a
+        # well-behaved application takes the write lock up front.
+        self.con.execute("BEGIN IMMEDIATE")
         try:
             r = rng.random()
             if r < 0.10:
