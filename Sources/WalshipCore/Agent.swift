@@ -122,6 +122,7 @@ public final class Agent {
         }
         try spool.prepare()
         if let pid = try spool.lock() { throw AgentError.alreadyRunning(dbPath, pid) }
+        try spool.clearWork()
         dbFile = try RawFile(path: dbPath, flags: O_RDONLY)
         table = try PageHashTable(path: spool.tablePath)
         for r in replicas { shippers.append(Shipper(replica: r, spool: spool, logger: logger)) }

@@ -51,6 +51,10 @@ final class Spool {
         try FS.makeDirectories(dir, mode: 0o700)
         chmod(dir, 0o700)
         for d in [outboxDir, acksDir, workDir] { try FS.makeDirectories(d, mode: 0o700) }
+    }
+
+    /// Removes half-built objects a crashed agent left. Call only while holding the lock.
+    func clearWork() throws {
         for n in try FS.list(workDir) { try FS.remove(workDir + "/" + n) }
     }
 
