@@ -18,19 +18,19 @@ setup:
 	  $(PYTHON) -m pip install -q --disable-pip-version-check $(PIP_PACKAGES)
 
 build: setup
-	$(SWIFT) build -c release
+	$(SWIFT) build -c release --static-swift-stdlib
 
 run: build
 	$(PYTHON) tools/demo.py --walship $(BIN)
 
 unit: build
-	$(SWIFT) test -c release
+	$(SWIFT) test
 
 integration: build
 	$(PYTHON) -m pytest -q Tests/integration
 
 test: build
-	$(SWIFT) test -c release
+	$(SWIFT) test
 	$(PYTHON) -m pytest -q Tests/integration
 
 bench: build

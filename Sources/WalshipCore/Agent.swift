@@ -111,7 +111,8 @@ public final class Agent {
 
     /// Opens the database, spool and replicas, decides continue vs new generation, and pins.
     public func start() throws {
-        Curl.initialize()
+        // libcurl (and the TLS stack behind it) is initialised only when an S3 replica needs it,
+        // which keeps its pages out of the agent's memory for directory replicas.
         guard FS.exists(dbPath) else { throw AgentError.databaseMissing(dbPath) }
         guard FS.isRegularFile(dbPath) else { throw AgentError.notADatabase(dbPath) }
         try openConnections()

@@ -257,7 +257,7 @@ def cmd_shrink(a):
         con.execute("DELETE FROM tickets WHERE id % ? = ?", (a.keep_every, r))
         con.execute("COMMIT")
         if a.incremental:
-            con.execute("PRAGMA incremental_vacuum")
+            con.executescript("PRAGMA incremental_vacuum;")   # con.execute() would free one page only
     con.execute("UPDATE usuarios SET nombre = nombre || ' (tras encoger)' WHERE id % 3 = 0")
     print(con.execute("PRAGMA page_count").fetchone()[0], "pages after shrink")
     con.close()

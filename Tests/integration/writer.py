@@ -18,6 +18,7 @@ import json
 import os
 import random
 import sqlite3
+import struct
 import sys
 import time
 from datetime import datetime, timezone
@@ -42,6 +43,19 @@ def connect(db, autocheckpoint=None, synchronous=None):
 
 def dump_tables(con):
     return {t: [list(r) for r in con.execute(f"SELECT * FROM {t} ORDER BY id")] for t in TABLES}
+
+
+def wal_header(db):
+    """(checkpoint sequence, salt-1) from the WAL header, or None if there is no header."""
+    try:
+        with open(db + "-wal", "rb") as f:
+            h = f.read(32)
+    except FileNotFoundError:
+        return None
+    if len(h) < 32:
+        return None
+    _magic, _ver, _psz, seq, salt1, _salt2 = struct.unpack(">IIIIII", h[:24])
+    return [seq, salt1]
 
 
 def write_json(path, obj):
@@ -169,11 +183,16 @@ def cmd_workload(a):
     tx_at_start = app.n
     min_gap = 1.0 / a.max_rate if a.max_rate else 0
     last = 0.0
+    wal_seen = []  # distinct (checkpoint seq, salt-1) WAL headers: each new one is a WAL restart
     while True:
         now = time.time()
         el = now - start
-        if el >= a.seconds:
+        if el >= a.seconds and (not a.checkpoint_every or len(ck_results) >= len(ck_modes)):
             break
+        if app.n % 25 == 0:
+            h = wal_header(a.db)
+            if h and h not in wal_seen:
+                wal_seen.append(h)
         if instants and el >= instants[0]:
             instants.pop(0)
             time.sleep(a.quiet)           # let the agent see the last commit
@@ -197,7 +216,7 @@ def cmd_workload(a):
     elapsed = time.time() - start
     # the state after the final commit, for the byte/contents oracle
     summary = {"transactions": app.n - tx_at_start, "elapsed": elapsed, "instants": recorded,
-               "checkpoints": ck_results, "final_tables_rows": {t: len(v) for t, v in dump_tables(con).items()}}
+               "checkpoints": ck_results, "wal_headers_seen": wal_seen, "final_tables_rows": {t: len(v) for t, v in dump_tables(con).items()}}
     con.close()
     write_json(os.path.join(a.dump_dir, "summary.json"), summary)
 
@@ -216,7 +235,7 @@ def cmd_reader(a):
             time.sleep(0.1)
         con.execute("COMMIT")
         holds += 1
-        time.sleep(rng.uniform(0.01, 0.2))
+        time.sleep(rng.uniform(a.gap_min, a.gap_max))
     con.close()
     with open(a.stop_file + ".holds", "w") as f:
         f.write(str(holds))
@@ -278,6 +297,8 @@ def main(argv=None):
     r.add_argument("--stop-file", required=True)
     r.add_argument("--hold-min", type=float, default=1.0)
     r.add_argument("--hold-max", type=float, default=3.0)
+    r.add_argument("--gap-min", type=float, default=0.01)
+    r.add_argument("--gap-max", type=float, default=0.2)
     r.add_argument("--max-seconds", type=float, default=120)
     r.add_argument("--seed", type=int, default=2)
     r.set_defaults(fn=cmd_reader)
