@@ -15,7 +15,7 @@ public struct LZ4Error: Error, CustomStringConvertible {
     }
 }
 
-/// Streams bytes into one standard LZ4 frame (content checksum on, 1 MiB blocks) and hands
+/// Streams bytes into one standard LZ4 frame (content checksum on, 256 KiB blocks) and hands
 /// the compressed bytes to `sink` as they are produced. Memory is bounded by one block.
 public final class LZ4FrameCompressor {
     private var ctx: OpaquePointer?
@@ -32,7 +32,7 @@ public final class LZ4FrameCompressor {
         var c: OpaquePointer?
         _ = try LZ4Error.check(LZ4F_createCompressionContext(&c, UInt32(LZ4F_VERSION)), "lz4 init")
         ctx = c
-        prefs.frameInfo.blockSizeID = LZ4F_max1MB
+        prefs.frameInfo.blockSizeID = LZ4F_max256KB
         prefs.frameInfo.blockMode = LZ4F_blockLinked
         prefs.frameInfo.contentChecksumFlag = LZ4F_contentChecksumEnabled
         prefs.compressionLevel = level

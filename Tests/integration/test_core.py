@@ -213,6 +213,10 @@ def test_writer_killed_mid_transaction_leaks_nothing(tmp_path, agent_factory):
     create_ticket_db(db, rows=10)
     run_writer("bursts", db, "--bursts", "1", "--per-burst", "10")  # a ticket or two to point at
     agent = agent_factory(db, [url(replica)], ["--sync-interval", "200ms"]).start().wait_ready()
+    # A service keeps a connection open throughout, so this test is about the crash alone and
+    # not about the last connection closing (test_successive_writer_processes covers that).
+    hold_stop = tmp_path / "hold.stop"
+    holder = start_writer("hold", db, "--stop-file", hold_stop)
 
     ready = tmp_path / "bigtx.ready"
     big = start_writer("bigtx", db, "--marker", marker, "--mb", "8", "--ready-file", ready)
@@ -233,6 +237,9 @@ def test_writer_killed_mid_transaction_leaks_nothing(tmp_path, agent_factory):
     time.sleep(0.5)
     assert agent.proc.poll() is None, agent.read_log()
     agent.stop()
+    hold_stop.write_text("stop")
+    holder.wait(timeout=30)
+    assert holder.returncode == 0, holder.stderr.read()
 
     restore(replica, out)
     rows = table_contents(out)

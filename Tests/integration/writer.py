@@ -11,6 +11,7 @@ Modes:
   reader    a long-lived reader holding read transactions open for seconds at a time
   bigtx     opens a huge transaction containing a marker and never commits (wait for SIGKILL)
   insert    commits one row into usuarios and exits
+  hold      keeps an idle connection open until a stop file appears
   bursts    bursts of small transactions separated by pauses
 """
 import argparse
@@ -241,6 +242,15 @@ def cmd_reader(a):
         f.write(str(holds))
 
 
+def cmd_hold(a):
+    """An idle application connection kept open (as a long-running service would)."""
+    con = sqlite3.connect(a.db, timeout=5, isolation_level=None)
+    con.execute("SELECT count(*) FROM usuarios").fetchone()
+    while not os.path.exists(a.stop_file):
+        time.sleep(0.05)
+    con.close()
+
+
 def cmd_bigtx(a):
     con = sqlite3.connect(a.db, timeout=5, isolation_level=None)
     con.execute("PRAGMA cache_size=10")  # spill dirty pages to the WAL mid-transaction
@@ -302,6 +312,10 @@ def main(argv=None):
     r.add_argument("--max-seconds", type=float, default=120)
     r.add_argument("--seed", type=int, default=2)
     r.set_defaults(fn=cmd_reader)
+    h = sub.add_parser("hold")
+    h.add_argument("db")
+    h.add_argument("--stop-file", required=True)
+    h.set_defaults(fn=cmd_hold)
     b = sub.add_parser("bigtx")
     b.add_argument("db")
     b.add_argument("--marker", required=True)
