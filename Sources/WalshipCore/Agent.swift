@@ -33,6 +33,9 @@ public struct AgentOptions {
     }
 }
 
+/// Thrown by `run()` when the agent must start over (the database file was replaced).
+public struct AgentRestart: Error {}
+
 /// Errors of the agent domain, each with what to do about it.
 public enum AgentError: Error, CustomStringConvertible {
     case databaseMissing(String)
@@ -200,6 +203,8 @@ public final class Agent {
         checkpointer = try open()
         try checkpointer.execute("PRAGMA wal_autocheckpoint=0")
         checkpointer.setBusyTimeout(milliseconds: 0)
+        // A connection checkpoints only once it has opened the WAL, which happens on its first read.
+        _ = try checkpointer.query("SELECT count(*) FROM sqlite_master")
     }
 
     private func databasePageSize() throws -> Int {
@@ -311,8 +316,8 @@ public final class Agent {
     /// Runs `body` holding SQLite's write lock (BEGIN IMMEDIATE on the agent's own connection).
     /// Returns false without running it when the lock is busy and `patient` is false.
     @discardableResult
-    private func withWriteLock(patient: Bool = false, _ body: () throws -> Void) throws -> Bool {
-        writer.setBusyTimeout(milliseconds: patient ? 10_000 : 0)
+    private func withWriteLock(patient: Bool = false, waitMs: Int32 = 0, _ body: () throws -> Void) throws -> Bool {
+        writer.setBusyTimeout(milliseconds: patient ? 10_000 : waitMs)
         do { try writer.execute("BEGIN IMMEDIATE") } catch let e as SQLiteError where e.isBusy {
             if patient { throw AgentError.writeLockUnavailable(dbPath) }
             return false
@@ -338,15 +343,16 @@ public final class Agent {
         while true {
             switch try tailer.poll() {
             case .headerChanged(let old, let new):
-                if let o = old, o.isRestart(to: new) {
+                // While the pin is held, SQLite can restart the log only when every frame has
+                // been copied back, and the pin (always taken where the agent had read to)
+                // stops any frame it has not read from being copied back. So a restart never
+                // drops an unread frame: a new header with the same page size continues the chain.
+                if old == nil || old!.couldRestart(to: new) {
+                    logger.debug("WAL restarted", metadata: ["wal.salt1": "\(new.salt1)", "wal.checkpoint_seq": "\(new.checkpointSequence)"])
                     tailer.adopt(new)
                     continue
                 }
-                if old == nil {
-                    tailer.adopt(new)
-                    continue
-                }
-                logger.warning("the WAL was replaced in a way walship cannot follow; starting a new generation", metadata: meta)
+                logger.warning("the WAL changed page size; starting a new generation", metadata: meta)
                 try withWriteLock(patient: true) {
                     tailer.adopt(try tailer.readHeader())
                     try consumeWithoutShipping()
@@ -610,15 +616,23 @@ public final class Agent {
     /// the few new frames, pin again. The next writer then restarts the WAL, which the tailer
     /// follows as continuity. Skipped whenever the write lock is busy.
     private func checkpointCycle() throws {
-        guard try withWriteLock(patient: false, { try pollAndAppend(); try repin() }) else { return }
-        _ = try checkpointer.checkpoint(.passive)
-        try withWriteLock(patient: false) {
+        let start = monotonicMicroseconds()
+        guard try withWriteLock(waitMs: 20, { try pollAndAppend(); try repin() }) else {
+            logger.debug("checkpoint skipped: write lock busy", metadata: meta)
+            return
+        }
+        let bulk = try checkpointer.checkpoint(.passive)
+        var final: (busy: Bool, log: Int32, checkpointed: Int32)?
+        try withWriteLock(waitMs: 20) {
             try pollAndAppend()
             try pin.execute("COMMIT")
             defer { try? repin() }
-            _ = try checkpointer.checkpoint(.passive)
+            final = try checkpointer.checkpoint(.passive)
         }
         if pin.isAutocommit { _ = try withWriteLock(patient: true) { try pollAndAppend(); try repin() } }
+        logger.debug("checkpoint", metadata: ["checkpoint.frames": "\(bulk.log)", "checkpoint.copied": "\(bulk.checkpointed)",
+                                              "checkpoint.final": "\(final.map { "\($0.checkpointed)/\($0.log)" } ?? "skipped")",
+                                              "checkpoint.ms": "\((monotonicMicroseconds() - start) / 1000)"])
     }
 
     // MARK: main loop
@@ -669,19 +683,15 @@ public final class Agent {
         try shutdown()
     }
 
+    /// Notices a database file replaced underneath (restored, copied over). Uses stat on the
+    /// path: opening and closing another descriptor on the database would drop the POSIX
+    /// locks SQLite holds through the agent's own connections.
     private func checkDatabaseIdentity() throws {
-        guard let f = try RawFile.openIfExists(dbPath) else { return }
-        let ino = try f.inode()
-        if ino.dev != state.dbDevice || ino.ino != state.dbInode {
-            logger.warning("the database file was replaced; starting a new generation", metadata: meta)
-            dbFile = f
-            try withWriteLock(patient: true) {
-                tailer.adopt(try tailer.readHeader())
-                try consumeWithoutShipping()
-                try repin()
-            }
-            try cutSegment()
-            try startGeneration(reason: "database file replaced", previous: state)
+        var st = stat()
+        guard stat(dbPath, &st) == 0 else { return }
+        if UInt64(st.st_dev) != state.dbDevice || UInt64(st.st_ino) != state.dbInode {
+            logger.warning("the database file was replaced; restarting replication, which starts a new generation", metadata: meta)
+            throw AgentRestart()
         }
     }
 

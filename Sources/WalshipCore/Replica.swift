@@ -52,9 +52,7 @@ public enum ReplicaFactory {
             return FileReplica(root: FS.normalize(percentDecoded(path)))
         }
         if url.hasPrefix("/") { return FileReplica(root: FS.normalize(url)) }
-        if url.hasPrefix("s3://") {
-            throw ReplicaError.unsupported("s3:// replicas are not built into this version of walship yet; use a file:// replica")
-        }
+        if url.hasPrefix("s3://") { return S3Replica(location: try S3Location.parse(url)) }
         throw ReplicaError.badURL(url, "use file:///absolute/path or s3://bucket/prefix?endpoint=URL")
     }
 

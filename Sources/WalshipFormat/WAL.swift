@@ -79,11 +79,13 @@ public struct WalHeader: Equatable, Codable, Sendable {
     /// Byte offset in the WAL file of frame `index` (1-based, as SQLite counts).
     public func frameOffset(_ index: Int) -> Int { walHeaderSize + (index - 1) * frameSize }
 
-    /// True when `next` is what SQLite writes when it restarts this log (walRestartHdr):
-    /// the checkpoint sequence and salt-1 advance together, once per restart.
-    public func isRestart(to next: WalHeader) -> Bool {
-        let steps = next.checkpointSequence &- checkpointSequence
-        return steps >= 1 && steps < 1 << 16 && next.salt1 == salt1 &+ steps && next.pageSize == pageSize
+    /// True when `next` can be a restart of this log by SQLite: same page size, new salts.
+    /// The checkpoint sequence and salt-1 do not prove anything: SQLite writes the restarting
+    /// connection's own checkpoint counter (often 1), and a connection whose counter is 0
+    /// picks random salts (sqlite3WalFrames). Continuity across a restart comes from the
+    /// agent's pin instead (see docs/ARCHITECTURE.md).
+    public func couldRestart(to next: WalHeader) -> Bool {
+        next.pageSize == pageSize && (next.salt1 != salt1 || next.salt2 != salt2)
     }
 }
 

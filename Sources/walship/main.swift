@@ -94,11 +94,16 @@ struct Replicate: ParsableCommand {
         opts.snapshotIntervalUs = try parseDuration(snapshotInterval, "--snapshot-interval")
         opts.checkpointFrames = checkpointFrames
         opts.spoolDirectory = spoolDir.map(FS.absolute)
-        do {
-            let agent = Agent(options: opts, logger: logger)
-            try agent.start()
-            try agent.run()
-        } catch { fail(error) }
+        while true {
+            do {
+                let agent = Agent(options: opts, logger: logger)
+                try agent.start()
+                try agent.run()
+                return
+            } catch is AgentRestart {
+                continue
+            } catch { fail(error) }
+        }
     }
 }
 
@@ -233,4 +238,13 @@ struct Snapshot: ParsableCommand {
     }
 }
 
-Walship.main()
+// One clear line on every error, exit 1; --help and --version print as usual.
+do {
+    var command = try Walship.parseAsRoot()
+    try command.run()
+} catch {
+    if Walship.exitCode(for: error) == .success { Walship.exit(withError: error) }
+    let message = Walship.message(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
+    FileHandleStderr.write("walship: error: \(message) (see `walship --help`)\n")
+    exit(1)
+}

@@ -91,18 +91,18 @@ final class WALTests: XCTestCase {
         XCTAssertEqual(committedTransactions(ofWal: badHeader).1.count, 0)
     }
 
-    func testRestartRecognition() {
+    func testRestartCandidates() {
         let a = WalHeader.parse(HandWAL().bytes)!
         var b = a
-        b.checkpointSequence += 1; b.salt1 &+= 1; b.salt2 = 42
-        XCTAssertTrue(a.isRestart(to: b))
+        b.checkpointSequence = 1; b.salt1 &+= 1; b.salt2 = 42     // what a restarting connection may write
+        XCTAssertTrue(a.couldRestart(to: b))
         var c = a
-        c.checkpointSequence += 2; c.salt1 &+= 2
-        XCTAssertTrue(a.isRestart(to: c), "two restarts with nothing written between")
+        c.salt1 = 0xdeadbeef; c.salt2 = 7                          // random salts (connection counter 0)
+        XCTAssertTrue(a.couldRestart(to: c))
         var d = a
-        d.checkpointSequence += 1; d.salt1 = 99
-        XCTAssertFalse(a.isRestart(to: d))
-        XCTAssertFalse(a.isRestart(to: a))
+        d.pageSize = 1024; d.salt1 &+= 1
+        XCTAssertFalse(a.couldRestart(to: d), "a page size change is never a restart")
+        XCTAssertFalse(a.couldRestart(to: a))
     }
 
     /// A real WAL written by SQLite: parse it in many chunkings, apply its transactions to the

@@ -192,8 +192,6 @@ def test_hostile_application_checkpoints_and_readers(tmp_path, agent_factory):
     summary = json.loads((tmp_path / "summary.json").read_text())
     modes = {c["mode"] for c in summary["checkpoints"]}
     assert modes == {"PASSIVE", "FULL", "RESTART", "TRUNCATE"}, summary["checkpoints"]
-    # the WAL really restarted (new salt-1) during the run, so continuity was put to the test
-    assert len({tuple(h) for h in summary["wal_headers_seen"]}) >= 2, summary["wal_headers_seen"]
     assert agent.proc.poll() is None, f"agent died under the hostile application:\n{agent.read_log()}"
     agent.stop()
 
@@ -204,6 +202,11 @@ def test_hostile_application_checkpoints_and_readers(tmp_path, agent_factory):
     assert [g["generation"] for g in gens] == [gen], \
         f"continuity lost (more than one generation):\n{json.dumps(gens, indent=1)[:3000]}\n{agent.read_log()[-3000:]}"
     assert txid == summary["transactions"] + 20
+    # The WAL really restarted (new checkpoint seq / salt-1) during the run, so continuity was
+    # put to the test; the agent owns checkpointing (--checkpoint-frames 300) and must keep the
+    # WAL bounded (G5), which needs a restart now and then.
+    headers = {tuple(h) for h in summary["wal_headers_seen"]}
+    assert len(headers) >= 2, f"the WAL never restarted during the run (headers seen: {sorted(headers)})"
 
 
 def test_writer_killed_mid_transaction_leaks_nothing(tmp_path, agent_factory):
@@ -217,28 +220,29 @@ def test_writer_killed_mid_transaction_leaks_nothing(tmp_path, agent_factory):
     # not about the last connection closing (test_successive_writer_processes covers that).
     hold_stop = tmp_path / "hold.stop"
     holder = start_writer("hold", db, "--stop-file", hold_stop)
-
-    ready = tmp_path / "bigtx.ready"
-    big = start_writer("bigtx", db, "--marker", marker, "--mb", "8", "--ready-file", ready)
     try:
-        wait_for_file(ready, big, timeout=60)
-        wal = Path(str(db) + "-wal")
-        assert wal.stat().st_size > 4 * 1024 * 1024, "the big transaction did not spill into the WAL"
-        assert marker.encode() in wal.read_bytes(), "marker frames are not in the WAL"
-        time.sleep(1.0)  # several sync intervals with uncommitted frames in the WAL
-    finally:
-        big.send_signal(signal.SIGKILL)
-        big.wait(timeout=30)
-    assert big.returncode == -signal.SIGKILL
+        ready = tmp_path / "bigtx.ready"
+        big = start_writer("bigtx", db, "--marker", marker, "--mb", "8", "--ready-file", ready)
+        try:
+            wait_for_file(ready, big, timeout=60)
+            wal = Path(str(db) + "-wal")
+            assert wal.stat().st_size > 4 * 1024 * 1024, "the big transaction did not spill into the WAL"
+            assert marker.encode() in wal.read_bytes(), "marker frames are not in the WAL"
+            time.sleep(1.0)  # several sync intervals with uncommitted frames in the WAL
+        finally:
+            big.send_signal(signal.SIGKILL)
+            big.wait(timeout=30)
+        assert big.returncode == -signal.SIGKILL
 
-    time.sleep(0.5)
-    run_writer("insert", db, "--text", after)  # a new writer commits after the crash
-    run_writer("bursts", db, "--bursts", "1", "--per-burst", "5", "--seed", "9")
-    time.sleep(0.5)
-    assert agent.proc.poll() is None, agent.read_log()
-    agent.stop()
-    hold_stop.write_text("stop")
-    holder.wait(timeout=30)
+        time.sleep(0.5)
+        run_writer("insert", db, "--text", after)  # a new writer commits after the crash
+        run_writer("bursts", db, "--bursts", "1", "--per-burst", "5", "--seed", "9")
+        time.sleep(0.5)
+        assert agent.proc.poll() is None, agent.read_log()
+        agent.stop()
+    finally:
+        hold_stop.write_text("stop")
+        holder.wait(timeout=30)
     assert holder.returncode == 0, holder.stderr.read()
 
     restore(replica, out)

@@ -1,0 +1,409 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import WalshipCurl
+import WalshipFormat
+
+/// Where an S3 replica lives and how to reach it, parsed from
+/// s3://bucket/prefix?endpoint=URL&region=R&path-style=true plus the environment.
+public struct S3Location: Sendable {
+    public var bucket: String
+    public var prefix: String
+    public var endpoint: String     // scheme://host[:port], no trailing slash
+    public var region: String
+    public var pathStyle: Bool
+    public var accessKey: String
+    public var secretKey: String
+    public var sessionToken: String?
+    public var caBundle: String?
+
+    public static func parse(_ url: String, environment env: [String: String] = ProcessEnvironment.all()) throws -> S3Location {
+        guard url.hasPrefix("s3://") else { throw ReplicaError.badURL(url, "an S3 URL starts with s3://") }
+        var rest = String(url.dropFirst(5))
+        var query = ""
+        if let q = rest.firstIndex(of: "?") { query = String(rest[rest.index(after: q)...]); rest = String(rest[..<q]) }
+        let slash = rest.firstIndex(of: "/")
+        let bucket = String(slash.map { rest[..<$0] } ?? Substring(rest))
+        guard !bucket.isEmpty else { throw ReplicaError.badURL(url, "the bucket name is missing: use s3://bucket/prefix") }
+        var prefix = slash.map { URIEncoding.decode(String(rest[rest.index(after: $0)...])) } ?? ""
+        while prefix.hasSuffix("/") { prefix.removeLast() }
+        while prefix.hasPrefix("/") { prefix.removeFirst() }
+        var params: [String: String] = [:]
+        for item in query.split(separator: "&") where !item.isEmpty {
+            let kv = item.split(separator: "=", maxSplits: 1).map(String.init)
+            let key = URIEncoding.decode(kv[0], plusAsSpace: true)
+            guard ["endpoint", "region", "path-style"].contains(key) else {
+                throw ReplicaError.badURL(url, "unknown parameter '\(key)': use endpoint, region or path-style")
+            }
+            params[key] = kv.count > 1 ? URIEncoding.decode(kv[1], plusAsSpace: true) : ""
+        }
+        let region = params["region"] ?? env["AWS_REGION"] ?? env["AWS_DEFAULT_REGION"] ?? "us-east-1"
+        var endpoint = params["endpoint"] ?? "https://s3.\(region).amazonaws.com"
+        while endpoint.hasSuffix("/") { endpoint.removeLast() }
+        guard endpoint.hasPrefix("http://") || endpoint.hasPrefix("https://") else {
+            throw ReplicaError.badURL(url, "endpoint must start with http:// or https://")
+        }
+        var pathStyle = params["endpoint"] != nil
+        if let p = params["path-style"] {
+            guard let v = ["true": true, "false": false, "1": true, "0": false][p.lowercased()] else {
+                throw ReplicaError.badURL(url, "path-style must be true or false")
+            }
+            pathStyle = v
+        }
+        guard let ak = env["AWS_ACCESS_KEY_ID"], !ak.isEmpty, let sk = env["AWS_SECRET_ACCESS_KEY"], !sk.isEmpty else {
+            throw ReplicaError.badURL(url, "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        }
+        return S3Location(bucket: bucket, prefix: prefix, endpoint: endpoint, region: region, pathStyle: pathStyle,
+                          accessKey: ak, secretKey: sk, sessionToken: env["AWS_SESSION_TOKEN"].flatMap { $0.isEmpty ? nil : $0 },
+                          caBundle: env["AWS_CA_BUNDLE"] ?? env["CURL_CA_BUNDLE"] ?? env["SSL_CERT_FILE"])
+    }
+
+    /// The display form: no credentials.
+    public var display: String {
+        "s3://\(bucket)/\(prefix)?endpoint=\(endpoint)&region=\(region)&path-style=\(pathStyle)"
+    }
+}
+
+public enum ProcessEnvironment {
+    public static func all() -> [String: String] {
+        var out: [String: String] = [:]
+        var p = environ
+        while let e = p.pointee {
+            let s = String(cString: e)
+            if let i = s.firstIndex(of: "=") { out[String(s[..<i])] = String(s[s.index(after: i)...]) }
+            p += 1
+        }
+        return out
+    }
+}
+
+/// An S3 error answer: HTTP status plus S3's code and message.
+public struct S3Error: Error, CustomStringConvertible {
+    public let status: Int
+    public let code: String
+    public let message: String
+    public let operation: String
+    public let endpoint: String
+
+    public var isRetryable: Bool { status >= 500 || status == 429 || code == "SlowDown" || code == "RequestTimeout" }
+
+    public var description: String {
+        var hint = ""
+        switch code {
+        case "SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken", "ExpiredToken":
+            hint = ": check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) for this endpoint"
+        case "NoSuchBucket": hint = ": the bucket does not exist at this endpoint; create it or fix the URL"
+        default: if status == 403 { hint = ": access denied; check the credentials and the bucket policy" }
+        }
+        return "S3 \(operation) at \(endpoint) failed: HTTP \(status) \(code.isEmpty ? "" : code + " ")\(message)\(hint)"
+    }
+}
+
+/// A replica in an S3-compatible bucket, over libcurl with its built-in SigV4 signing.
+public final class S3Replica: Replica {
+    public let location: S3Location
+    private let client = HTTPClient()
+    private let mutex = Mutex()
+    public var multipartThreshold = 64 << 20
+    public var partSize = 16 << 20
+    public var maxAttempts = 6
+    /// Requests made, by kind (for metrics and the bench).
+    public private(set) var requestCounts: [String: Int] = [:]
+
+    public init(location: S3Location) {
+        self.location = location
+        client.caBundle = location.caBundle
+    }
+
+    public var displayURL: String { location.display }
+
+    private var sign: SigV4 { SigV4(accessKey: location.accessKey, secretKey: location.secretKey, region: location.region) }
+
+    private func fullKey(_ key: String) -> String { location.prefix.isEmpty ? key : location.prefix + "/" + key }
+
+    private func url(key: String?, query: [(String, String)] = []) -> String {
+        let path = key.map { "/" + URIEncoding.encode(fullKey($0), keepSlash: true) } ?? "/"
+        var base: String
+        if location.pathStyle {
+            base = location.endpoint + "/" + URIEncoding.encode(location.bucket, keepSlash: false) + path
+        } else {
+            let scheme = location.endpoint.hasPrefix("https://") ? "https://" : "http://"
+            base = scheme + location.bucket + "." + String(location.endpoint.dropFirst(scheme.count)) + path
+        }
+        if !query.isEmpty { base += "?" + URIEncoding.canonicalQuery(query) }
+        return base
+    }
+
+    private func headers(_ extra: [String] = []) -> [String] {
+        var h = extra
+        if let t = location.sessionToken { h.append("x-amz-security-token: \(t)") }
+        return h
+    }
+
+    /// One request with retries (capped exponential backoff with jitter) on 5xx, 429,
+    /// timeouts and connection errors. Non-2xx answers that are not retryable throw S3Error.
+    @discardableResult
+    private func request(_ kind: String, _ method: String, key: String?, query: [(String, String)] = [],
+                         headers extra: [String] = [], body: RequestBody = .none, describe: String,
+                         okStatuses: Set<Int> = [], sink: ((UnsafeRawBufferPointer) throws -> Void)? = nil,
+                         beforeRetry: () -> Void = {}) throws -> HTTPResponse {
+        var attempt = 0
+        var delayMs = 200
+        while true {
+            attempt += 1
+            requestCounts[kind, default: 0] += 1
+            do {
+                let r = try client.perform(method: method, url: url(key: key, query: query), headers: headers(extra),
+                                           body: body, sign: sign, sink: sink)
+                if (200..<300).contains(r.status) || okStatuses.contains(r.status) { return r }
+                let err = S3Error(status: r.status, code: xmlValue(r.body, "Code") ?? "", message: xmlValue(r.body, "Message") ?? "",
+                                  operation: describe, endpoint: location.endpoint)
+                if !err.isRetryable || attempt >= maxAttempts { throw err }
+            } catch let e as CurlError {
+                if !e.isTransient || attempt >= maxAttempts {
+                    throw ReplicaError.io(displayURL, "\(describe): \(e.message) (curl error \(e.code)); is the endpoint \(location.endpoint) reachable?")
+                }
+            }
+            beforeRetry()
+            let jitter = Int.random(in: 0...(delayMs / 2))
+            usleep(UInt32((delayMs + jitter) * 1000))
+            delayMs = min(delayMs * 2, 5_000)
+        }
+    }
+
+    // MARK: Replica
+
+    public func prepareForWriting() throws {
+        try mutex.locked {
+            let keys = try listLocked(prefix: "", maxKeys: 50, stopEarly: true)
+            let foreign = keys.filter { !$0.hasPrefix("generations/") && $0 != replicaMarkerKey }
+            if !foreign.isEmpty {
+                throw ReplicaError.notAReplica(displayURL, "the prefix holds other objects (\(foreign.prefix(3).joined(separator: ", "))); choose an empty or new prefix")
+            }
+            if !keys.contains(replicaMarkerKey) {
+                try putBytesLocked(key: replicaMarkerKey, bytes: Array("{\"format\":\"walship-replica\",\"version\":1}\n".utf8))
+            }
+        }
+    }
+
+    public func checkReadable() throws {
+        try mutex.locked {
+            let keys = try listLocked(prefix: "", maxKeys: 50, stopEarly: true)
+            guard keys.contains(replicaMarkerKey) || keys.contains(where: { $0.hasPrefix("generations/") }) else {
+                throw ReplicaError.notAReplica(displayURL, keys.isEmpty ? "nothing is stored under this prefix" : "it holds other objects and no \(replicaMarkerKey)")
+            }
+        }
+    }
+
+    public func put(key: String, bytes: [UInt8]) throws {
+        try mutex.locked { try putBytesLocked(key: key, bytes: bytes) }
+    }
+
+    private func putBytesLocked(key: String, bytes: [UInt8]) throws {
+        try request("PUT", "PUT", key: key, headers: ["x-amz-content-sha256: \(SHA256.hexDigest(bytes))", "Content-Type: application/octet-stream"],
+                    body: .bytes(bytes), describe: "PUT \(location.bucket)/\(fullKey(key))")
+    }
+
+    public func put(key: String, fromFile path: String) throws {
+        guard let size = FS.fileSize(path) else { throw SystemError(errno: ENOENT, context: "upload source \(path)") }
+        try mutex.locked {
+            if size > multipartThreshold {
+                try multipartUpload(key: key, path: path, size: size)
+            } else {
+                let sum = try sha256(path: path, offset: 0, length: size)
+                try request("PUT", "PUT", key: key, headers: ["x-amz-content-sha256: \(sum)", "Content-Type: application/octet-stream"],
+                            body: .file(path: path, offset: 0, length: size), describe: "PUT \(location.bucket)/\(fullKey(key))")
+            }
+        }
+    }
+
+    private func sha256(path: String, offset: Int, length: Int) throws -> String {
+        let f = try RawFile(path: path, flags: O_RDONLY)
+        var h = SHA256()
+        var buf = [UInt8](repeating: 0, count: 1 << 18)
+        var done = 0
+        while done < length {
+            let n = try buf.withUnsafeMutableBytes { try f.read(at: offset + done, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<min($0.count, length - done)])) }
+            if n == 0 { break }
+            buf.withUnsafeBytes { h.update(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+            done += n
+        }
+        return SHA256.hex(h.finalize())
+    }
+
+    /// Multipart upload: parts stream from the file, so memory stays bounded whatever the size.
+    /// A failed upload is aborted so no parts are left behind.
+    private func multipartUpload(key: String, path: String, size: Int) throws {
+        let what = "\(location.bucket)/\(fullKey(key))"
+        let created = try request("POST", "POST", key: key, query: [("uploads", "")],
+                                  headers: ["x-amz-content-sha256: \(SHA256.hexDigest([]))"], describe: "create multipart upload \(what)")
+        guard let uploadID = xmlValue(created.body, "UploadId") else {
+            throw ReplicaError.io(displayURL, "create multipart upload \(what): no UploadId in the answer")
+        }
+        do {
+            var parts: [(Int, String)] = []
+            var offset = 0
+            var number = 1
+            while offset < size {
+                let len = min(partSize, size - offset)
+                let sum = try sha256(path: path, offset: offset, length: len)
+                let r = try request("PUT", "PUT", key: key, query: [("partNumber", "\(number)"), ("uploadId", uploadID)],
+                                    headers: ["x-amz-content-sha256: \(sum)"], body: .file(path: path, offset: offset, length: len),
+                                    describe: "upload part \(number) of \(what)")
+                guard let etag = r.headers["etag"] else { throw ReplicaError.io(displayURL, "upload part \(number) of \(what): no ETag") }
+                parts.append((number, etag))
+                offset += len; number += 1
+            }
+            var xml = "<CompleteMultipartUpload>"
+            for (n, e) in parts { xml += "<Part><PartNumber>\(n)</PartNumber><ETag>\(xmlEscape(e))</ETag></Part>" }
+            xml += "</CompleteMultipartUpload>"
+            let body = Array(xml.utf8)
+            let done = try request("POST", "POST", key: key, query: [("uploadId", uploadID)],
+                                   headers: ["x-amz-content-sha256: \(SHA256.hexDigest(body))", "Content-Type: application/xml"],
+                                   body: .bytes(body), describe: "complete multipart upload \(what)")
+            if xmlValue(done.body, "Code") != nil {   // S3 can answer 200 with an error body
+                throw S3Error(status: 200, code: xmlValue(done.body, "Code") ?? "", message: xmlValue(done.body, "Message") ?? "",
+                              operation: "complete multipart upload \(what)", endpoint: location.endpoint)
+            }
+        } catch {
+            _ = try? request("DELETE", "DELETE", key: key, query: [("uploadId", uploadID)], describe: "abort multipart upload \(what)", okStatuses: [404])
+            throw error
+        }
+    }
+
+    public func get(key: String, _ handle: (UnsafeRawBufferPointer) throws -> Void) throws {
+        try withoutActuallyEscaping(handle) { handle in try getLocked(key: key, handle) }
+    }
+
+    private func getLocked(key: String, _ handle: @escaping (UnsafeRawBufferPointer) throws -> Void) throws {
+        try mutex.locked {
+            var received = 0
+            let what = "GET \(location.bucket)/\(fullKey(key))"
+            var attempt = 0
+            while true {
+                attempt += 1
+                do {
+                    let range = received > 0 ? ["Range: bytes=\(received)-"] : []
+                    let r = try client.perform(method: "GET", url: url(key: key), headers: headers(range + ["x-amz-content-sha256: \(SHA256.hexDigest([]))"]),
+                                               sign: sign) { chunk in
+                        try handle(chunk)
+                        received += chunk.count
+                    }
+                    requestCounts["GET", default: 0] += 1
+                    if (200..<300).contains(r.status) { return }
+                    if r.status == 404 { throw ReplicaError.missingObject(displayURL, key) }
+                    let err = S3Error(status: r.status, code: xmlValue(r.body, "Code") ?? "", message: xmlValue(r.body, "Message") ?? "",
+                                      operation: what, endpoint: location.endpoint)
+                    if !err.isRetryable || attempt >= maxAttempts { throw err }
+                } catch let e as CurlError {
+                    requestCounts["GET", default: 0] += 1
+                    if !e.isTransient || attempt >= maxAttempts {
+                        throw ReplicaError.io(displayURL, "\(what): \(e.message); is the endpoint \(location.endpoint) reachable?")
+                    }
+                }
+                usleep(UInt32(min(200 << attempt, 5000) * 1000))   // then resume from `received`
+            }
+        }
+    }
+
+    public func list(prefix: String) throws -> [String] {
+        try mutex.locked { try listLocked(prefix: prefix, maxKeys: 1000, stopEarly: false) }
+    }
+
+    private func listLocked(prefix: String, maxKeys: Int, stopEarly: Bool) throws -> [String] {
+        var keys: [String] = []
+        var token: String?
+        let base = location.prefix.isEmpty ? "" : location.prefix + "/"
+        repeat {
+            var q: [(String, String)] = [("list-type", "2"), ("prefix", base + prefix), ("max-keys", "\(maxKeys)")]
+            if let t = token { q.append(("continuation-token", t)) }
+            let r = try request("LIST", "GET", key: nil, query: q, headers: ["x-amz-content-sha256: \(SHA256.hexDigest([]))"],
+                                describe: "LIST \(location.bucket)/\(base + prefix)")
+            for k in xmlValues(r.body, "Key") where k.hasPrefix(base) { keys.append(String(k.dropFirst(base.count))) }
+            token = xmlValue(r.body, "IsTruncated") == "true" ? xmlValue(r.body, "NextContinuationToken") : nil
+        } while token != nil && !stopEarly
+        return keys.sorted()
+    }
+
+    public func delete(keys: [String]) throws {
+        try mutex.locked {
+            for k in keys {
+                try request("DELETE", "DELETE", key: k, headers: ["x-amz-content-sha256: \(SHA256.hexDigest([]))"],
+                            describe: "DELETE \(location.bucket)/\(fullKey(k))", okStatuses: [404])
+            }
+        }
+    }
+
+    public func head(key: String) throws -> Int? {
+        try mutex.locked {
+            let r = try request("HEAD", "HEAD", key: key, headers: ["x-amz-content-sha256: \(SHA256.hexDigest([]))"],
+                                describe: "HEAD \(location.bucket)/\(fullKey(key))", okStatuses: [404])
+            return r.status == 404 ? nil : Int(r.headers["content-length"] ?? "")
+        }
+    }
+}
+
+// MARK: minimal XML helpers for S3's answers
+
+func xmlValues(_ body: [UInt8], _ tag: String) -> [String] {
+    let open = Array("<\(tag)>".utf8), close = Array("</\(tag)>".utf8)
+    func find(_ needle: [UInt8], from: Int) -> Int? {
+        guard body.count >= needle.count else { return nil }
+        var i = from
+        while i + needle.count <= body.count {
+            if body[i] == needle[0] && Array(body[i..<i + needle.count]) == needle { return i }
+            i += 1
+        }
+        return nil
+    }
+    var out: [String] = []
+    var pos = 0
+    while let a = find(open, from: pos) {
+        let start = a + open.count
+        guard let b = find(close, from: start) else { break }
+        out.append(xmlUnescape(String(decoding: body[start..<b], as: UTF8.self)))
+        pos = b + close.count
+    }
+    return out
+}
+
+func xmlValue(_ body: [UInt8], _ tag: String) -> String? { xmlValues(body, tag).first }
+
+func xmlUnescape(_ s: String) -> String {
+    guard s.contains("&") else { return s }
+    var out = ""
+    var i = s.startIndex
+    while i < s.endIndex {
+        if s[i] == "&", let semi = s[i...].firstIndex(of: ";") {
+            let entity = s[s.index(after: i)..<semi]
+            var rep: String?
+            switch entity {
+            case "amp": rep = "&"
+            case "lt": rep = "<"
+            case "gt": rep = ">"
+            case "quot": rep = "\""
+            case "apos": rep = "'"
+            default:
+                if entity.hasPrefix("#x"), let v = UInt32(entity.dropFirst(2), radix: 16), let u = UnicodeScalar(v) { rep = String(Character(u)) }
+                else if entity.hasPrefix("#"), let v = UInt32(entity.dropFirst()), let u = UnicodeScalar(v) { rep = String(Character(u)) }
+            }
+            if let r = rep { out += r; i = s.index(after: semi); continue }
+        }
+        out.append(s[i]); i = s.index(after: i)
+    }
+    return out
+}
+
+func xmlEscape(_ s: String) -> String {
+    var out = ""
+    for c in s {
+        switch c {
+        case "&": out += "&amp;"
+        case "<": out += "&lt;"
+        case ">": out += "&gt;"
+        case "\"": out += "&quot;"
+        default: out.append(c)
+        }
+    }
+    return out
+}
