@@ -19,6 +19,9 @@ public struct AgentOptions {
     /// Run a checkpoint cycle once the WAL holds this many frames.
     public var checkpointFrames = 1000
     public var spoolDirectory: String?
+    /// Wait after a WAL change before reading it, so a burst of commits is read in one pass.
+    /// Commit times are stamped when read, so they may be this much late (at most).
+    public var readDelayUs: Int64 = 10_000
     /// Watchdog poll when no inotify event arrives.
     public var pollIntervalUs: Int64 = 250_000
     /// Take one snapshot, ship everything, and return (`walship snapshot` with no agent running).
@@ -43,6 +46,7 @@ public enum AgentError: Error, CustomStringConvertible {
     case notWAL(String, String)
     case alreadyRunning(String, Int32)
     case writeLockUnavailable(String)
+    case notShipped([String])
 
     public var description: String {
         switch self {
@@ -51,6 +55,7 @@ public enum AgentError: Error, CustomStringConvertible {
         case .notWAL(let p, let mode): return "could not switch \(p) to WAL mode (journal_mode is \(mode)); close other connections and retry"
         case .alreadyRunning(let p, let pid): return "another walship agent (pid \(pid)) is already replicating \(p); stop it first, or use `walship snapshot` to ask it for a snapshot"
         case .writeLockUnavailable(let p): return "could not take the write lock on \(p) for a moment: the application holds long write transactions; retry later"
+        case .notShipped(let r): return "not every replica has the snapshot yet (it stays in the spool and ships at the next start): \(r.joined(separator: "; "))"
         }
     }
 }
@@ -392,9 +397,16 @@ public final class Agent {
         if pageBuffer.count != pageSize { pageBuffer = [UInt8](repeating: 0, count: pageSize) }
         var hashes: [(UInt32, UInt64)] = []
         hashes.reserveCapacity(t.frames.count)
-        for (pg, frame) in t.frames {
-            try pageBuffer.withUnsafeMutableBytes { try tailer.readPage(frameIndex: frame, into: $0) }
+        for (i, (pg, frame)) in t.frames.enumerated() {
             try segment!.builder.write(SegmentCodec.pageRecordPrefix(pg))
+            if let kept = t.pages?[i] {
+                try kept.withUnsafeBytes { b in
+                    hashes.append((pg, DatabaseChecksum.pageHash(b, pageNumber: pg)))
+                    try segment!.builder.write(b)
+                }
+                continue
+            }
+            try pageBuffer.withUnsafeMutableBytes { try tailer.readPage(frameIndex: frame, into: $0) }
             try pageBuffer.withUnsafeBytes { b in
                 hashes.append((pg, DatabaseChecksum.pageHash(b, pageNumber: pg)))
                 try segment!.builder.write(b)
@@ -642,7 +654,8 @@ public final class Agent {
         try setUpWakeups()
         if options.oneShotSnapshot {
             if state.lastSnapshotTxid != lastTxid || segment != nil { try snapshotNow() }
-            try shutdown()
+            let pending = try shutdown()
+            if !pending.isEmpty { throw AgentError.notShipped(pending) }
             return
         }
         var nextCutUs = monotonicMicroseconds() + options.syncIntervalUs
@@ -652,7 +665,11 @@ public final class Agent {
         while !stopRequested {
             let now = monotonicMicroseconds()
             let timeout = max(0, min(nextCutUs - now, options.pollIntervalUs))
-            waitForChange(timeoutUs: timeout)
+            if waitForChange(timeoutUs: timeout) && debounceUs > 0 {
+                // Let a burst of commits land, then read them in one pass: far fewer wake-ups
+                // for a few milliseconds on commit times.
+                usleep(UInt32(debounceUs))
+            }
             if stopRequested { break }
             try pollAndAppend()
             let t = monotonicMicroseconds()
@@ -678,6 +695,10 @@ public final class Agent {
                     if requested { try? FS.remove(spool.snapshotRequestPath) }
                 }
                 try checkDatabaseIdentity()
+                if segment == nil && persistedTableTxid < state.tableTxid {
+                    try saveState()   // records the flushed table, so the last segment can leave the spool
+                }
+                try collectOutbox()
             }
         }
         try shutdown()
@@ -695,12 +716,17 @@ public final class Agent {
         }
     }
 
-    private func shutdown() throws {
+    /// Ships what is committed and stops; returns the replicas that still lack something
+    /// (kept in the spool for the next start).
+    @discardableResult
+    private func shutdown() throws -> [String] {
         try pollAndAppend()
         try cutSegment()
         kickShippers()
         let deadline = monotonicMicroseconds() + 30_000_000
+        var pending: [String] = []
         for s in shippers where !s.waitUntilShipped(limit: shippableSequence, deadlineUs: deadline) {
+            pending.append(s.replica.displayURL + (s.lastError.map { ": \($0)" } ?? ""))
             logger.error("replica did not acknowledge everything before shutdown; the spool keeps it for next start",
                          metadata: ["replica.url": "\(s.replica.displayURL)"])
         }
@@ -708,6 +734,7 @@ public final class Agent {
         for s in shippers { s.stop() }
         if !pin.isAutocommit { try? pin.execute("COMMIT") }
         logger.info("stopped", metadata: meta.merging(["txid": "\(lastTxid)"]) { a, _ in a })
+        return pending
     }
 
     public func stop() {
@@ -732,19 +759,26 @@ public final class Agent {
         }
     }
 
-    private func waitForChange(timeoutUs: Int64) {
+    /// Pause after a wake-up before reading the WAL: --read-delay, at most a tenth of the sync interval.
+    private var debounceUs: Int64 { min(options.readDelayUs, options.syncIntervalUs / 10) }
+
+    /// Waits for a WAL change, the timeout, or a signal; true when the WAL (directory) changed.
+    @discardableResult
+    private func waitForChange(timeoutUs: Int64) -> Bool {
         var fds = [pollfd(fd: inotifyFD, events: Int16(POLLIN), revents: 0),
                    pollfd(fd: wakePipe[0], events: Int16(POLLIN), revents: 0)]
         let ms = Int32((timeoutUs + 999) / 1000)
         let r = poll(&fds, nfds_t(fds.count), ms)
+        var changed = false
         if r > 0 {
             var buf = [UInt8](repeating: 0, count: 4096)
-            if fds[0].revents != 0 { while read(inotifyFD, &buf, buf.count) > 0 {} }
+            if fds[0].revents != 0 { changed = true; while read(inotifyFD, &buf, buf.count) > 0 {} }
             if fds[1].revents != 0 {
                 while read(wakePipe[0], &buf, buf.count) > 0 {}
                 if SignalBridge.signalled { stopRequested = true }
             }
         }
+        return changed
     }
 
     // MARK: status for tools

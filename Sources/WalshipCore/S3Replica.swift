@@ -110,9 +110,12 @@ public final class S3Replica: Replica {
     /// Requests made, by kind (for metrics and the bench).
     public private(set) var requestCounts: [String: Int] = [:]
 
-    public init(location: S3Location) {
+    public init(location: S3Location, environment env: [String: String] = ProcessEnvironment.all()) {
         self.location = location
         client.caBundle = location.caBundle
+        // Tuning knobs, mostly for tests: sizes in bytes.
+        if let t = env["WALSHIP_S3_MULTIPART_THRESHOLD"].flatMap(Int.init), t >= 5 << 20 { multipartThreshold = t }
+        if let p = env["WALSHIP_S3_PART_SIZE"].flatMap(Int.init), p >= 5 << 20 { partSize = p }
     }
 
     public var displayURL: String { location.display }
@@ -401,8 +404,7 @@ func xmlEscape(_ s: String) -> String {
         case "&": out += "&amp;"
         case "<": out += "&lt;"
         case ">": out += "&gt;"
-        case "\"": out += "&quot;"
-        default: out.append(c)
+        default: out.append(c)      // quotes need no escaping in element text (ETags carry them)
         }
     }
     return out

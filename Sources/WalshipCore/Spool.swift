@@ -168,11 +168,23 @@ final class PageHashTable {
         file = try RawFile(path: path, flags: O_RDWR | O_CREAT, mode: 0o600)
     }
 
+    /// Recently read or written entries, so hot pages cost no read; bounded.
+    private var cache: [UInt32: UInt64] = [:]
+    private let cacheLimit = 32 * 1024
+
     func get(_ pg: UInt32) throws -> UInt64 {
         if let v = overlay[pg] { return v }
+        if let v = cache[pg] { return v }
         var v: UInt64 = 0
         let n = try withUnsafeMutableBytes(of: &v) { try file.read(at: Int(pg - 1) * 8, into: $0) }
-        return n == 8 ? UInt64(littleEndian: v) : 0
+        let value = n == 8 ? UInt64(littleEndian: v) : 0
+        remember(pg, value)
+        return value
+    }
+
+    private func remember(_ pg: UInt32, _ v: UInt64) {
+        if cache.count >= cacheLimit { cache.removeAll(keepingCapacity: true) }
+        cache[pg] = v
     }
 
     func set(_ pg: UInt32, _ h: UInt64) { overlay[pg] = h }
@@ -184,15 +196,16 @@ final class PageHashTable {
         for (pg, h) in overlay.sorted(by: { $0.key < $1.key }) {
             var v = h.littleEndian
             try withUnsafeBytes(of: &v) { try file.write(at: Int(pg - 1) * 8, $0) }
+            remember(pg, h)
         }
         overlay.removeAll(keepingCapacity: true)
     }
 
-    func discardPending() { overlay.removeAll() }
+    func discardPending() { overlay.removeAll(); cache.removeAll() }
 
     /// Rewrites the whole table (after a snapshot), streaming from `entries`.
     func rewrite(pages: UInt32, _ hashAt: (UInt32) throws -> UInt64) throws {
-        overlay.removeAll()
+        overlay.removeAll(); cache.removeAll()
         try file.truncate(to: 0)
         var buf = [UInt8](); buf.reserveCapacity(64 * 1024)
         var off = 0

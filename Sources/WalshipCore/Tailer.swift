@@ -8,6 +8,9 @@ struct CommittedTransaction {
     var frames: [(pageNumber: UInt32, frameIndex: Int)]
     var commitSize: UInt32
     var header: WalHeader
+    /// The pages' bytes, in `frames` order, when the transaction was small enough to keep
+    /// them from the read that validated it (saves reading them again).
+    var pages: [[UInt8]]?
 }
 
 /// Where the tailer stands: the WAL header and the frames consumed up to the last commit.
@@ -31,11 +34,15 @@ final class WalTailer {
     private(set) var committedChecksum = WalChecksum.zero
     private var pending: [UInt32: Int] = [:]
     private var pendingOrder: [UInt32] = []
+    /// Page bytes of the pending transaction while it stays under `keepLimit` bytes.
+    private var pendingBytes: [UInt32: [UInt8]]? = [:]
+    private let keepLimit = 1 << 20
     /// Newest committed frame of each page in the current WAL.
     private(set) var pageFrames: [UInt32: Int] = [:]
     /// Database size after the last commit in the current WAL, 0 if the WAL has no commit.
     private(set) var lastCommitSize: UInt32 = 0
     private var readBuffer = [UInt8]()
+    private var lastPollFrames = 0
 
     init(walPath: String) { self.walPath = walPath }
 
@@ -65,7 +72,7 @@ final class WalTailer {
         validator = h.map { WalFrameValidator(header: $0) }
         committedFrames = 0
         committedChecksum = h?.checksum ?? .zero
-        pending.removeAll(); pendingOrder.removeAll()
+        clearPending()
         pageFrames.removeAll()
         lastCommitSize = 0
     }
@@ -74,16 +81,20 @@ final class WalTailer {
     /// any transaction of the new log.
     func poll() throws -> Observation {
         guard let f = try openFile() else { return .transactions([]) }
-        guard let h = try readHeader() else { return .transactions([]) }   // empty or being rewritten
-        if h != header {
-            return .headerChanged(old: header, new: h)
+        guard let h = header else {
+            if let fresh = try readHeader() { return .headerChanged(old: nil, new: fresh) }
+            return .transactions([])
         }
         var v = validator!
         let frameSize = h.frameSize
         let fileSize = try f.size()
         var out: [CommittedTransaction] = []
         var invalid = false
-        var batchFrames = 16
+        // Start with about as many frames as the last poll found: the file often holds stale
+        // frames past the valid end (the WAL is reused after a restart), not worth copying.
+        var batchFrames = max(2, lastPollFrames + 2)
+        let startFrames = v.validFrames
+        defer { lastPollFrames = min(1024, validator.map { $0.validFrames - startFrames } ?? 0) }
         while !invalid {
             let offset = h.frameOffset(v.validFrames + 1)
             let available = (fileSize - offset) / frameSize
@@ -102,11 +113,15 @@ final class WalTailer {
                     guard let fr = v.validate(unit) else { invalid = true; break }
                     if pending[fr.pageNumber] == nil { pendingOrder.append(fr.pageNumber) }
                     pending[fr.pageNumber] = fr.index
+                    if pendingBytes != nil {
+                        if pending.count * frameSize > keepLimit { pendingBytes = nil } else { pendingBytes![fr.pageNumber] = Array(fr.page) }
+                    }
                     if fr.isCommit {
+                        let kept = pendingBytes.map { b in pendingOrder.map { b[$0]! } }
                         out.append(CommittedTransaction(frames: pendingOrder.map { ($0, pending[$0]!) },
-                                                        commitSize: fr.commitSize, header: h))
+                                                        commitSize: fr.commitSize, header: h, pages: kept))
                         for (pg, idx) in pending { pageFrames[pg] = idx }
-                        pending.removeAll(keepingCapacity: true); pendingOrder.removeAll(keepingCapacity: true)
+                        clearPending()
                         lastCommitSize = fr.commitSize
                         committedFrames = fr.index
                         committedChecksum = fr.checksum
@@ -119,11 +134,22 @@ final class WalTailer {
             // The first invalid frame ends the valid log. Frames after the last commit may be
             // rewritten (rollback, in-place rewrite before commit): start again from the commit.
             v = WalFrameValidator(header: h, resumeAfter: committedFrames, checksum: committedChecksum)
-            pending.removeAll(keepingCapacity: true); pendingOrder.removeAll(keepingCapacity: true)
+            clearPending()
         }
         validator = v
         if readBuffer.count > (8 << 20) { readBuffer = [] }
+        // A restart rewrites the header and then frames from 1 with new salts, so it shows as
+        // no new commit at our position: only then is the header read again.
+        if out.isEmpty, let current = try readHeader(), current != h {
+            return .headerChanged(old: h, new: current)
+        }
         return .transactions(out)
+    }
+
+    private func clearPending() {
+        pending.removeAll(keepingCapacity: true)
+        pendingOrder.removeAll(keepingCapacity: true)
+        pendingBytes = [:]
     }
 
     /// Re-validates the current WAL from frame 1 and checks that the chain reaches `position`
@@ -153,7 +179,7 @@ final class WalTailer {
                 if fr.isCommit {
                     out.append(CommittedTransaction(frames: pendingOrder.map { ($0, pending[$0]!) }, commitSize: fr.commitSize, header: h))
                     for (pg, idx) in pending { pageFrames[pg] = idx }
-                    pending.removeAll(); pendingOrder.removeAll()
+                    clearPending()
                     lastCommitSize = fr.commitSize; committedFrames = fr.index; committedChecksum = fr.checksum
                 }
                 return true

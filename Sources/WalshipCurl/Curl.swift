@@ -132,7 +132,7 @@ public final class HTTPClient {
                 let name = line[..<colon].lowercased()
                 var value = line[line.index(after: colon)...]
                 while value.first == " " { value = value.dropFirst() }
-                while value.last == "\r" || value.last == "\n" { value = value.dropLast() }
+                while let c = value.last, c.isNewline || c == " " { value = value.dropLast() }   // "\r\n" is one Character
                 ctx.headers[name] = String(value)
             }
             return count
@@ -164,7 +164,9 @@ public final class HTTPClient {
             _ = walship_curl_setopt_offset(handle, CURLOPT_INFILESIZE_LARGE, curl_off_t(length))
             installReader(ctx, unmanaged)
         }
-        allHeaders.append("Expect:")   // no 100-continue round trip
+        // No 100-continue round trip. (An empty "Expect:" header would do it too, but libcurl
+        // 7.88's SigV4 signer signs that header while never sending it.)
+        _ = walship_curl_setopt_long(handle, CURLOPT_EXPECT_100_TIMEOUT_MS, 0)
         for h in allHeaders { list = curl_slist_append(list, h) }
         _ = walship_curl_setopt_slist(handle, CURLOPT_HTTPHEADER, list)
         let rc = curl_easy_perform(handle)

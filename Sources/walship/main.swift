@@ -75,12 +75,15 @@ struct Replicate: ParsableCommand {
     @Option(help: "How often a segment is cut and shipped.") var syncInterval: String = "1s"
     @Option(help: "How often a full snapshot is taken.") var snapshotInterval: String = "24h"
     @Option(help: "Checkpoint the WAL once it holds this many frames.") var checkpointFrames: Int = 1000
+    @Option(help: ArgumentHelp("Wait this long after a WAL change before reading it (batches commits; commit times may be stamped up to this late).", valueName: "duration"))
+    var readDelay: String = "10ms"
     @Option(help: "Spool directory (default: .<name>-walship beside the database).") var spoolDir: String?
     @OptionGroup var log: LogOptions
 
     func validate() throws {
         _ = try parseDuration(syncInterval, "--sync-interval")
         _ = try parseDuration(snapshotInterval, "--snapshot-interval")
+        _ = try parseDuration(readDelay, "--read-delay")
         guard try parseDuration(syncInterval, "--sync-interval") >= 10_000 else { throw ValidationError("--sync-interval must be at least 10ms") }
         guard checkpointFrames >= 10 else { throw ValidationError("--checkpoint-frames must be at least 10") }
     }
@@ -93,6 +96,7 @@ struct Replicate: ParsableCommand {
         opts.syncIntervalUs = try parseDuration(syncInterval, "--sync-interval")
         opts.snapshotIntervalUs = try parseDuration(snapshotInterval, "--snapshot-interval")
         opts.checkpointFrames = checkpointFrames
+        opts.readDelayUs = try parseDuration(readDelay, "--read-delay")
         opts.spoolDirectory = spoolDir.map(FS.absolute)
         while true {
             do {
