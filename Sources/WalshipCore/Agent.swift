@@ -14,6 +14,8 @@ import WalshipCurl
 public struct AgentOptions {
     public var databasePath: String
     public var replicaURLs: [String]
+    /// Per replica (same order as `replicaURLs`): credentials environment, nil for the process's.
+    public var replicaEnvironments: [[String: String]?] = []
     public var syncIntervalUs: Int64 = 1_000_000
     public var snapshotIntervalUs: Int64 = 86_400_000_000
     /// Run a checkpoint cycle once the WAL holds this many frames.
@@ -22,6 +24,9 @@ public struct AgentOptions {
     /// Wait after a WAL change before reading it, so a burst of commits is read in one pass.
     /// Commit times are stamped when read, so they may be this much late (at most).
     public var readDelayUs: Int64 = 10_000
+    /// Past this many bytes in the spool, the backlog of failing replicas is dropped (and a new
+    /// generation starts there when they return): the agent never fills the disk.
+    public var spoolLimitBytes: Int64 = 1 << 30
     /// Watchdog poll when no inotify event arrives.
     public var pollIntervalUs: Int64 = 250_000
     /// Take one snapshot, ship everything, and return (`walship snapshot` with no agent running).
@@ -124,8 +129,9 @@ public final class Agent {
         guard FS.exists(dbPath) else { throw AgentError.databaseMissing(dbPath) }
         guard FS.isRegularFile(dbPath) else { throw AgentError.notADatabase(dbPath) }
         try openConnections()
-        for url in options.replicaURLs {
-            let r = try ReplicaFactory.open(url)
+        for (i, url) in options.replicaURLs.enumerated() {
+            let env = i < options.replicaEnvironments.count ? options.replicaEnvironments[i] : nil
+            let r = try ReplicaFactory.open(url, environment: env)
             try r.prepareForWriting()
             replicas.append(r)
         }
@@ -510,6 +516,31 @@ public final class Agent {
         }
     }
 
+    /// Keeps the spool under its limit: a replica that keeps failing loses its backlog and
+    /// gets a new generation when it answers again. Replicas that keep up are not affected.
+    private func enforceSpoolLimit() throws {
+        for s in shippers where s.droppedGeneration != nil {
+            s.probe()
+            if s.reachableAgain && s.droppedGeneration == state.generation {
+                logger.notice("replica answers again after its backlog was dropped; starting a new generation",
+                              metadata: ["replica.url": "\(s.replica.displayURL)"])
+                try withWriteLock(patient: true) { try pollAndAppend(); try repin() }
+                try cutSegment()
+                try startGeneration(reason: "replica \(s.replica.displayURL) returned after its backlog was dropped", previous: state)
+                return
+            }
+        }
+        guard Int64(spool.outboxBytes) > options.spoolLimitBytes else { return }
+        let last = shippableSequence - 1
+        for s in shippers where s.acked < last && s.lastError != nil && s.droppedGeneration == nil {
+            logger.error("spool over its limit while a replica is failing: dropping that replica's backlog; it gets a new generation when it returns",
+                         metadata: ["replica.url": "\(s.replica.displayURL)", "spool.bytes": "\(spool.outboxBytes)",
+                                    "spool.limit": "\(options.spoolLimitBytes)"])
+            s.dropBacklog(through: last, generation: state.generation)
+        }
+        try collectOutbox()
+    }
+
     // MARK: generations and snapshots
 
     private func startGeneration(reason: String, previous: AgentState?) throws {
@@ -695,6 +726,7 @@ public final class Agent {
                     if requested { try? FS.remove(spool.snapshotRequestPath) }
                 }
                 try checkDatabaseIdentity()
+                try enforceSpoolLimit()
                 if segment == nil && persistedTableTxid < state.tableTxid {
                     try saveState()   // records the flushed table, so the last segment can leave the spool
                 }
@@ -793,18 +825,25 @@ func hostName() -> String {
     return String(cString: buf)
 }
 
-/// Turns SIGTERM/SIGINT into a byte on a pipe the main loop polls.
+/// Turns SIGTERM/SIGINT into a byte on the pipe of every agent in the process.
 enum SignalBridge {
-    nonisolated(unsafe) static var fd: Int32 = -1
+    nonisolated(unsafe) static var fds = [Int32](repeating: -1, count: 256)
+    nonisolated(unsafe) static var count = 0
     nonisolated(unsafe) static var signalled = false
+    private static let mutex = Mutex()
+
     static func install(writeFD: Int32, _ onSignal: @escaping () -> Void) {
-        fd = writeFD
-        let handler: @convention(c) (Int32) -> Void = { _ in
-            SignalBridge.signalled = true
-            var b: UInt8 = 1
-            _ = Glibc.write(SignalBridge.fd, &b, 1)
+        mutex.locked {
+            if count < fds.count { fds[count] = writeFD; count += 1 }
+            if count == 1 {
+                let handler: @convention(c) (Int32) -> Void = { _ in
+                    SignalBridge.signalled = true
+                    var b: UInt8 = 1
+                    for i in 0..<SignalBridge.count { _ = Glibc.write(SignalBridge.fds[i], &b, 1) }
+                }
+                signal(SIGTERM, handler)
+                signal(SIGINT, handler)
+            }
         }
-        signal(SIGTERM, handler)
-        signal(SIGINT, handler)
     }
 }

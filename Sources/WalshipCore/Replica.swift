@@ -43,7 +43,7 @@ public let replicaMarkerKey = "walship-replica.json"
 
 public enum ReplicaFactory {
     /// Opens a replica from its URL: file:///abs/path (or a plain absolute path).
-    public static func open(_ url: String) throws -> Replica {
+    public static func open(_ url: String, environment: [String: String]? = nil) throws -> Replica {
         if url.hasPrefix("file://") {
             let path = String(url.dropFirst("file://".count))
             guard path.hasPrefix("/") else {
@@ -52,7 +52,10 @@ public enum ReplicaFactory {
             return FileReplica(root: FS.normalize(percentDecoded(path)))
         }
         if url.hasPrefix("/") { return FileReplica(root: FS.normalize(url)) }
-        if url.hasPrefix("s3://") { return S3Replica(location: try S3Location.parse(url)) }
+        if url.hasPrefix("s3://") {
+            let env = environment ?? ProcessEnvironment.all()
+            return S3Replica(location: try S3Location.parse(url, environment: env), environment: env)
+        }
         throw ReplicaError.badURL(url, "use file:///absolute/path or s3://bucket/prefix?endpoint=URL")
     }
 

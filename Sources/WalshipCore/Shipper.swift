@@ -34,6 +34,10 @@ final class Shipper {
     private var _stopping = false
     private var _uploads = 0
     private var _bytes: UInt64 = 0
+    /// Set when this replica's backlog was dropped (spool over its limit): its objects of that
+    /// generation are skipped, and the agent starts a new generation once it answers again.
+    private var _droppedGeneration: String?
+    private var _reachableAgain = false
 
     init(replica: Replica, spool: Spool, logger: Logger) {
         self.replica = replica
@@ -45,6 +49,29 @@ final class Shipper {
     }
 
     var acked: UInt64 { mutex.locked { _acked } }
+    var droppedGeneration: String? { mutex.locked { _droppedGeneration } }
+    var reachableAgain: Bool { mutex.locked { _reachableAgain } }
+
+    /// Gives up this replica's backlog up to `sequence` (it stays failing and the spool is
+    /// over its limit). Persisted like an acknowledgement.
+    func dropBacklog(through sequence: UInt64, generation: String) {
+        mutex.locked {
+            _acked = max(_acked, sequence)
+            _droppedGeneration = generation
+            _reachableAgain = false
+        }
+        try? spool.saveAck(id, sequence)
+    }
+
+    /// While the backlog is dropped: checks whether the replica answers again.
+    func probe() {
+        guard droppedGeneration != nil, !reachableAgain else { return }
+        queue.async {
+            if (try? self.replica.put(key: replicaMarkerKey, bytes: Array("{\"format\":\"walship-replica\",\"version\":1}\n".utf8))) != nil {
+                self.mutex.locked { self._reachableAgain = true }
+            }
+        }
+    }
     var lastError: String? { mutex.locked { _lastError } }
     var lastSuccessUs: Int64 { mutex.locked { _lastSuccessUs } }
     var uploads: (count: Int, bytes: UInt64) { mutex.locked { (_uploads, _bytes) } }
@@ -81,6 +108,14 @@ final class Shipper {
             }
             var failed = false
             for e in entries {
+                if let dropped = droppedGeneration {
+                    if e.key.hasPrefix("generations/\(dropped)/") {
+                        mutex.locked { _acked = e.sequence }   // part of the dropped backlog
+                        try? spool.saveAck(id, e.sequence)
+                        continue
+                    }
+                    if e.key.hasPrefix("generations/") { mutex.locked { _droppedGeneration = nil; _reachableAgain = false } }
+                }
                 do {
                     try replica.put(key: e.key, fromFile: e.path)
                     try spool.saveAck(id, e.sequence)

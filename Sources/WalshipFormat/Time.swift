@@ -133,3 +133,29 @@ extension String {
         return String(s)
     }
 }
+
+public enum ByteSize {
+    /// Parses sizes like 512MB, 1GB, 100MiB, 4096 (bytes). K/M/G/T are powers of 1024.
+    public static func parse(_ text: String) throws -> Int64 {
+        let s = text.trimmingSpaces().uppercased()
+        var digits = ""
+        var rest = Substring(s)
+        while let c = rest.first, c.isNumber || c == "." { digits.append(c); rest = rest.dropFirst() }
+        let unit = rest.trimmingCharacters()
+        let scale: Double
+        switch unit {
+        case "", "B": scale = 1
+        case "K", "KB", "KIB": scale = 1024
+        case "M", "MB", "MIB": scale = 1024 * 1024
+        case "G", "GB", "GIB": scale = 1024 * 1024 * 1024
+        case "T", "TB", "TIB": scale = 1024 * 1024 * 1024 * 1024
+        default: throw FormatError.invalidArgument("bad size '\(text)': use forms like 512MB or 2GB")
+        }
+        guard let v = Double(digits), v >= 0 else { throw FormatError.invalidArgument("bad size '\(text)': use forms like 512MB or 2GB") }
+        return Int64(v * scale)
+    }
+}
+
+extension Substring {
+    func trimmingCharacters() -> String { String(self).trimmingSpaces() }
+}

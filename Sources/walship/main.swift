@@ -65,22 +65,29 @@ struct Replicate: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Replicate a database continuously (runs until SIGTERM/SIGINT).",
         discussion: """
-        With no REPLICA_URL, replicates to file://<dir of DB>/<name>-replica. The database is switched \
-        to WAL mode if needed. The application must use busy_timeout >= 5000 ms. On SIGTERM or SIGINT, \
-        walship ships everything committed, then exits 0.
+        With no REPLICA_URL, replicates to file://<dir of DB>/<name>-replica. With --config, replicates \
+        every database of the file, each to its replicas. Databases are switched to WAL mode if \
+        needed. Applications must use busy_timeout >= 5000 ms. On SIGTERM or SIGINT, walship ships \
+        everything committed, then exits 0.
         """)
 
-    @Argument(help: "Path of the SQLite database.") var database: String
+    @Argument(help: "Path of the SQLite database (omit with --config).") var database: String?
     @Argument(help: "Replica URLs (default: file://<dir of DB>/<name>-replica).") var replicas: [String] = []
+    @Option(help: "YAML config file with databases and their replicas.") var config: String?
     @Option(help: "How often a segment is cut and shipped.") var syncInterval: String = "1s"
     @Option(help: "How often a full snapshot is taken.") var snapshotInterval: String = "24h"
     @Option(help: "Checkpoint the WAL once it holds this many frames.") var checkpointFrames: Int = 1000
     @Option(help: ArgumentHelp("Wait this long after a WAL change before reading it (batches commits; commit times may be stamped up to this late).", valueName: "duration"))
     var readDelay: String = "10ms"
     @Option(help: "Spool directory (default: .<name>-walship beside the database).") var spoolDir: String?
+    @Option(help: "Spool size past which a failing replica's backlog is dropped (it gets a new generation when it returns).")
+    var spoolLimit: String = "1GB"
     @OptionGroup var log: LogOptions
 
     func validate() throws {
+        do { _ = try ByteSize.parse(spoolLimit) } catch { throw ValidationError("--spool-limit: \(error)") }
+        if config == nil && database == nil { throw ValidationError("give a database path, or --config FILE") }
+        if config != nil && (database != nil || !replicas.isEmpty) { throw ValidationError("with --config, databases and replicas come from the file; give no paths") }
         _ = try parseDuration(syncInterval, "--sync-interval")
         _ = try parseDuration(snapshotInterval, "--snapshot-interval")
         _ = try parseDuration(readDelay, "--read-delay")
@@ -91,24 +98,64 @@ struct Replicate: ParsableCommand {
     func run() throws {
         log.bootstrap()
         let logger = Logger(label: "walship")
-        let db = FS.absolute(database)
-        var opts = AgentOptions(databasePath: db, replicaURLs: replicas.isEmpty ? [AgentOptions.defaultReplicaURL(forDatabase: db)] : replicas)
-        opts.syncIntervalUs = try parseDuration(syncInterval, "--sync-interval")
-        opts.snapshotIntervalUs = try parseDuration(snapshotInterval, "--snapshot-interval")
-        opts.checkpointFrames = checkpointFrames
-        opts.readDelayUs = try parseDuration(readDelay, "--read-delay")
-        opts.spoolDirectory = spoolDir.map(FS.absolute)
-        while true {
-            do {
-                let agent = Agent(options: opts, logger: logger)
-                try agent.start()
-                try agent.run()
-                return
-            } catch is AgentRestart {
-                continue
-            } catch { fail(error) }
+        var all: [AgentOptions] = []
+        do {
+            if let file = config {
+                for d in try ConfigLoader.load(path: file).databases {
+                    var o = AgentOptions(databasePath: d.path, replicaURLs: d.replicas.map(\.url))
+                    o.replicaEnvironments = d.replicas.map(\.environment)
+                    o.syncIntervalUs = d.syncIntervalUs; o.snapshotIntervalUs = d.snapshotIntervalUs
+                    o.checkpointFrames = d.checkpointFrames; o.readDelayUs = d.readDelayUs
+                    o.spoolDirectory = d.spoolDirectory
+                    o.spoolLimitBytes = d.spoolLimitBytes
+                    all.append(o)
+                }
+            } else {
+                let db = FS.absolute(database!)
+                var o = AgentOptions(databasePath: db, replicaURLs: replicas.isEmpty ? [AgentOptions.defaultReplicaURL(forDatabase: db)] : replicas)
+                o.syncIntervalUs = try parseDuration(syncInterval, "--sync-interval")
+                o.snapshotIntervalUs = try parseDuration(snapshotInterval, "--snapshot-interval")
+                o.checkpointFrames = checkpointFrames
+                o.readDelayUs = try parseDuration(readDelay, "--read-delay")
+                o.spoolDirectory = spoolDir.map(FS.absolute)
+                o.spoolLimitBytes = try ByteSize.parse(spoolLimit)
+                all.append(o)
+            }
+        } catch { fail(error) }
+        // One agent per database, each on its own thread; a failure of one stops the process
+        // with its message (a supervisor restarts it).
+        let threads = all.map { opts in
+            WorkerThread {
+                while true {
+                    do {
+                        let agent = Agent(options: opts, logger: logger)
+                        try agent.start()
+                        try agent.run()
+                        return
+                    } catch is AgentRestart {
+                        continue
+                    } catch { fail(error) }
+                }
+            }
         }
+        threads.forEach { $0.join() }
     }
+}
+
+/// A plain thread for a long-running agent loop.
+final class WorkerThread {
+    private var thread = pthread_t()
+    private let body: () -> Void
+    init(_ body: @escaping () -> Void) {
+        self.body = body
+        let box = Unmanaged.passRetained(self).toOpaque()
+        pthread_create(&thread, nil, { raw in
+            let me = Unmanaged<WorkerThread>.fromOpaque(raw!).takeRetainedValue()
+            me.body()
+            return nil
+        }, box)
+    }
+    func join() { pthread_join(thread, nil) }
 }
 
 struct Restore: ParsableCommand {
@@ -122,8 +169,9 @@ struct Restore: ParsableCommand {
         never half-written.
         """)
 
-    @Argument(help: "Replica URL to restore from.") var replica: String
-    @Option(name: [.short, .customLong("output")], help: "Path of the restored database.") var output: String
+    @Argument(help: "Replica URL to restore from; with --config, the database path from the file.") var replica: String
+    @Option(name: [.short, .customLong("output")], help: "Path of the restored database (with --config, default: the database path).") var output: String?
+    @Option(help: "YAML config file: restore the database named by the argument from its first healthy replica.") var config: String?
     @Option(help: "Restore to this RFC 3339 time.") var timestamp: String?
     @Option(help: "Restore to right after this transaction id.") var txid: UInt64?
     @Flag(help: "Overwrite OUT if it exists.") var force = false
@@ -137,6 +185,7 @@ struct Restore: ParsableCommand {
         if let t = timestamp { do { _ = try Timestamp.parseMicroseconds(t) } catch { throw ValidationError("--timestamp: \(error)") } }
         guard IntegrityMode(rawValue: integrity) != nil else { throw ValidationError("--integrity must be full, quick or none") }
         if force && ifNotExists { throw ValidationError("--force and --if-not-exists contradict each other") }
+        if config == nil && output == nil { throw ValidationError("give the output path with -o OUT") }
     }
 
     func run() throws {
@@ -147,14 +196,39 @@ struct Restore: ParsableCommand {
         o.force = force; o.ifNotExists = ifNotExists; o.ifReplicaExists = ifReplicaExists
         o.integrity = IntegrityMode(rawValue: integrity)!
         do {
-            let r = try ReplicaFactory.open(replica)
-            let res = try Restorer.restore(replica: r, output: output, options: o) { msg in
+            var out = output ?? ""
+            let r: Replica
+            if let file = config {
+                let db = FS.absolute(replica)
+                guard let d = try ConfigLoader.load(path: file).databases.first(where: { $0.path == db }) else {
+                    throw ValidationError("\(db) is not a database in \(file)")
+                }
+                if out.isEmpty { out = d.path }
+                r = try firstHealthyReplica(d.replicas)
+            } else {
+                r = try ReplicaFactory.open(replica)
+            }
+            let res = try Restorer.restore(replica: r, output: out, options: o) { msg in
                 FileHandleStderr.write("walship: \(msg)\n")
             }
             if let s = res.skipped { print("walship: \(s)"); return }
-            print("restored \(FS.absolute(output)): generation \(res.generation), txid \(res.txid), committed \(Timestamp.format(microseconds: res.commitTimeUs)), \(res.transactionsApplied) transaction(s) from \(res.segmentCount) segment(s) after \(res.snapshotKey), checksum \(hex16(res.checksum)) verified, integrity \(o.integrity.rawValue == "none" ? "not checked" : "ok")")
+            print("restored \(FS.absolute(out)): generation \(res.generation), txid \(res.txid), committed \(Timestamp.format(microseconds: res.commitTimeUs)), \(res.transactionsApplied) transaction(s) from \(res.segmentCount) segment(s) after \(res.snapshotKey), checksum \(hex16(res.checksum)) verified, integrity \(o.integrity.rawValue == "none" ? "not checked" : "ok")")
         } catch { fail(error) }
     }
+}
+
+/// The first replica, in config order, that answers a LIST and holds a generation.
+func firstHealthyReplica(_ replicas: [ReplicaConfig]) throws -> Replica {
+    var problems: [String] = []
+    for rc in replicas {
+        do {
+            let r = try ReplicaFactory.open(rc.url, environment: rc.environment)
+            try r.checkReadable()
+            if try listGenerations(r).isEmpty { problems.append("\(r.displayURL): no generation"); continue }
+            return r
+        } catch { problems.append("\(error)") }
+    }
+    throw ValidationError("no healthy replica: " + problems.joined(separator: "; "))
 }
 
 struct List: ParsableCommand {

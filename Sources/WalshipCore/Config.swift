@@ -1,0 +1,189 @@
+import WalshipFormat
+import Yams
+
+/// The YAML configuration file: many databases, each with replicas in order of preference.
+///
+///     defaults:            # optional
+///       sync-interval: 1s
+///       snapshot-interval: 24h
+///       checkpoint-frames: 1000
+///     databases:
+///       - path: /var/lib/app/app.db
+///         sync-interval: 1s        # optional overrides
+///         replicas:
+///           - url: s3://bucket/app?region=eu-west-1
+///             access-key-id: ${AWS_ACCESS_KEY_ID}
+///             secret-access-key: ${AWS_SECRET_ACCESS_KEY}
+///           - url: file:///var/backups/app
+public struct WalshipConfig {
+    public var databases: [DatabaseConfig]
+}
+
+public struct DatabaseConfig {
+    public var path: String
+    public var syncIntervalUs: Int64
+    public var snapshotIntervalUs: Int64
+    public var checkpointFrames: Int
+    public var readDelayUs: Int64
+    public var spoolDirectory: String?
+    public var spoolLimitBytes: Int64
+    public var replicas: [ReplicaConfig]
+}
+
+public struct ReplicaConfig {
+    public var url: String
+    /// Credentials for this replica; nil means the process environment.
+    public var environment: [String: String]?
+}
+
+/// A configuration error: where in the file, and what to write instead.
+public struct ConfigError: Error, CustomStringConvertible {
+    public let file: String
+    public let location: String
+    public let problem: String
+    public var description: String { "\(file): \(location.isEmpty ? "" : location + ": ")\(problem)" }
+}
+
+public enum ConfigLoader {
+    static let topKeys: Set<String> = ["defaults", "databases"]
+    static let intervalKeys: Set<String> = ["sync-interval", "snapshot-interval", "checkpoint-frames", "read-delay", "spool-limit"]
+    static let databaseKeys: Set<String> = intervalKeys.union(["path", "spool-dir", "replicas"])
+    static let replicaKeys: Set<String> = ["url", "access-key-id", "secret-access-key", "session-token", "region"]
+
+    public static func load(path: String, environment env: [String: String] = ProcessEnvironment.all()) throws -> WalshipConfig {
+        let text: String
+        do { text = String(decoding: try FS.readAll(path), as: UTF8.self) } catch {
+            throw ConfigError(file: path, location: "", problem: "cannot read the config file (\(error))")
+        }
+        return try parse(text, file: path, environment: env)
+    }
+
+    public static func parse(_ text: String, file: String, environment env: [String: String]) throws -> WalshipConfig {
+        func fail(_ loc: String, _ msg: String) -> ConfigError { ConfigError(file: file, location: loc, problem: msg) }
+        let root: Node
+        do {
+            guard let n = try Yams.compose(yaml: text) else { throw fail("", "the file is empty; it needs a `databases:` list") }
+            root = n
+        } catch let e as ConfigError { throw e } catch {
+            throw fail("", "not valid YAML: \(error)")
+        }
+        func mapping(_ n: Node, _ loc: String, allowed: Set<String>) throws -> [(String, Node)] {
+            guard let m = n.mapping else { throw fail(loc, "expected a mapping of keys to values") }
+            var out: [(String, Node)] = []
+            for (k, v) in m {
+                guard let key = k.string else { throw fail(loc, "keys must be text") }
+                guard allowed.contains(key) else {
+                    throw fail(loc, "unknown key '\(key)' (allowed: \(allowed.sorted().joined(separator: ", ")))")
+                }
+                out.append((key, v))
+            }
+            return out
+        }
+        func scalar(_ n: Node, _ loc: String) throws -> String {
+            guard let s = n.scalar?.string else { throw fail(loc, "expected a single value") }
+            return try expand(s, loc)
+        }
+        func expand(_ s: String, _ loc: String) throws -> String {
+            var out = ""
+            var rest = Substring(s)
+            while let start = rest.firstIndex(of: "$") {
+                out += rest[..<start]
+                let after = rest[rest.index(after: start)...]
+                guard after.first == "{", let close = after.firstIndex(of: "}") else { out += "$"; rest = after; continue }
+                let name = String(after[after.index(after: after.startIndex)..<close])
+                guard let value = env[name] else { throw fail(loc, "${\(name)} is not set in the environment") }
+                out += value
+                rest = after[after.index(after: close)...]
+            }
+            return out + rest
+        }
+        func duration(_ n: Node, _ loc: String) throws -> Int64 {
+            let s = try scalar(n, loc)
+            do { return try DurationText.parseMicroseconds(s) } catch { throw fail(loc, "\(error)") }
+        }
+        func integer(_ n: Node, _ loc: String) throws -> Int {
+            let s = try scalar(n, loc)
+            guard let v = Int(s), v > 0 else { throw fail(loc, "expected a positive whole number, got '\(s)'") }
+            return v
+        }
+
+        var defSync: Int64 = 1_000_000, defSnap: Int64 = 86_400_000_000, defFrames = 1000, defDelay: Int64 = 10_000
+        var defLimit: Int64 = 1 << 30
+        func size(_ n: Node, _ loc: String) throws -> Int64 {
+            let s = try scalar(n, loc)
+            do { return try ByteSize.parse(s) } catch { throw fail(loc, "\(error)") }
+        }
+        var databasesNode: Node?
+        for (k, v) in try mapping(root, "", allowed: topKeys) {
+            if k == "databases" { databasesNode = v; continue }
+            for (dk, dv) in try mapping(v, "defaults", allowed: intervalKeys) {
+                let loc = "defaults.\(dk)"
+                switch dk {
+                case "sync-interval": defSync = try duration(dv, loc)
+                case "snapshot-interval": defSnap = try duration(dv, loc)
+                case "read-delay": defDelay = try duration(dv, loc)
+                case "spool-limit": defLimit = try size(dv, loc)
+                default: defFrames = try integer(dv, loc)
+                }
+            }
+        }
+        guard let dbs = databasesNode?.sequence, !dbs.isEmpty else { throw fail("databases", "a non-empty list of databases is required") }
+        var out: [DatabaseConfig] = []
+        var seen: [String: Int] = [:]
+        for (i, dbNode) in dbs.enumerated() {
+            let loc = "databases[\(i)]"
+            var path: String?
+            var cfg = DatabaseConfig(path: "", syncIntervalUs: defSync, snapshotIntervalUs: defSnap, checkpointFrames: defFrames,
+                                     readDelayUs: defDelay, spoolDirectory: nil, spoolLimitBytes: defLimit, replicas: [])
+            var replicaNodes: [Node]?
+            for (k, v) in try mapping(dbNode, loc, allowed: databaseKeys) {
+                let l = "\(loc).\(k)"
+                switch k {
+                case "path": path = try scalar(v, l)
+                case "sync-interval": cfg.syncIntervalUs = try duration(v, l)
+                case "snapshot-interval": cfg.snapshotIntervalUs = try duration(v, l)
+                case "read-delay": cfg.readDelayUs = try duration(v, l)
+                case "checkpoint-frames": cfg.checkpointFrames = try integer(v, l)
+                case "spool-dir": cfg.spoolDirectory = FS.absolute(try scalar(v, l))
+                case "spool-limit": cfg.spoolLimitBytes = try size(v, l)
+                default:
+                    guard let seq = v.sequence else { throw fail(l, "expected a list of replicas") }
+                    replicaNodes = Array(seq)
+                }
+            }
+            guard let p = path, !p.isEmpty else { throw fail(loc, "'path' (the database file) is required") }
+            cfg.path = FS.absolute(p)
+            if let j = seen[cfg.path] { throw fail(loc, "database \(cfg.path) is listed twice (also databases[\(j)])") }
+            seen[cfg.path] = i
+            guard cfg.syncIntervalUs >= 10_000 else { throw fail("\(loc).sync-interval", "must be at least 10ms") }
+            for (j, rn) in (replicaNodes ?? []).enumerated() {
+                let rl = "\(loc).replicas[\(j)]"
+                var url: String?
+                var creds: [String: String] = [:]
+                for (k, v) in try mapping(rn, rl, allowed: replicaKeys) {
+                    let value = try scalar(v, "\(rl).\(k)")
+                    switch k {
+                    case "url": url = value
+                    case "access-key-id": creds["AWS_ACCESS_KEY_ID"] = value
+                    case "secret-access-key": creds["AWS_SECRET_ACCESS_KEY"] = value
+                    case "session-token": creds["AWS_SESSION_TOKEN"] = value
+                    default: creds["AWS_REGION"] = value
+                    }
+                }
+                guard let u = url, !u.isEmpty else { throw fail(rl, "'url' is required (file:///path or s3://bucket/prefix)") }
+                let replicaEnv = creds.isEmpty ? nil : env.merging(creds) { _, b in b }
+                // Validate the URL now, so a typo fails at start-up with its location.
+                do {
+                    if u.hasPrefix("s3://") { _ = try S3Location.parse(u, environment: replicaEnv ?? env) }
+                    else { _ = try ReplicaFactory.open(u) }
+                } catch { throw fail(rl, "\(error)") }
+                cfg.replicas.append(ReplicaConfig(url: u, environment: replicaEnv))
+            }
+            if cfg.replicas.isEmpty {
+                cfg.replicas.append(ReplicaConfig(url: AgentOptions.defaultReplicaURL(forDatabase: cfg.path), environment: nil))
+            }
+            out.append(cfg)
+        }
+        return WalshipConfig(databases: out)
+    }
+}

@@ -1,0 +1,563 @@
+"""The deployment kit (deploy/) is valid and the disaster-recovery runbook (docs/runbook.md)
+works as written.
+
+Deploy files:
+  - deploy/walship.service passes `systemd-analyze verify` (ExecStart rewritten to the real
+    binary in a temp copy, because verify checks that the executable exists);
+  - every YAML document parses; the Grafana dashboard is JSON; the alert rules and the
+    dashboard only use the planned walship_* metric names;
+  - deploy/walship.yml uses only the keys of the config schema;
+  - the Dockerfile COPYs only files that exist in the repository and names only the binary
+    `walship`.
+
+Runbook: every ```sh block of docs/runbook.md is run, scenario by scenario, by bash against
+a scratch "host" (real SQLite files, a real application process writing, the real walship
+agent, a real S3 server on loopback as the primary replica and a directory as the second
+one). Paths and URLs of the runbook are substituted by text:
+
+    /var/lib/tickets                                   -> <tmp>/var/lib/tickets
+    /var/backups/tickets                               -> <tmp>/var/backups/tickets
+    /etc/walship/credentials.env                       -> <tmp>/etc/credentials.env
+    /tmp/drill.db                                      -> <tmp>/drill.db
+    s3://tickets-backups-eu/tickets?region=eu-west-1   -> the loopback S3 server's URL
+    a line `T=...` (the point in time)                 -> the instant the test recorded just
+                                                          before it caused the incident
+
+`walship` on PATH is the real binary. The service manager is the one thing that is not
+real here: `systemctl start|stop|is-active walship|tickets` and `journalctl -u walship` are
+small shims on PATH that start/stop the real agent (`walship replicate DB REPLICA REPLICA2`,
+the single-database form, since the unit's `--config` form is not in this binary yet) and
+the real application process, and print the agent's log. ```sh provision blocks (they
+create system users and chown to them) are not run; the test does their effect itself
+(it creates the directories).
+
+Each ```text block right after a ```sh block is the expected output: every line of it,
+with times, numbers and hex ids masked, must appear in the real output (real output is
+mapped back to the runbook's paths first). Set RUNBOOK_CAPTURE=<file> to write the real
+outputs there (that is how the runbook's outputs were produced).
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, WALSHIP, create_ticket_db, require_tool, table_contents
+from s3server import S3Server
+
+DEPLOY = ROOT / "deploy"
+RUNBOOK = ROOT / "docs" / "runbook.md"
+PROD_S3 = "s3://tickets-backups-eu/tickets?region=eu-west-1"
+PROD_S3_DISPLAY = "s3://tickets-backups-eu/tickets?endpoint=https://s3.eu-west-1.amazonaws.com&region=eu-west-1&path-style=false"
+
+PLANNED_METRICS = {
+    "walship_replication_lag_seconds", "walship_last_sync_timestamp_seconds", "walship_txid",
+    "walship_shipped_bytes_total", "walship_shipped_objects_total", "walship_requests_total",
+    "walship_errors_total", "walship_checkpoint_duration_seconds", "walship_wal_bytes",
+    "walship_spool_bytes", "walship_snapshot_age_seconds", "walship_verify_last_success",
+    "walship_verify_last_timestamp_seconds",
+}
+
+
+# ================================================================ deploy files
+
+def test_systemd_unit_verifies(tmp_path, walship_bin):
+    # systemd-analyze is part of the `systemd` package (Debian 12 has it on every systemd
+    # host). Where it is missing it is installable, so that is a failure with a hint.
+    sa = require_tool("systemd-analyze", "install it with `apt-get install systemd`")
+    text = (DEPLOY / "walship.service").read_text()
+    for must in ["User=walship", "ExecStart=/usr/local/bin/walship replicate --config /etc/walship/walship.yml",
+                 "ProtectSystem=strict", "ReadWritePaths=/var/lib/tickets", "ProtectHome=yes", "PrivateTmp=yes",
+                 "NoNewPrivileges=yes", "CapabilityBoundingSet=\n",
+                 "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "SystemCallFilter=@system-service",
+                 "Restart=on-failure", "EnvironmentFile=-/etc/walship/credentials.env", "KillSignal=SIGTERM",
+                 "TimeoutStopSec="]:
+        assert must in text, f"walship.service lacks {must!r}"
+    unit = tmp_path / "walship.service"
+    unit.write_text(text.replace("/usr/local/bin/walship", walship_bin))
+    p = subprocess.run([sa, "verify", str(unit)], capture_output=True, text=True, timeout=120)
+    problems = [l for l in (p.stdout + p.stderr).splitlines() if "walship.service" in l]
+    assert p.returncode == 0 and not problems, f"systemd-analyze verify:\n{p.stdout}\n{p.stderr}"
+
+
+def test_yaml_and_json_parse():
+    for name in ["kubernetes.yaml", "prometheus-alerts.yml", "walship.yml"]:
+        docs = [d for d in yaml.safe_load_all((DEPLOY / name).read_text()) if d is not None]
+        assert docs, f"{name} holds no YAML document"
+    dash = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    assert dash["panels"]
+
+
+def test_kubernetes_example_has_init_restore_app_and_sidecar():
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "kubernetes.yaml").read_text()) if d]
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    spec = dep["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] >= 30
+    init = spec["initContainers"][0]["args"]
+    assert init[:1] == ["restore"] and "-o" in init and "--if-not-exists" in init and "--if-replica-exists" in init
+    sidecar = next(c for c in spec["containers"] if c["name"] == "walship")
+    assert sidecar["args"][:2] == ["replicate", "/data/tickets.db"]
+    assert any(v.get("emptyDir") is not None for v in spec["volumes"])
+    envs = {e["name"] for e in sidecar["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert envs == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    # the flags the init container passes exist in this walship
+    helptext = subprocess.run([str(WALSHIP), "restore", "--help"], capture_output=True, text=True).stdout
+    for flag in [a for a in init if a.startswith("-")]:
+        assert flag in helptext, f"walship restore has no {flag}"
+
+
+def test_sample_config_follows_the_schema():
+    cfg = yaml.safe_load((DEPLOY / "walship.yml").read_text())
+    assert set(cfg) <= {"defaults", "databases"}
+    assert set(cfg["defaults"]) <= {"sync-interval", "snapshot-interval", "checkpoint-frames"}
+    assert cfg["defaults"]["snapshot-interval"] == "24h"
+    for db in cfg["databases"]:
+        assert set(db) <= {"path", "sync-interval", "snapshot-interval", "checkpoint-frames", "spool-dir", "replicas"}
+        assert len(db["replicas"]) >= 2
+        for r in db["replicas"]:
+            assert set(r) <= {"url", "access-key-id", "secret-access-key"}
+            assert r["url"].startswith(("s3://", "file:///"))
+    live = [l.split("#")[0] for l in (DEPLOY / "walship.yml").read_text().splitlines()]
+    assert not any("retention" in l for l in live), "retention is not supported yet"
+
+
+def test_alerts_and_dashboard_use_only_planned_metrics():
+    texts = [(DEPLOY / "prometheus-alerts.yml").read_text(), (DEPLOY / "grafana-dashboard.json").read_text()]
+    for t in texts:
+        used = set(re.findall(r"\bwalship_[a-z_]+\b", t))
+        assert used, "no walship metric used"
+        assert used <= PLANNED_METRICS, f"unknown metrics: {used - PLANNED_METRICS}"
+        assert "later version" in t
+    rules = yaml.safe_load(texts[0])
+    for g in rules["groups"]:
+        for r in g["rules"]:
+            assert r["alert"] and r["expr"] and r["labels"]["severity"]
+
+
+def test_dockerfile_copies_only_existing_files_and_names_walship():
+    lines = (DEPLOY / "Dockerfile").read_text().splitlines()
+    froms = [l.split()[1] for l in lines if l.startswith("FROM ")]
+    assert froms[0].startswith("swift:") and "bookworm" in froms[0] and froms[-1] == "debian:bookworm-slim"
+    for l in lines:
+        if l.startswith("COPY ") and "--from=" not in l:
+            for src in l.split()[1:-1]:
+                hits = list(ROOT.glob(src))
+                assert hits, f"Dockerfile copies {src}, which is not in the repository"
+    text = "\n".join(l for l in lines if not l.lstrip().startswith("#"))
+    assert 'ENTRYPOINT ["walship"]' in text
+    assert "--static-swift-stdlib" in text
+    for binary in re.findall(r"/usr/local/bin/(\S+)", text) + re.findall(r"--product (\S+)", text):
+        assert binary == "walship", binary
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "Package.swift", "Sources"],
+                             capture_output=True, text=True).stdout
+    assert "Package.swift" in tracked
+
+
+# ================================================================ runbook machinery
+
+FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```\s*$", re.M | re.S)
+
+
+def runbook_sections():
+    """{scenario key: [(kind, info, body)]}, keys like 'setup', 'a', 'b', ..., 'drill'."""
+    text = RUNBOOK.read_text()
+    sections, key = {}, "intro"
+    pos = 0
+    heads = [(m.start(), m.group(1)) for m in re.finditer(r"^## (.+)$", text, re.M)]
+    bounds = heads + [(len(text), None)]
+    out = {"intro": text[:heads[0][0]] if heads else text}
+    for (start, title), (end, _) in zip(bounds, bounds[1:]):
+        m = re.match(r"\(([a-e])\)", title)
+        if m:
+            key = m.group(1)
+        elif "restore drill" in title.lower():
+            key = "drill"
+        elif "before an incident" in title.lower():
+            key = "setup"
+        else:
+            key = title
+        out[key] = text[start:end]
+    for k, body in out.items():
+        blocks = []
+        for m in FENCE.finditer(body):
+            info = m.group(1).strip()
+            blocks.append((info.split()[0] if info else "", info, m.group(2)))
+        sections[k] = blocks
+    return sections
+
+
+def steps(blocks):
+    """[(command, expected output or None)] for the runnable ```sh blocks, in order."""
+    out = []
+    for i, (lang, info, body) in enumerate(blocks):
+        if lang != "sh" or "provision" in info:
+            continue
+        expected = None
+        if i + 1 < len(blocks) and blocks[i + 1][0] == "text":
+            expected = blocks[i + 1][2]
+        out.append((body, expected))
+    return out
+
+
+TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:?\d\d)?")
+HEX = re.compile(r"\b(?=[0-9a-f]*\d)[0-9a-f]{8,}\b")
+NUM = re.compile(r"\d+")
+
+
+def mask(line):
+    line = TS.sub("<T>", line)
+    line = HEX.sub("<H>", line)
+    line = NUM.sub("<N>", line)
+    return " ".join(line.split())
+
+
+SHIMS = {
+    "systemctl": r'''#!/bin/bash
+# test shim: the service manager of the scratch host (see the test's docstring)
+set -u
+cmd=$1; shift
+for unit in "$@"; do
+  unit=${unit%.service}
+  pidf="$DRILL_STATE/$unit.pid"
+  alive() { [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; }
+  case "$cmd:$unit" in
+    start:walship)
+      alive && continue
+      start=$(wc -l < "$DRILL_STATE/walship.log" 2>/dev/null || echo 0)
+      nohup walship replicate "$DB" "$REPLICA" "$REPLICA2" --sync-interval 200ms \
+        >> "$DRILL_STATE/walship.log" 2>&1 < /dev/null &
+      echo $! > "$pidf"
+      for i in $(seq 300); do
+        tail -n +$((start + 1)) "$DRILL_STATE/walship.log" | grep -q 'replicating' && break
+        kill -0 "$(cat "$pidf")" 2>/dev/null || { echo "walship.service failed" >&2; exit 1; }
+        sleep 0.1
+      done ;;
+    start:tickets)
+      alive && continue
+      nohup python3 "$DRILL_STATE/app.py" "$DB" >> "$DRILL_STATE/tickets.log" 2>&1 < /dev/null &
+      echo $! > "$pidf"; sleep 0.3 ;;
+    stop:*)
+      if alive; then
+        pid=$(cat "$pidf"); kill -TERM "$pid"
+        for i in $(seq 1200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      fi
+      rm -f "$pidf" ;;
+    is-active:*)
+      if alive; then echo active; else echo inactive; fi ;;
+    *) echo "systemctl shim: unsupported: $cmd $unit" >&2; exit 2 ;;
+  esac
+done
+''',
+    "journalctl": r'''#!/bin/bash
+# test shim: journalctl -u walship [-n N] [--no-pager] prints the agent's log
+n=20
+while [ $# -gt 0 ]; do case $1 in -n) n=$2; shift 2;; *) shift;; esac; done
+tail -n "$n" "$DRILL_STATE/walship.log"
+''',
+}
+
+APP = r'''
+import random, signal, sqlite3, sys, time
+stop = False
+def term(*a):
+    global stop
+    stop = True
+signal.signal(signal.SIGTERM, term)
+con = sqlite3.connect(sys.argv[1], timeout=10, isolation_level=None)
+con.execute("PRAGMA busy_timeout=5000")
+while not stop:
+    ids = [r[0] for r in con.execute("SELECT id FROM tickets WHERE usuario_id <> 3 ORDER BY random() LIMIT 1")]
+    if ids:
+        con.execute("INSERT INTO interacciones(ticket_id, texto, creado) VALUES(?, ?, ?)",
+                    (ids[0], "app heartbeat", time.time()))
+    time.sleep(0.2)
+con.close()
+'''
+
+
+class Host:
+    """A scratch host: the ticket database, its app, walship, an S3 replica and a directory."""
+
+    def __init__(self, tmp_path):
+        self.tmp = tmp_path
+        self.state = tmp_path / "state"
+        self.state.mkdir()
+        self.bin = tmp_path / "bin"
+        self.bin.mkdir()
+        os.symlink(WALSHIP, self.bin / "walship")
+        for name, body in SHIMS.items():
+            (self.bin / name).write_text(body)
+            (self.bin / name).chmod(0o755)
+        (self.state / "app.py").write_text(APP)
+        self.dbdir = tmp_path / "var" / "lib" / "tickets"
+        self.backups = tmp_path / "var" / "backups" / "tickets"
+        self.db = self.dbdir / "tickets.db"
+        self.s3 = S3Server(tmp_path / "s3", buckets=["walship"]).start()
+        self.s3url = self.s3.url("walship", "tickets")
+        self.creds = tmp_path / "etc" / "credentials.env"
+        self.creds.parent.mkdir(parents=True)
+        e = self.s3.env()
+        self.creds.write_text(f"AWS_ACCESS_KEY_ID={e['AWS_ACCESS_KEY_ID']}\n"
+                              f"AWS_SECRET_ACCESS_KEY={e['AWS_SECRET_ACCESS_KEY']}\nAWS_REGION={e['AWS_REGION']}\n")
+        self.subst = [
+            (PROD_S3, self.s3url),
+            ("/var/lib/tickets", str(self.dbdir)),
+            ("/var/backups/tickets", str(self.backups)),
+            ("/etc/walship/credentials.env", str(self.creds)),
+            ("/tmp/drill.db", str(tmp_path / "drill.db")),
+        ]
+        self.vars = {}
+        self.captured = []
+
+    def env(self):
+        e = dict(os.environ)
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION"):
+            e.pop(k, None)
+        e["PATH"] = f"{self.bin}:{e['PATH']}"
+        e["DRILL_STATE"] = str(self.state)
+        return e
+
+    def populate(self):
+        self.dbdir.mkdir(parents=True)
+        create_ticket_db(self.db)
+        con = sqlite3.connect(self.db)
+        con.executemany("INSERT INTO usuarios VALUES(?, ?, ?)",
+                        [(u, f"usuario {u}", f"u{u}@example.com") for u in range(1, 6)])
+        con.executemany("INSERT INTO tickets VALUES(?, ?, ?, 'abierto', ?, ?)",
+                        [(t, t % 5 + 1, f"ticket {t}", t % 3, 1.0e9 + t) for t in range(1, 61)])
+        con.executemany("INSERT INTO interacciones VALUES(?, ?, ?, ?)",
+                        [(i, i % 60 + 1, f"nota {i}", 1.0e9 + i) for i in range(1, 121)])
+        # the newest interaction ids belong to other users' tickets (see the runbook, (c))
+        con.executemany("INSERT INTO interacciones VALUES(?, 1, 'cierre', ?)", [(i, 1.0e9 + i) for i in range(121, 131)])
+        con.commit()
+        con.close()
+
+    def prose_vars(self, script):
+        for name, value in self.vars.items():
+            script = re.sub(rf"^(\s*(?:export\s+)?){name}=.*$", rf"\g<1>{name}={value}", script, flags=re.M)
+        return script
+
+    def run(self, body, expected=None, key=""):
+        script = body
+        for a, b in self.subst:
+            script = script.replace(a, b)
+        env_block = self.env_block
+        for a, b in self.subst:
+            env_block = env_block.replace(a, b)
+        script = self.prose_vars(script)
+        full = "set -eo pipefail\n" + env_block + "\n" + script
+        p = subprocess.run(["bash", "-c", full], capture_output=True, text=True, timeout=300, env=self.env(),
+                           cwd=self.tmp)
+        out = p.stdout + p.stderr
+        back = out.replace(self.s3url, PROD_S3)
+        disp = f"s3://walship/tickets?endpoint={self.s3.endpoint}&region=us-east-1&path-style=true"
+        back = back.replace(disp, PROD_S3_DISPLAY)
+        for a, b in self.subst[1:]:
+            back = back.replace(b, a)
+        self.captured.append((key, body, back))
+        assert p.returncode == 0, f"runbook step failed ({p.returncode}):\n{script}\n--- output:\n{out}"
+        if expected is not None:
+            have = {mask(l) for l in back.splitlines()}
+            for line in expected.splitlines():
+                if not line.strip() or line.strip() == "...":
+                    continue
+                assert mask(line) in have, (f"runbook output line not produced:\n  {line}\nby:\n{body}\n"
+                                            f"--- real output:\n{back}")
+        return back
+
+    def run_steps(self, key, first=0, last=None):
+        for body, expected in steps(self.sections[key])[first:last]:
+            self.run(body, expected, key)
+
+    def sh(self, cmd):
+        env_block = self.env_block
+        for a, b in self.subst:
+            env_block = env_block.replace(a, b)
+        p = subprocess.run(["bash", "-c", "set -eo pipefail\n" + env_block + "\n" + cmd], capture_output=True, text=True, timeout=300, env=self.env(),
+                           cwd=self.tmp)
+        assert p.returncode == 0, f"{cmd}:\n{p.stdout}{p.stderr}"
+        return p.stdout
+
+    def latest_from(self, url, name="probe.db"):
+        out = self.tmp / name
+        p = subprocess.run([str(WALSHIP), "restore", url, "-o", str(out), "--force", "--integrity", "none"],
+                           capture_output=True, text=True, env={**self.env(), **self.s3.env()}, timeout=120)
+        return out if p.returncode == 0 else None
+
+    def wait_replicated(self, url, pred, timeout=60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            out = self.latest_from(url)
+            if out and pred(out):
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"{url} never reached the expected state; agent log:\n"
+                             f"{(self.state / 'walship.log').read_text()[-3000:]}")
+
+    def kill9(self, unit):
+        pidf = self.state / f"{unit}.pid"
+        if pidf.exists():
+            try:
+                os.kill(int(pidf.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            pidf.unlink()
+
+    def close(self):
+        for unit in ("tickets", "walship"):
+            pidf = self.state / f"{unit}.pid"
+            if pidf.exists():
+                try:
+                    os.kill(int(pidf.read_text()), signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.5)
+        for unit in ("tickets", "walship"):
+            self.kill9(unit)
+        self.s3.stop()
+        cap = os.environ.get("RUNBOOK_CAPTURE")
+        if cap:
+            with open(cap, "a") as f:
+                for key, body, out in self.captured:
+                    f.write(f"===== ({key})\n{body}----- output\n{out}\n")
+
+
+def rows(db, sql):
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def now_rfc3339():
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+
+
+@pytest.fixture
+def host(tmp_path, walship_bin):
+    require_tool("sqlite3", "install it with `apt-get install sqlite3`")
+    h = Host(tmp_path)
+    h.sections = runbook_sections()
+    env_blocks = [b for (lang, info, b) in h.sections["setup"] if lang == "sh" and "env" in info]
+    assert len(env_blocks) == 1, "the runbook needs exactly one ```sh env block in 'Before an incident'"
+    h.env_block = env_blocks[0]
+    h.populate()
+    h.sh("systemctl start walship tickets")
+    h.wait_replicated(h.s3url, lambda p: rows(p, "SELECT count(*) FROM tickets") == [(60,)])
+    yield h
+    h.close()
+
+
+def outage_instant():
+    """An instant strictly between earlier commits and the next one (commit times are the
+    agent's observation times, which follow the real commit by milliseconds)."""
+    time.sleep(1.0)
+    t = now_rfc3339()
+    time.sleep(0.3)
+    return t
+
+
+# ================================================================ runbook scenarios
+
+def test_runbook_has_every_scenario():
+    s = runbook_sections()
+    for key in ["setup", "a", "b", "c", "d", "e", "drill"]:
+        assert key in s, f"docs/runbook.md has no section for {key}"
+        assert key == "setup" or steps(s[key]), f"section {key} has no ```sh steps"
+    text = RUNBOOK.read_text()
+    assert "bench/README.md" in text and "RPO" in text and "RTO" in text
+
+
+def test_runbook_setup_and_drill(host):
+    host.run_steps("setup")
+    host.run_steps("drill")
+
+
+def test_runbook_a_database_not_responding(host):
+    host.run_steps("a")
+    assert host.sh("systemctl is-active walship").strip() == "active"
+
+
+def test_runbook_b_corrupted_data(host):
+    good = table_contents(host.db, ("tickets",))
+    host.vars["T"] = outage_instant()
+    con = sqlite3.connect(host.db, timeout=10)
+    con.execute("PRAGMA busy_timeout=5000")
+    con.execute("UPDATE tickets SET estado = '???', prioridad = -1 WHERE id % 2 = 0")   # the buggy job
+    con.commit()
+    con.close()
+    host.wait_replicated(host.s3url, lambda p: rows(p, "SELECT count(*) FROM tickets WHERE prioridad < 0") == [(30,)])
+    host.run_steps("b")
+    assert table_contents(host.db, ("tickets",)) == good
+    assert rows(host.db, "PRAGMA integrity_check") == [("ok",)]
+    # the new generation is being replicated: a fresh latest restore has the good data
+    host.wait_replicated(host.s3url, lambda p: table_contents(p, ("tickets",)) == good)
+
+
+def test_runbook_c_accidental_deletion(host):
+    before_t = rows(host.db, "SELECT * FROM tickets WHERE usuario_id = 3 ORDER BY id")
+    before_i = rows(host.db, "SELECT * FROM interacciones WHERE ticket_id IN "
+                             "(SELECT id FROM tickets WHERE usuario_id = 3) ORDER BY id")
+    assert len(before_t) == 12 and before_i
+    host.vars["T"] = outage_instant()
+    con = sqlite3.connect(host.db, timeout=10, isolation_level=None)
+    con.execute("PRAGMA busy_timeout=5000")
+    con.execute("BEGIN IMMEDIATE")
+    con.execute("DELETE FROM interacciones WHERE ticket_id IN (SELECT id FROM tickets WHERE usuario_id = 3)")
+    con.execute("DELETE FROM tickets WHERE usuario_id = 3")
+    con.execute("COMMIT")
+    con.close()
+    time.sleep(1.0)   # the app keeps writing after the accident
+    host.run_steps("c")
+    assert rows(host.db, "SELECT * FROM tickets WHERE usuario_id = 3 ORDER BY id") == before_t
+    assert rows(host.db, "SELECT * FROM interacciones WHERE ticket_id IN "
+                         "(SELECT id FROM tickets WHERE usuario_id = 3) ORDER BY id") == before_i
+    heartbeats = rows(host.db, "SELECT count(*) FROM interacciones WHERE texto = 'app heartbeat'")[0][0]
+    assert heartbeats > 0, "the app's writes after the accident must survive the selective recovery"
+    host.wait_replicated(host.s3url, lambda p: rows(p, "SELECT count(*) FROM tickets WHERE usuario_id = 3") == [(12,)])
+
+
+def test_runbook_d_lost_host(host):
+    tickets = table_contents(host.db, ("usuarios", "tickets"))
+    host.kill9("tickets")
+    time.sleep(1.0)     # the agent ships the app's last commits
+    shipped = table_contents(host.latest_from(host.s3url), ("interacciones",))
+    host.kill9("walship")
+    shutil.rmtree(host.tmp / "var")           # the host is gone, with its local directory replica
+    host.dbdir.mkdir(parents=True)            # the ```sh provision block's effect on the new host
+    host.run_steps("d")
+    assert table_contents(host.db, ("usuarios", "tickets")) == tickets
+    got = rows(host.db, "SELECT count(*) FROM interacciones WHERE texto <> 'app heartbeat'")
+    assert got == [(130,)]
+    assert len(rows(host.db, "SELECT * FROM interacciones")) >= len(shipped["interacciones"])
+    gens = json.loads(subprocess.run([str(WALSHIP), "list", host.s3url, "--json"], capture_output=True, text=True,
+                                     env={**host.env(), **host.s3.env()}, check=True).stdout)
+    assert len(gens) == 2, "replicating the restored database starts a new generation"
+
+
+def test_runbook_e_replica_region_down(host):
+    host.s3.stop()                            # the primary region is down
+    con = sqlite3.connect(host.db, timeout=10)
+    con.execute("PRAGMA busy_timeout=5000")
+    con.execute("INSERT INTO tickets VALUES(1000, 2, 'written during outage', 'abierto', 1, 0)")
+    con.commit()
+    con.close()
+    host.wait_replicated("file://" + str(host.backups),
+                         lambda p: rows(p, "SELECT count(*) FROM tickets WHERE id = 1000") == [(1,)])
+    time.sleep(2.0)                           # a few failed uploads are logged
+    n = len(steps(host.sections["e"]))
+    host.run_steps("e", 0, n - 1)             # during the outage
+    host.s3.restart()                         # the region is back
+    host.wait_replicated(host.s3url, lambda p: rows(p, "SELECT count(*) FROM tickets WHERE id = 1000") == [(1,)],
+                         timeout=120)
+    host.run_steps("e", n - 1)                # after it

@@ -1,0 +1,69 @@
+"""The spool has a bound (G7): a replica that stays down past it loses its backlog, never the
+disk, and gets a new generation when it returns; the other replica is not affected."""
+import json
+import os
+import time
+
+from conftest import (AgentProcess, checkpoint_truncate, create_ticket_db, file_bytes_equal,
+                      run_walship)
+from s3server import S3Server
+from test_s3 import run_py, WORKLOAD
+
+
+def outbox_bytes(db):
+    d = os.path.join(os.path.dirname(db), "." + os.path.basename(db) + "-walship", "outbox")
+    return sum(os.path.getsize(os.path.join(d, n)) for n in os.listdir(d))
+
+
+def generations(url, env):
+    p = run_walship("list", url, "--json", env=env)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def test_spool_limit_drops_backlog_of_a_down_replica_then_new_generation(tmp_path, agent_factory):
+    srv = S3Server(tmp_path / "s3", buckets=["walship"]).start()
+    try:
+        env = srv.env()
+        s3url = srv.url("walship", "app")
+        fileurl = "file://" + str(tmp_path / "file-replica")
+        db = tmp_path / "app.db"
+        create_ticket_db(db, rows=10)
+        agent = agent_factory(db, [s3url, fileurl], ["--sync-interval", "200ms", "--spool-limit", "200KB"],
+                              env=env).start().wait_ready()
+        srv.stop()
+        # Write well past the limit while S3 is down.
+        for seed in range(4):
+            run_py(WORKLOAD, "mixed", db, "--seed", seed, "--tx", 150)
+        deadline = time.time() + 30
+        while "dropping that replica's backlog" not in agent.read_log() and time.time() < deadline:
+            time.sleep(0.2)
+        assert "dropping that replica's backlog" in agent.read_log(), agent.read_log()
+        time.sleep(1)
+        assert outbox_bytes(db) < 2 * 200 * 1024, outbox_bytes(db)   # the disk is not filled
+        # The directory replica kept up all along.
+        checkpoint_truncate(db)
+        p = run_walship("restore", fileurl, "-o", tmp_path / "from-file.db", env=env)
+        assert p.returncode == 0, p.stderr
+
+        srv.start()   # same port
+        deadline = time.time() + 30
+        while "replica answers again" not in agent.read_log() and time.time() < deadline:
+            time.sleep(0.2)
+        assert "replica answers again" in agent.read_log(), agent.read_log()
+        run_py(WORKLOAD, "mixed", db, "--seed", 99, "--tx", 20)
+        time.sleep(1.5)
+        agent.stop()
+
+        checkpoint_truncate(db)
+        for url, name in [(s3url, "s3"), (fileurl, "file")]:
+            out = tmp_path / f"latest-{name}.db"
+            p = run_walship("restore", url, "-o", out, env=env)
+            assert p.returncode == 0, p.stderr
+            assert file_bytes_equal(db, out), f"{name} replica is not exact"
+        # S3 got a new generation; its first one stays a consistent (older) history.
+        gens = generations(s3url, env)
+        assert len(gens) >= 2, gens
+        assert gens[-1]["snapshots"], gens[-1]
+    finally:
+        srv.stop()
