@@ -65,7 +65,8 @@ public enum ConfigLoader {
             guard let n = try Yams.compose(yaml: text) else { throw fail("", "the file is empty; it needs a `databases:` list") }
             root = n
         } catch let e as ConfigError { throw e } catch {
-            throw fail("", "not valid YAML: \(error)")
+            let first = "\(error)".split(separator: "\n").first.map(String.init) ?? "\(error)"
+            throw fail("", "not valid YAML: \(first)")
         }
         func mapping(_ n: Node, _ loc: String, allowed: Set<String>) throws -> [(String, Node)] {
             guard let m = n.mapping else { throw fail(loc, "expected a mapping of keys to values") }

@@ -1,0 +1,88 @@
+"""The README's sample config works as written (paths moved to a scratch directory), and bad
+configs get one clear error naming their place."""
+import os
+import re
+import sqlite3
+import subprocess
+import time
+
+from conftest import ROOT, WALSHIP, checkpoint_truncate, create_ticket_db, file_bytes_equal, run_walship
+from s3server import S3Server
+
+
+def readme_sample():
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"<!-- sample-config[^>]*-->\s*```yaml\n(.*?)```", text, re.S)
+    assert m, "README.md lost its sample config block"
+    return m.group(1)
+
+
+def test_readme_sample_config_replicates_and_restores(tmp_path):
+    srv = S3Server(tmp_path / "s3", buckets=["tickets-backup"]).start()
+    try:
+        scratch = tmp_path / "var-lib-tickets"
+        scratch.mkdir()
+        cfg = tmp_path / "walship.yml"
+        cfg.write_text(readme_sample().replace("/var/lib/tickets", str(scratch)))
+        env = dict(srv.env(), S3_ENDPOINT=srv.endpoint)
+        tickets, audit = scratch / "tickets.db", scratch / "audit.db"
+        create_ticket_db(tickets, rows=50)
+        create_ticket_db(audit, rows=5)
+        log = open(tmp_path / "agent.log", "w")
+        proc = subprocess.Popen([str(WALSHIP), "replicate", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 30
+        while (tmp_path / "agent.log").read_text().count("replicating") < 2 and time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / "agent.log").read_text()
+            time.sleep(0.1)
+        for db in (tickets, audit):
+            con = sqlite3.connect(db, timeout=5)
+            for i in range(30):
+                con.execute("INSERT INTO usuarios(nombre, email) VALUES(?, ?)", (f"n{i}", f"e{i}"))
+                con.commit()
+            con.close()
+        time.sleep(1.5)
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0, (tmp_path / "agent.log").read_text()
+        for db in (tickets, audit):
+            checkpoint_truncate(db)
+        # restore DB --config: first healthy replica (S3 here), then with S3 down, the directory.
+        out = tmp_path / "t1.db"
+        p = run_walship("restore", tickets, "--config", cfg, "-o", out, env=env)
+        assert p.returncode == 0, p.stderr
+        assert file_bytes_equal(tickets, out)
+        srv.stop()
+        out2 = tmp_path / "t2.db"
+        p = run_walship("restore", tickets, "--config", cfg, "-o", out2, env=env, timeout=600)
+        assert p.returncode == 0, p.stderr
+        assert file_bytes_equal(tickets, out2)
+        out3 = tmp_path / "a.db"
+        p = run_walship("restore", audit, "--config", cfg, "-o", out3, env=env)
+        assert p.returncode == 0, p.stderr
+        assert file_bytes_equal(audit, out3)
+        assert (scratch / "audit.db-replica").is_dir()
+    finally:
+        srv.stop()
+
+
+def test_bad_configs_name_their_place(tmp_path):
+    db = tmp_path / "a.db"
+    create_ticket_db(db)
+    cases = {
+        "unknown key": (f"databases:\n  - path: {db}\n    colour: red\n", "databases[0]: unknown key 'colour'"),
+        "bad duration": (f"databases:\n  - path: {db}\n    sync-interval: 5x\n", "databases[0].sync-interval"),
+        "missing bucket": (f"databases:\n  - path: {db}\n    replicas:\n      - url: s3:///p?endpoint=http://127.0.0.1:1\n", "bucket name is missing"),
+        "duplicate": (f"databases:\n  - path: {db}\n  - path: {db}\n", "listed twice"),
+        "unset variable": (f"databases:\n  - path: ${{NOPE_NOT_SET}}\n", "${NOPE_NOT_SET} is not set"),
+        "no databases": ("defaults:\n  sync-interval: 1s\n", "databases"),
+        "not yaml": ("databases: [\n", "not valid YAML"),
+    }
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="AKIAWALSHIPTEST0001", AWS_SECRET_ACCESS_KEY="x" * 40)
+    env.pop("NOPE_NOT_SET", None)
+    for name, (text, expected) in cases.items():
+        cfg = tmp_path / f"{name.replace(' ', '-')}.yml"
+        cfg.write_text(text)
+        p = run_walship("replicate", "--config", cfg, env=env, timeout=30)
+        assert p.returncode == 1, (name, p.returncode, p.stderr)
+        lines = [l for l in p.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("walship: error:"), (name, p.stderr)
+        assert expected in lines[0] and cfg.name in lines[0], (name, lines[0])
