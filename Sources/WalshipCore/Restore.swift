@@ -72,7 +72,10 @@ public enum Restorer {
         log("restoring \(options.target) from generation \(plan.generation): snapshot \(plan.snapshot.key) and \(plan.segments.count) segment(s)")
 
         let tmp = out + ".walship-restore-\(getpid())"
-        func cleanup() { for p in [tmp, tmp + "-wal", tmp + "-shm", tmp + "-journal"] { try? FS.remove(p) } }
+        func cleanup() {
+            for p in [tmp, tmp + "-wal", tmp + "-shm", tmp + "-journal"] { try? FS.remove(p) }
+            FS.removeTree(tmp + "-segments")
+        }
         cleanup()
         do {
             var result = try build(replica: replica, plan: plan, into: tmp, options: options)
@@ -116,12 +119,26 @@ public enum Restorer {
         var describe = "snapshot \(plan.snapshot.key)"
         result.snapshotKey = plan.snapshot.key
 
-        segments: for seg in plan.segments {
+        // Remote replicas: download segments ahead, in parallel, while earlier ones are applied.
+        var prefetcher: SegmentPrefetcher?
+        if let s3 = replica as? S3Replica, plan.segments.count > 1 {
+            prefetcher = try SegmentPrefetcher(keys: plan.segments.map(\.key), dir: tmp + "-segments") {
+                S3Replica(location: s3.location)
+            }
+        }
+        defer { prefetcher?.finish() }
+
+        segments: for (index, seg) in plan.segments.enumerated() {
+            var source: Replica = replica
+            if let p = prefetcher {
+                source = PrefetchedObject(original: replica, key: seg.key, path: try p.wait(index))
+            }
+            defer { prefetcher?.release(index) }
             var decoder = SegmentDecoder(name: seg.key)
             var current: TransactionHeader?
             var skipping = false
             var reachedTarget = false
-            let meta = try streamObject(replica, key: seg.key, expect: .segment, onMetadata: { m in
+            let meta = try streamObject(source, key: seg.key, expect: .segment, onMetadata: { m in
                 guard m.pageSize == pageSize, m.generation == plan.generation else {
                     throw ObjectError(key: seg.key, replica: replica.displayURL, problem: "belongs to another generation or page size")
                 }
