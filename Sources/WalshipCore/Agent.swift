@@ -23,7 +23,7 @@ public struct AgentOptions {
     public var spoolDirectory: String?
     /// Wait after a WAL change before reading it, so a burst of commits is read in one pass.
     /// Commit times are stamped when read, so they may be this much late (at most).
-    public var readDelayUs: Int64 = 10_000
+    public var readDelayUs: Int64 = 100_000
     /// Past this many bytes in the spool, the backlog of failing replicas is dropped (and a new
     /// generation starts there when they return): the agent never fills the disk.
     public var spoolLimitBytes: Int64 = 1 << 30
@@ -139,6 +139,7 @@ public final class Agent {
         if let pid = try spool.lock() { throw AgentError.alreadyRunning(dbPath, pid) }
         try spool.clearWork()
         dbFile = try RawFile(path: dbPath, flags: O_RDONLY)
+        shmFile = try? RawFile.openIfExists(dbPath + "-shm")
         table = try PageHashTable(path: spool.tablePath)
         for r in replicas { shippers.append(Shipper(replica: r, spool: spool, logger: logger)) }
 
@@ -374,6 +375,7 @@ public final class Agent {
                 return
             case .transactions(let txns):
                 for t in txns { try append(t) }
+                samples.removeAll(keepingCapacity: true)
                 return
             }
         }
@@ -391,7 +393,7 @@ public final class Agent {
 
     private func append(_ t: CommittedTransaction) throws {
         let pageSize = t.header.pageSize
-        let now = max(nowMicroseconds(), lastCommitTimeUs)
+        let now = max(commitStamp(t), lastCommitTimeUs)
         if segment == nil {
             let b = try ObjectBuilder(path: spool.workDir + "/segment.part")
             try b.write(SegmentCodec.header(pageSize: pageSize))
@@ -464,6 +466,39 @@ public final class Agent {
         }
         logicalSize = commitSize
         return delta
+    }
+
+    // MARK: commit times
+
+    /// A look at SQLite's wal-index header: when it was taken, and how far the log was
+    /// visible (mxFrame) for which salts.
+    struct VisibilitySample { var timeUs: Int64; var salt1: UInt32; var salt2: UInt32; var mxFrame: UInt32 }
+    private var samples: [VisibilitySample] = []
+    private var shmFile: RawFile?
+
+    /// Reads the wal-index header from the -shm file (both copies must agree). Kept open for
+    /// the agent's lifetime: closing a descriptor would drop SQLite's locks on the file.
+    private func sampleVisibility() {
+        guard let f = shmFile else { return }
+        var b = [UInt8](repeating: 0, count: 96)
+        guard (try? b.withUnsafeMutableBytes({ try f.read(at: 0, into: $0) })) == 96,
+              b[0..<48] == b[48..<96], b[12] != 0 else { return }
+        let sample = b.withUnsafeBytes { p in
+            VisibilitySample(timeUs: nowMicroseconds(), salt1: bigEndian32(p, at: 32), salt2: bigEndian32(p, at: 36),
+                             mxFrame: littleEndian32(p, at: 16))
+        }
+        if let last = samples.last, last.salt1 == sample.salt1, last.salt2 == sample.salt2, last.mxFrame == sample.mxFrame { return }
+        if samples.count < 4096 { samples.append(sample) }
+    }
+
+    /// The commit time of a transaction: the first moment it was seen visible in the
+    /// wal-index (sampled every few milliseconds while waiting), else now. Always an upper
+    /// bound of the real commit, and close to it even when the WAL is read in batches.
+    private func commitStamp(_ t: CommittedTransaction) -> Int64 {
+        for s in samples where s.salt1 == t.header.salt1 && s.salt2 == t.header.salt2 && Int(s.mxFrame) >= t.commitFrame {
+            return s.timeUs
+        }
+        return nowMicroseconds()
     }
 
     // MARK: cutting and state
@@ -697,9 +732,15 @@ public final class Agent {
             let now = monotonicMicroseconds()
             let timeout = max(0, min(nextCutUs - now, options.pollIntervalUs))
             if waitForChange(timeoutUs: timeout) && debounceUs > 0 {
-                // Let a burst of commits land, then read them in one pass: far fewer wake-ups
-                // for a few milliseconds on commit times.
-                usleep(UInt32(debounceUs))
+                // Let a burst of commits land, then read them in one pass: far fewer WAL reads.
+                // Meanwhile the wal-index is sampled every few milliseconds, so each commit is
+                // still stamped with when it became visible. Never past the next cut.
+                let until = min(monotonicMicroseconds() + debounceUs, nextCutUs)
+                sampleVisibility()
+                while !stopRequested && monotonicMicroseconds() < until {
+                    usleep(UInt32(max(500, min(sampleEveryUs, until - monotonicMicroseconds()))))
+                    sampleVisibility()
+                }
             }
             if stopRequested { break }
             try pollAndAppend()
@@ -790,6 +831,8 @@ public final class Agent {
             SignalBridge.install(writeFD: wakePipe[1]) { [weak self] in self?.stopRequested = true }
         }
     }
+
+    private let sampleEveryUs: Int64 = 4_000
 
     /// Pause after a wake-up before reading the WAL: --read-delay, at most a tenth of the sync interval.
     private var debounceUs: Int64 { min(options.readDelayUs, options.syncIntervalUs / 10) }

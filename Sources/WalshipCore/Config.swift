@@ -108,7 +108,7 @@ public enum ConfigLoader {
             return v
         }
 
-        var defSync: Int64 = 1_000_000, defSnap: Int64 = 86_400_000_000, defFrames = 1000, defDelay: Int64 = 10_000
+        var defSync: Int64 = 1_000_000, defSnap: Int64 = 86_400_000_000, defFrames = 1000, defDelay: Int64 = 100_000
         var defLimit: Int64 = 1 << 30
         func size(_ n: Node, _ loc: String) throws -> Int64 {
             let s = try scalar(n, loc)

@@ -8,6 +8,8 @@ struct CommittedTransaction {
     var frames: [(pageNumber: UInt32, frameIndex: Int)]
     var commitSize: UInt32
     var header: WalHeader
+    /// Index of the commit frame (what SQLite's wal-index mxFrame reaches when it is visible).
+    var commitFrame: Int = 0
     /// The pages' bytes, in `frames` order, when the transaction was small enough to keep
     /// them from the read that validated it (saves reading them again).
     var pages: [[UInt8]]?
@@ -119,7 +121,7 @@ final class WalTailer {
                     if fr.isCommit {
                         let kept = pendingBytes.map { b in pendingOrder.map { b[$0]! } }
                         out.append(CommittedTransaction(frames: pendingOrder.map { ($0, pending[$0]!) },
-                                                        commitSize: fr.commitSize, header: h, pages: kept))
+                                                        commitSize: fr.commitSize, header: h, commitFrame: fr.index, pages: kept))
                         for (pg, idx) in pending { pageFrames[pg] = idx }
                         clearPending()
                         lastCommitSize = fr.commitSize
@@ -177,7 +179,7 @@ final class WalTailer {
                 if pending[fr.pageNumber] == nil { pendingOrder.append(fr.pageNumber) }
                 pending[fr.pageNumber] = fr.index
                 if fr.isCommit {
-                    out.append(CommittedTransaction(frames: pendingOrder.map { ($0, pending[$0]!) }, commitSize: fr.commitSize, header: h))
+                    out.append(CommittedTransaction(frames: pendingOrder.map { ($0, pending[$0]!) }, commitSize: fr.commitSize, header: h, commitFrame: fr.index))
                     for (pg, idx) in pending { pageFrames[pg] = idx }
                     clearPending()
                     lastCommitSize = fr.commitSize; committedFrames = fr.index; committedChecksum = fr.checksum

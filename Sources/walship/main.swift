@@ -77,8 +77,8 @@ struct Replicate: ParsableCommand {
     @Option(help: "How often a segment is cut and shipped.") var syncInterval: String = "1s"
     @Option(help: "How often a full snapshot is taken.") var snapshotInterval: String = "24h"
     @Option(help: "Checkpoint the WAL once it holds this many frames.") var checkpointFrames: Int = 1000
-    @Option(help: ArgumentHelp("Wait this long after a WAL change before reading it (batches commits; commit times may be stamped up to this late).", valueName: "duration"))
-    var readDelay: String = "10ms"
+    @Option(help: ArgumentHelp("Wait up to this long after a WAL change before reading it, to read bursts of commits in one pass (at most a tenth of the sync interval; commit times stay precise to a few milliseconds).", valueName: "duration"))
+    var readDelay: String = "100ms"
     @Option(help: "Spool directory (default: .<name>-walship beside the database).") var spoolDir: String?
     @Option(help: "Spool size past which a failing replica's backlog is dropped (it gets a new generation when it returns).")
     var spoolLimit: String = "1GB"
