@@ -583,7 +583,15 @@ public final class Agent {
         let filePageSize = try databasePageSize()
         let pageSize = tailer.header?.pageSize ?? filePageSize
         let gen = GenerationID.make(timeUs: nowMicroseconds(), random: UInt16.random(in: 0...UInt16.max))
-        let baseTxid = previous.map { max($0.lastTxid, lastTxid) + 1 } ?? 0
+        // Txids never name two states: continue after the last txid this agent or any replica
+        // knows (a new host has no spool, but its replicas remember).
+        var known = previous.map { max($0.lastTxid, lastTxid) }
+        if previous == nil {
+            for r in replicas {
+                if let last = (try? listGenerations(r))?.compactMap(\.lastTxid).max() { known = max(known ?? 0, last) }
+            }
+        }
+        let baseTxid = known.map { $0 + 1 } ?? 0
         var nextSeq = previous?.nextSequence ?? 1
         for e in try spool.outboxEntries() { nextSeq = max(nextSeq, e.sequence + 1) }
         for s in shippers { nextSeq = max(nextSeq, s.acked + 1) }

@@ -20,7 +20,8 @@ struct Walship: ParsableCommand {
         interval beside periodic snapshots to a replica, and restores the database exactly as it was \
         after any transaction.
 
-        Replica URLs: file:///absolute/path (s3:// comes in a later version).
+        Replica URLs: file:///absolute/path and s3://bucket/prefix?endpoint=URL&region=R&path-style=true
+        (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or the config file).
         Durations: 500ms, 1s, 15m, 24h, 7d. Timestamps: RFC 3339 (2024-12-14T14:00:00Z).
         """,
         version: "0.1.0",
