@@ -16,7 +16,6 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
-        .package(url: "https://github.com/jpsim/Yams", from: "5.0.1"),
     ],
     targets: [
         .systemLibrary(name: "CSQLite", path: "Sources/CSQLite", pkgConfig: "sqlite3",
@@ -32,7 +31,6 @@ let package = Package(
         .target(name: "WalshipCore", dependencies: [
             "WalshipFormat", "WalshipLZ4", "WalshipSQLite", "WalshipCurl",
             .product(name: "Logging", package: "swift-log"),
-            .product(name: "Yams", package: "Yams"),
         ]),
         .executableTarget(name: "walship", dependencies: [
             "WalshipCore", "WalshipFormat",

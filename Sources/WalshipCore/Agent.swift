@@ -375,6 +375,7 @@ public final class Agent {
                 return
             case .transactions(let txns):
                 for t in txns { try append(t) }
+                if tailer.hasMore { continue }   // read in bounded slices
                 samples.removeAll(keepingCapacity: true)
                 return
             }

@@ -1,7 +1,6 @@
 import WalshipFormat
-import Yams
 
-/// The YAML configuration file: many databases, each with replicas in order of preference.
+/// The YAML configuration file (read with MiniYAML): many databases, each with replicas in order of preference.
 ///
 ///     defaults:            # optional
 ///       sync-interval: 1s
@@ -60,19 +59,15 @@ public enum ConfigLoader {
 
     public static func parse(_ text: String, file: String, environment env: [String: String]) throws -> WalshipConfig {
         func fail(_ loc: String, _ msg: String) -> ConfigError { ConfigError(file: file, location: loc, problem: msg) }
-        let root: Node
-        do {
-            guard let n = try Yams.compose(yaml: text) else { throw fail("", "the file is empty; it needs a `databases:` list") }
-            root = n
-        } catch let e as ConfigError { throw e } catch {
-            let first = "\(error)".split(separator: "\n").first.map(String.init) ?? "\(error)"
-            throw fail("", "not valid YAML: \(first)")
+        let root: YAMLNode
+        do { root = try MiniYAML.parse(text) } catch {
+            throw fail("", "not valid YAML: \(error)")
         }
-        func mapping(_ n: Node, _ loc: String, allowed: Set<String>) throws -> [(String, Node)] {
-            guard let m = n.mapping else { throw fail(loc, "expected a mapping of keys to values") }
-            var out: [(String, Node)] = []
-            for (k, v) in m {
-                guard let key = k.string else { throw fail(loc, "keys must be text") }
+        if case .empty = root { throw fail("", "the file is empty; it needs a `databases:` list") }
+        func mapping(_ n: YAMLNode, _ loc: String, allowed: Set<String>) throws -> [(String, YAMLNode)] {
+            guard case .mapping(let m, _) = n else { throw fail(loc, "expected a mapping of keys to values") }
+            var out: [(String, YAMLNode)] = []
+            for (key, v) in m {
                 guard allowed.contains(key) else {
                     throw fail(loc, "unknown key '\(key)' (allowed: \(allowed.sorted().joined(separator: ", ")))")
                 }
@@ -80,8 +75,8 @@ public enum ConfigLoader {
             }
             return out
         }
-        func scalar(_ n: Node, _ loc: String) throws -> String {
-            guard let s = n.scalar?.string else { throw fail(loc, "expected a single value") }
+        func scalar(_ n: YAMLNode, _ loc: String) throws -> String {
+            guard case .scalar(let s, _) = n else { throw fail(loc, "expected a single value") }
             return try expand(s, loc)
         }
         func expand(_ s: String, _ loc: String) throws -> String {
@@ -98,11 +93,11 @@ public enum ConfigLoader {
             }
             return out + rest
         }
-        func duration(_ n: Node, _ loc: String) throws -> Int64 {
+        func duration(_ n: YAMLNode, _ loc: String) throws -> Int64 {
             let s = try scalar(n, loc)
             do { return try DurationText.parseMicroseconds(s) } catch { throw fail(loc, "\(error)") }
         }
-        func integer(_ n: Node, _ loc: String) throws -> Int {
+        func integer(_ n: YAMLNode, _ loc: String) throws -> Int {
             let s = try scalar(n, loc)
             guard let v = Int(s), v > 0 else { throw fail(loc, "expected a positive whole number, got '\(s)'") }
             return v
@@ -110,11 +105,11 @@ public enum ConfigLoader {
 
         var defSync: Int64 = 1_000_000, defSnap: Int64 = 86_400_000_000, defFrames = 1000, defDelay: Int64 = 100_000
         var defLimit: Int64 = 1 << 30
-        func size(_ n: Node, _ loc: String) throws -> Int64 {
+        func size(_ n: YAMLNode, _ loc: String) throws -> Int64 {
             let s = try scalar(n, loc)
             do { return try ByteSize.parse(s) } catch { throw fail(loc, "\(error)") }
         }
-        var databasesNode: Node?
+        var databasesNode: YAMLNode?
         for (k, v) in try mapping(root, "", allowed: topKeys) {
             if k == "databases" { databasesNode = v; continue }
             for (dk, dv) in try mapping(v, "defaults", allowed: intervalKeys) {
@@ -128,7 +123,7 @@ public enum ConfigLoader {
                 }
             }
         }
-        guard let dbs = databasesNode?.sequence, !dbs.isEmpty else { throw fail("databases", "a non-empty list of databases is required") }
+        guard case .sequence(let dbs, _)? = databasesNode, !dbs.isEmpty else { throw fail("databases", "a non-empty list of databases is required") }
         var out: [DatabaseConfig] = []
         var seen: [String: Int] = [:]
         for (i, dbNode) in dbs.enumerated() {
@@ -136,7 +131,7 @@ public enum ConfigLoader {
             var path: String?
             var cfg = DatabaseConfig(path: "", syncIntervalUs: defSync, snapshotIntervalUs: defSnap, checkpointFrames: defFrames,
                                      readDelayUs: defDelay, spoolDirectory: nil, spoolLimitBytes: defLimit, replicas: [])
-            var replicaNodes: [Node]?
+            var replicaNodes: [YAMLNode]?
             for (k, v) in try mapping(dbNode, loc, allowed: databaseKeys) {
                 let l = "\(loc).\(k)"
                 switch k {
@@ -148,8 +143,8 @@ public enum ConfigLoader {
                 case "spool-dir": cfg.spoolDirectory = FS.absolute(try scalar(v, l))
                 case "spool-limit": cfg.spoolLimitBytes = try size(v, l)
                 default:
-                    guard let seq = v.sequence else { throw fail(l, "expected a list of replicas") }
-                    replicaNodes = Array(seq)
+                    guard case .sequence(let seq, _) = v else { throw fail(l, "expected a list of replicas") }
+                    replicaNodes = seq
                 }
             }
             guard let p = path, !p.isEmpty else { throw fail(loc, "'path' (the database file) is required") }

@@ -45,6 +45,9 @@ final class WalTailer {
     private(set) var lastCommitSize: UInt32 = 0
     private var readBuffer = [UInt8]()
     private var lastPollFrames = 0
+    /// True when the last poll stopped early to bound memory; poll again right away.
+    private(set) var hasMore = false
+    private let pollByteBudget = 512 * 1024
 
     init(walPath: String) { self.walPath = walPath }
 
@@ -92,6 +95,8 @@ final class WalTailer {
         let fileSize = try f.size()
         var out: [CommittedTransaction] = []
         var invalid = false
+        var keptBytes = 0
+        hasMore = false
         // Start with about as many frames as the last poll found: the file often holds stale
         // frames past the valid end (the WAL is reused after a restart), not worth copying.
         var batchFrames = max(2, lastPollFrames + 2)
@@ -102,7 +107,7 @@ final class WalTailer {
             let available = (fileSize - offset) / frameSize
             if available <= 0 { break }
             let n = min(available, batchFrames)
-            batchFrames = min(batchFrames * 4, max(1, (4 << 20) / frameSize))
+            batchFrames = min(batchFrames * 4, max(1, (1 << 20) / frameSize))
             if readBuffer.count < n * frameSize { readBuffer = [UInt8](repeating: 0, count: n * frameSize) }
             let got = try readBuffer.withUnsafeMutableBytes {
                 try f.read(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n * frameSize]))
@@ -120,6 +125,7 @@ final class WalTailer {
                     }
                     if fr.isCommit {
                         let kept = pendingBytes.map { b in pendingOrder.map { b[$0]! } }
+                        keptBytes += (kept?.count ?? 0) * frameSize + 64
                         out.append(CommittedTransaction(frames: pendingOrder.map { ($0, pending[$0]!) },
                                                         commitSize: fr.commitSize, header: h, commitFrame: fr.index, pages: kept))
                         for (pg, idx) in pending { pageFrames[pg] = idx }
@@ -127,9 +133,16 @@ final class WalTailer {
                         lastCommitSize = fr.commitSize
                         committedFrames = fr.index
                         committedChecksum = fr.checksum
+                        if keptBytes >= pollByteBudget && i + 1 < whole {
+                            // Enough in hand: resume after this commit on the next poll.
+                            v = WalFrameValidator(header: h, resumeAfter: committedFrames, checksum: committedChecksum)
+                            hasMore = true
+                            break
+                        }
                     }
                 }
             }
+            if hasMore || keptBytes >= pollByteBudget { hasMore = true; break }
             if whole < n { break }
         }
         if invalid {
