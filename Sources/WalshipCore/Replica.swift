@@ -49,7 +49,7 @@ public enum ReplicaFactory {
             guard path.hasPrefix("/") else {
                 throw ReplicaError.badURL(url, "a file URL needs an absolute path, like file:///var/backups/app-replica")
             }
-            return FileReplica(root: FS.normalize(percentDecoded(path)))
+            return FileReplica(root: FS.normalize(URIEncoding.decode(path)))
         }
         if url.hasPrefix("/") { return FileReplica(root: FS.normalize(url)) }
         if url.hasPrefix("s3://") {
@@ -57,18 +57,6 @@ public enum ReplicaFactory {
             return S3Replica(location: try S3Location.parse(url, environment: env), environment: env)
         }
         throw ReplicaError.badURL(url, "use file:///absolute/path or s3://bucket/prefix?endpoint=URL")
-    }
-
-    static func percentDecoded(_ s: String) -> String {
-        var out: [UInt8] = []
-        let b = Array(s.utf8)
-        var i = 0
-        while i < b.count {
-            if b[i] == 37, i + 2 < b.count, let v = UInt8(String(decoding: b[i + 1...i + 2], as: UTF8.self), radix: 16) {
-                out.append(v); i += 3
-            } else { out.append(b[i]); i += 1 }
-        }
-        return String(decoding: out, as: UTF8.self)
     }
 }
 
