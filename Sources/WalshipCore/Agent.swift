@@ -348,6 +348,13 @@ public final class Agent {
         lastRepinUs = monotonicMicroseconds()
     }
 
+    /// Under the write lock, reads the WAL to its end and moves the pin there. False when the
+    /// lock was busy (only when not `patient`).
+    @discardableResult
+    private func movePinToEnd(patient: Bool = false, waitMs: Int32 = 0) throws -> Bool {
+        try withWriteLock(patient: patient, waitMs: waitMs) { try pollAndAppend(); try repin() }
+    }
+
     // MARK: tailing
 
     /// Reads the WAL and appends every new committed transaction to the open segment.
@@ -560,7 +567,7 @@ public final class Agent {
             if s.reachableAgain && s.droppedGeneration == state.generation {
                 logger.notice("replica answers again after its backlog was dropped; starting a new generation",
                               metadata: ["replica.url": "\(s.replica.displayURL)"])
-                try withWriteLock(patient: true) { try pollAndAppend(); try repin() }
+                try movePinToEnd(patient: true)
                 try cutSegment()
                 try startGeneration(reason: "replica \(s.replica.displayURL) returned after its backlog was dropped", previous: state)
                 return
@@ -686,10 +693,7 @@ public final class Agent {
 
     /// A snapshot within the current generation: pin at the end, cut, stream.
     public func snapshotNow() throws {
-        try withWriteLock(patient: true) {
-            try pollAndAppend()
-            try repin()
-        }
+        try movePinToEnd(patient: true)
         try cutSegment()
         try writeSnapshot(rebuildTable: false)
         try saveState()
@@ -704,7 +708,7 @@ public final class Agent {
     /// follows as continuity. Skipped whenever the write lock is busy.
     private func checkpointCycle() throws {
         let start = monotonicMicroseconds()
-        guard try withWriteLock(waitMs: 20, { try pollAndAppend(); try repin() }) else {
+        guard try movePinToEnd(waitMs: 20) else {
             logger.debug("checkpoint skipped: write lock busy", metadata: meta)
             return
         }
@@ -716,7 +720,7 @@ public final class Agent {
             defer { try? repin() }
             final = try checkpointer.checkpoint(.passive)
         }
-        if pin.isAutocommit { _ = try withWriteLock(patient: true) { try pollAndAppend(); try repin() } }
+        if pin.isAutocommit { _ = try movePinToEnd(patient: true) }
         logger.debug("checkpoint", metadata: ["checkpoint.frames": "\(bulk.log)", "checkpoint.copied": "\(bulk.checkpointed)",
                                               "checkpoint.final": "\(final.map { "\($0.checkpointed)/\($0.log)" } ?? "skipped")",
                                               "checkpoint.ms": "\((monotonicMicroseconds() - start) / 1000)"])
@@ -760,7 +764,7 @@ public final class Agent {
                     kickShippers()
                     try collectOutbox()
                     // Keep the pin recent so application checkpoints are not held back long.
-                    _ = try withWriteLock(patient: false) { try pollAndAppend(); try repin() }
+                    try movePinToEnd()
                 }
                 nextCutUs = t + options.syncIntervalUs
             }

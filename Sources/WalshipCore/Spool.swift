@@ -64,11 +64,8 @@ final class Spool {
         let fd = open(dir + "/agent.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw SystemError.last("open \(dir)/agent.lock") }
         if flock(fd, LOCK_EX | LOCK_NB) != 0 {
-            var buf = [UInt8](repeating: 0, count: 32)
-            let n = pread(fd, &buf, 32, 0)
-            close(fd)
-            let text = String(decoding: buf.prefix(max(0, n)), as: UTF8.self).trimmingCharacters()
-            return Int32(text) ?? -1
+            defer { close(fd) }
+            return Spool.holderPID(fd)
         }
         ftruncate(fd, 0)
         let pid = Array("\(getpid())\n".utf8)
@@ -81,13 +78,16 @@ final class Spool {
         let fd = open(dir + "/agent.lock", O_RDWR | O_CLOEXEC)
         guard fd >= 0 else { return nil }
         defer { close(fd) }
-        if flock(fd, LOCK_EX | LOCK_NB) != 0 {
-            var buf = [UInt8](repeating: 0, count: 32)
-            let n = pread(fd, &buf, 32, 0)
-            return Int32(String(decoding: buf.prefix(max(0, n)), as: UTF8.self).trimmingCharacters()) ?? -1
-        }
+        if flock(fd, LOCK_EX | LOCK_NB) != 0 { return Spool.holderPID(fd) }
         flock(fd, LOCK_UN)
         return nil
+    }
+
+    /// The pid the lock holder wrote into the lock file (-1 if unreadable).
+    private static func holderPID(_ fd: Int32) -> Int32 {
+        var buf = [UInt8](repeating: 0, count: 32)
+        let n = pread(fd, &buf, 32, 0)
+        return Int32(String(decoding: buf.prefix(max(0, n)), as: UTF8.self).trimmingCharacters()) ?? -1
     }
 
     func loadState() throws -> AgentState? {

@@ -118,21 +118,9 @@ final class WalTailer {
                 for i in 0..<whole {
                     let unit = UnsafeRawBufferPointer(rebasing: buf[i * frameSize..<(i + 1) * frameSize])
                     guard let fr = v.validate(unit) else { invalid = true; break }
-                    if pending[fr.pageNumber] == nil { pendingOrder.append(fr.pageNumber) }
-                    pending[fr.pageNumber] = fr.index
-                    if pendingBytes != nil {
-                        if pending.count * frameSize > keepLimit { pendingBytes = nil } else { pendingBytes![fr.pageNumber] = Array(fr.page) }
-                    }
-                    if fr.isCommit {
-                        let kept = pendingBytes.map { b in pendingOrder.map { b[$0]! } }
-                        keptBytes += (kept?.count ?? 0) * frameSize + 64
-                        out.append(CommittedTransaction(frames: pendingOrder.map { ($0, pending[$0]!) },
-                                                        commitSize: fr.commitSize, header: h, commitFrame: fr.index, pages: kept))
-                        for (pg, idx) in pending { pageFrames[pg] = idx }
-                        clearPending()
-                        lastCommitSize = fr.commitSize
-                        committedFrames = fr.index
-                        committedChecksum = fr.checksum
+                    if let t = take(fr, header: h, keepPages: true) {
+                        keptBytes += (t.pages?.count ?? 0) * frameSize + 64
+                        out.append(t)
                         if keptBytes >= pollByteBudget && i + 1 < whole {
                             // Enough in hand: resume after this commit on the next poll.
                             v = WalFrameValidator(header: h, resumeAfter: committedFrames, checksum: committedChecksum)
@@ -161,6 +149,27 @@ final class WalTailer {
         return .transactions(out)
     }
 
+    /// Adds a validated frame to the transaction in progress. On its commit frame, closes the
+    /// transaction, moves the committed position past it and returns it (with its pages when
+    /// `keepPages` and the transaction stayed small).
+    private func take(_ fr: WalFrame, header h: WalHeader, keepPages: Bool) -> CommittedTransaction? {
+        if pending[fr.pageNumber] == nil { pendingOrder.append(fr.pageNumber) }
+        pending[fr.pageNumber] = fr.index
+        if keepPages, pendingBytes != nil {
+            if pending.count * h.frameSize > keepLimit { pendingBytes = nil } else { pendingBytes![fr.pageNumber] = Array(fr.page) }
+        }
+        guard fr.isCommit else { return nil }
+        let kept = keepPages ? pendingBytes.map { b in pendingOrder.map { b[$0]! } } : nil
+        let t = CommittedTransaction(frames: pendingOrder.map { ($0, pending[$0]!) }, commitSize: fr.commitSize,
+                                     header: h, commitFrame: fr.index, pages: kept)
+        for (pg, idx) in pending { pageFrames[pg] = idx }
+        clearPending()
+        lastCommitSize = fr.commitSize
+        committedFrames = fr.index
+        committedChecksum = fr.checksum
+        return t
+    }
+
     private func clearPending() {
         pending.removeAll(keepingCapacity: true)
         pendingOrder.removeAll(keepingCapacity: true)
@@ -170,39 +179,23 @@ final class WalTailer {
     /// Re-validates the current WAL from frame 1 and checks that the chain reaches `position`
     /// exactly; on success the tailer stands at `position` with its page map rebuilt.
     func resume(at position: WalPosition) throws -> Bool {
-        guard let h = try readHeader(), let want = position.header, h == want else { return false }
+        guard let h = try readHeader(), let want = position.header, h == want, let f = try openFile() else { return false }
         adopt(h)
-        while committedFrames < position.frames {
-            guard case .transactions(let txns) = try pollLimited(upTo: position.frames), !txns.isEmpty else { return false }
-        }
-        return committedFrames == position.frames && committedChecksum == position.checksum
-    }
-
-    /// Like poll, but never passes frame `limit` (used to replay up to a known position).
-    private func pollLimited(upTo limit: Int) throws -> Observation {
-        guard let f = try openFile(), let h = header else { return .transactions([]) }
         var v = validator!
-        var out: [CommittedTransaction] = []
         var buf = [UInt8](repeating: 0, count: h.frameSize)
-        while v.validFrames < limit {
+        // Frame by frame, never past the recorded position.
+        while v.validFrames < position.frames {
             let got = try buf.withUnsafeMutableBytes { try f.read(at: h.frameOffset(v.validFrames + 1), into: $0) }
             guard got == h.frameSize else { break }
-            let ok: Bool = buf.withUnsafeBytes { b in
+            let valid: Bool = buf.withUnsafeBytes { b in
                 guard let fr = v.validate(b) else { return false }
-                if pending[fr.pageNumber] == nil { pendingOrder.append(fr.pageNumber) }
-                pending[fr.pageNumber] = fr.index
-                if fr.isCommit {
-                    out.append(CommittedTransaction(frames: pendingOrder.map { ($0, pending[$0]!) }, commitSize: fr.commitSize, header: h, commitFrame: fr.index))
-                    for (pg, idx) in pending { pageFrames[pg] = idx }
-                    clearPending()
-                    lastCommitSize = fr.commitSize; committedFrames = fr.index; committedChecksum = fr.checksum
-                }
+                _ = take(fr, header: h, keepPages: false)
                 return true
             }
-            if !ok { break }
+            if !valid { break }
         }
         validator = v
-        return .transactions(out)
+        return committedFrames == position.frames && committedChecksum == position.checksum
     }
 
     /// Reads one page image out of a committed frame.
