@@ -2,9 +2,9 @@
 import PackageDescription
 
 // Module layout (see docs/ARCHITECTURE.md):
-//   CSQLite / CLZ4 / CCurl   system libraries, each imported by exactly one Swift module
+//   CSQLite / CLZ4 / CCurl / CCrypto   system libraries, each imported by exactly one Swift module
 //   WalshipFormat            pure formats: WAL parsing, checksums, segment/snapshot encoding, names, time
-//   WalshipLZ4 / WalshipSQLite / WalshipCurl   thin owners of the C handles
+//   WalshipLZ4 / WalshipSQLite / WalshipCurl / WalshipCrypto   thin owners of the C handles
 //   WalshipCore              agent (capture, spool, shipping), replicas, restore, list
 //   walship                  the command-line tool
 let package = Package(
@@ -24,12 +24,15 @@ let package = Package(
                        providers: [.apt(["liblz4-dev"])]),
         .systemLibrary(name: "CCurl", path: "Sources/CCurl", pkgConfig: "libcurl",
                        providers: [.apt(["libcurl4-openssl-dev"])]),
+        .systemLibrary(name: "CCrypto", path: "Sources/CCrypto", pkgConfig: "libcrypto",
+                       providers: [.apt(["libssl-dev"])]),
         .target(name: "WalshipFormat"),
         .target(name: "WalshipLZ4", dependencies: ["CLZ4"]),
         .target(name: "WalshipSQLite", dependencies: ["CSQLite"]),
         .target(name: "WalshipCurl", dependencies: ["CCurl"]),
+        .target(name: "WalshipCrypto", dependencies: ["CCrypto"]),
         .target(name: "WalshipCore", dependencies: [
-            "WalshipFormat", "WalshipLZ4", "WalshipSQLite", "WalshipCurl",
+            "WalshipFormat", "WalshipLZ4", "WalshipSQLite", "WalshipCurl", "WalshipCrypto",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "walship", dependencies: [
@@ -37,7 +40,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
-        .testTarget(name: "WalshipFormatTests", dependencies: ["WalshipFormat", "WalshipLZ4", "WalshipSQLite"]),
+        .testTarget(name: "WalshipFormatTests", dependencies: ["WalshipFormat", "WalshipLZ4", "WalshipSQLite", "WalshipCrypto"]),
     ],
     swiftLanguageModes: [.v5]
 )

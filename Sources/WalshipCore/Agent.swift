@@ -6,6 +6,7 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
+import Dispatch
 import Logging
 import WalshipFormat
 import WalshipSQLite
@@ -31,6 +32,21 @@ public struct AgentOptions {
     public var pollIntervalUs: Int64 = 250_000
     /// Take one snapshot, ship everything, and return (`walship snapshot` with no agent running).
     public var oneShotSnapshot = false
+    /// Encrypt every object with this key (AES-256-GCM); nil stores them in the clear.
+    public var encryptionKey: EncryptionKey?
+    /// Snapshots older than this are deleted (the newest one before the cutoff is kept, so
+    /// every point of the last `retention` stays restorable), with the segments only they need.
+    public var retentionUs: Int64 = OperationsDefaults.retentionUs
+    /// Window sizes of compaction levels 1, 2, ... (empty: no compaction).
+    public var compactionLevelsUs: [Int64] = OperationsDefaults.compactionLevelsUs
+    /// Inside this window every transaction stays a restore point; older history is kept at
+    /// the boundaries of the last compaction level.
+    public var fineWindowUs: Int64 = OperationsDefaults.fineWindowUs
+    /// Run a restore drill against every replica this often (0: never).
+    public var verifyIntervalUs: Int64 = 0
+    public var webhookURL: String?
+    public var alertLagUs: Int64 = OperationsDefaults.alertLagUs
+    public var alertSyncFailureUs: Int64 = OperationsDefaults.alertSyncFailureUs
     public init(databasePath: String, replicaURLs: [String]) {
         self.databasePath = databasePath
         self.replicaURLs = replicaURLs
@@ -39,6 +55,14 @@ public struct AgentOptions {
     public static func defaultReplicaURL(forDatabase db: String) -> String {
         "file://" + FS.dirname(db) + "/" + FS.basename(db) + "-replica"
     }
+}
+
+public enum OperationsDefaults {
+    public static let retentionUs: Int64 = 7 * 86_400_000_000
+    public static let fineWindowUs: Int64 = 86_400_000_000
+    public static let compactionLevelsUs: [Int64] = [300_000_000, 3_600_000_000]
+    public static let alertLagUs: Int64 = 300_000_000
+    public static let alertSyncFailureUs: Int64 = 60_000_000
 }
 
 /// Thrown by `run()` when the agent must start over (the database file was replaced).
@@ -97,6 +121,16 @@ public final class Agent {
     private var lastCheckpointTryUs: Int64 = 0
     private var lastRepinUs: Int64 = 0
 
+    /// Figures for /metrics, `walship status` and alerts.
+    public let status: AgentStatus
+    private var alerter: Alerter?
+    private var lastStatusFileUs: Int64 = 0
+    private var lastAlertCheckUs: Int64 = 0
+    private var lastHousekeepingUs: Int64 = 0
+    private var lastVerifyUs: Int64 = 0
+    private let verifyQueue = DispatchQueue(label: "walship.verify")
+    private let verifyBusy = Flag()
+
     private var stopRequested = false
     private var inotifyFD: Int32 = -1
     private var wakePipe: [Int32] = [-1, -1]
@@ -116,6 +150,11 @@ public final class Agent {
         self.walPath = dbPath + "-wal"
         self.spool = Spool(dir: options.spoolDirectory ?? Spool.defaultDirectory(forDatabase: FS.absolute(options.databasePath)))
         self.tailer = WalTailer(walPath: dbPath + "-wal")
+        self.status = AgentStatus(database: dbPath)
+        if let url = options.webhookURL {
+            alerter = Alerter(settings: Alerter.Settings(url: url, lagUs: options.alertLagUs, syncFailureUs: options.alertSyncFailureUs),
+                              database: dbPath, logger: logger)
+        }
     }
 
     var meta: Logger.Metadata { ["db.path": "\(dbPath)"] }
@@ -141,14 +180,23 @@ public final class Agent {
         dbFile = try RawFile(path: dbPath, flags: O_RDONLY)
         shmFile = try? RawFile.openIfExists(dbPath + "-shm")
         table = try PageHashTable(path: spool.tablePath)
-        for r in replicas { shippers.append(Shipper(replica: r, spool: spool, logger: logger)) }
+        for r in replicas {
+            let s = Shipper(replica: r, spool: spool, logger: logger)
+            s.onError = { [status] in status.countError("upload") }
+            shippers.append(s)
+        }
+        StatusBoard.register(status, for: dbPath)
 
         let previous = try spool.loadState()
         let pageSize = try databasePageSize()
         let ino = try dbFile.inode()
         var continued = false
         try withWriteLock(patient: true) {
-            if var s = previous, s.dbDevice == ino.dev, s.dbInode == ino.ino, s.pageSize == pageSize, s.dbPath == dbPath {
+            let sameKey = (previous?.keyID ?? 0) == (options.encryptionKey?.id ?? 0)
+            if previous != nil && !sameKey {
+                logger.warning("the encryption key changed (or encryption was turned on or off); starting a new generation so that no generation mixes keys", metadata: meta)
+            }
+            if var s = previous, sameKey, s.dbDevice == ino.dev, s.dbInode == ino.ino, s.pageSize == pageSize, s.dbPath == dbPath {
                 if try tailer.resume(at: s.wal) {
                     continued = true
                 } else if try tailer.readHeader() == nil || walHasNoCommittedFrames() {
@@ -308,7 +356,7 @@ public final class Agent {
         var size = UInt32(0)
         var logical = state.dbPages
         var header: TransactionHeader?
-        try streamObject(r, key: FS.basename(path), expect: .segment) { chunk in
+        try streamObject(r, key: FS.basename(path), expect: .segment, encryption: options.encryptionKey) { chunk in
             try decoder.feed(chunk) { ev in
                 switch ev {
                 case .transaction(let t): header = t; pages.removeAll(); size = t.dbPages
@@ -403,7 +451,7 @@ public final class Agent {
         let pageSize = t.header.pageSize
         let now = max(commitStamp(t), lastCommitTimeUs)
         if segment == nil {
-            let b = try ObjectBuilder(path: spool.workDir + "/segment.part")
+            let b = try ObjectBuilder(path: spool.workDir + "/segment.part", key: options.encryptionKey)
             try b.write(SegmentCodec.header(pageSize: pageSize))
             segment = OpenSegment(builder: b, firstTxid: lastTxid + 1, firstTimeUs: now)
         }
@@ -606,14 +654,26 @@ public final class Agent {
         state = AgentState(dbPath: dbPath, dbDevice: ino.dev, dbInode: ino.ino, generation: gen, pageSize: pageSize,
                            lastTxid: baseTxid, lastCommitTimeUs: lastCommitTimeUs, dbPages: 0, dbChecksum: 0,
                            tableTxid: baseTxid, wal: tailer.position, nextSequence: nextSeq,
-                           lastSnapshotTimeUs: 0, lastSnapshotTxid: 0)
+                           lastSnapshotTimeUs: 0, lastSnapshotTxid: 0, keyID: options.encryptionKey?.id)
         lastTxid = baseTxid
         logger.notice("starting a new generation", metadata: meta.merging(["generation": "\(gen)", "reason": "\(reason)"]) { a, _ in a })
-        let info: [String: String] = [
+        status.update { $0.newGenerations += 1; $0.generation = gen }
+        if reason != "first run" {
+            alerter?.event("new generation \(gen) started: \(reason); a snapshot follows, and restores before it use the previous generation")
+        }
+        var info: [String: String] = [
             "generation": gen, "created": Timestamp.format(microseconds: nowMicroseconds()),
             "page_size": "\(pageSize)", "reason": reason, "format_version": "\(ObjectMetadata.formatVersion)",
-            "database": dbPath, "host": hostName(), "base_txid": "\(baseTxid)",
+            "base_txid": "\(baseTxid)",
         ]
+        if let k = options.encryptionKey {
+            // Encrypted replicas reveal nothing about the host or the database's path.
+            info["encryption"] = "AES-256-GCM"
+            info["encryption_key_id"] = k.idText
+        } else {
+            info["database"] = dbPath
+            info["host"] = hostName()
+        }
         let json = try JSONEncoder().encode(info)
         let path = spool.workDir + "/generation.json"
         try FS.writeAtomically(path, Array(json))
@@ -631,7 +691,7 @@ public final class Agent {
         let pageSize = state.pageSize
         let pages = tailer.lastCommitSize > 0 ? tailer.lastCommitSize : try databaseFilePages(pageSize: pageSize)
         let now = max(nowMicroseconds(), lastCommitTimeUs)
-        let builder = try ObjectBuilder(path: spool.workDir + "/snapshot.part")
+        let builder = try ObjectBuilder(path: spool.workDir + "/snapshot.part", key: options.encryptionKey)
         let lock = DatabaseChecksum.lockBytePage(pageSize: pageSize)
         var sum: UInt64 = 0
         var buf = [UInt8](repeating: 0, count: pageSize)
@@ -710,6 +770,7 @@ public final class Agent {
         let start = monotonicMicroseconds()
         guard try movePinToEnd(waitMs: 20) else {
             logger.debug("checkpoint skipped: write lock busy", metadata: meta)
+            status.update { $0.checkpoints["skipped", default: 0] += 1 }
             return
         }
         let bulk = try checkpointer.checkpoint(.passive)
@@ -721,6 +782,13 @@ public final class Agent {
             final = try checkpointer.checkpoint(.passive)
         }
         if pin.isAutocommit { _ = try movePinToEnd(patient: true) }
+        let seconds = Double(monotonicMicroseconds() - start) / 1e6
+        let result = final.map { !$0.busy && $0.checkpointed == $0.log ? "complete" : "partial" } ?? "partial"
+        status.update {
+            $0.checkpoints[result, default: 0] += 1
+            $0.checkpointSecondsTotal += seconds
+            $0.lastCheckpointSeconds = seconds
+        }
         logger.debug("checkpoint", metadata: ["checkpoint.frames": "\(bulk.log)", "checkpoint.copied": "\(bulk.checkpointed)",
                                               "checkpoint.final": "\(final.map { "\($0.checkpointed)/\($0.log)" } ?? "skipped")",
                                               "checkpoint.ms": "\((monotonicMicroseconds() - start) / 1000)"])
@@ -785,9 +853,157 @@ public final class Agent {
                     try saveState()   // records the flushed table, so the last segment can leave the spool
                 }
                 try collectOutbox()
+                try operationsTick()
             }
         }
         try shutdown()
+    }
+
+    // MARK: operations: status, alerts, housekeeping, drills
+
+    /// Runs from the main loop about four times a second.
+    private func operationsTick() throws {
+        let now = nowMicroseconds()
+        try refreshStatus(nowUs: now)
+        let mono = monotonicMicroseconds()
+        if mono - lastStatusFileUs >= 1_000_000 {
+            lastStatusFileUs = mono
+            StatusFile.write(status.current, spool: spool.dir)
+        }
+        if let a = alerter, mono - lastAlertCheckUs >= 1_000_000 {
+            lastAlertCheckUs = mono
+            a.evaluate(status.current, nowUs: now)
+        }
+        if mono - lastHousekeepingUs >= housekeepingEveryUs {
+            lastHousekeepingUs = mono
+            scheduleHousekeeping()
+        }
+        if options.verifyIntervalUs > 0 && (lastVerifyUs == 0 || mono - lastVerifyUs >= options.verifyIntervalUs) {
+            if lastVerifyUs == 0 { lastVerifyUs = mono; return }   // the first drill after one interval
+            lastVerifyUs = mono
+            scheduleVerify()
+        }
+    }
+
+    /// How often retention and compaction look at each replica.
+    private var housekeepingEveryUs: Int64 {
+        var every = min(options.retentionUs / 4, 300_000_000)
+        if let w = options.compactionLevelsUs.first { every = min(every, w / 2) }
+        return max(every, 1_000_000)
+    }
+
+    private func refreshStatus(nowUs: Int64) throws {
+        let entries = try spool.outboxEntries()
+        let walBytes = UInt64(FS.fileSize(walPath) ?? 0)
+        let spoolBytes = entries.reduce(UInt64(0)) { $0 + UInt64(FS.fileSize($1.path) ?? 0) }
+        var reps: [ReplicaStatus] = []
+        for s in shippers {
+            let acked = s.acked
+            var oldest: Int64? = segment?.firstTimeUs
+            for e in entries where e.sequence > acked && e.sequence < shippableSequence {
+                if let t = Agent.firstCommitTimeUs(ofKey: e.key) { oldest = min(oldest ?? t, t) }
+            }
+            var r = ReplicaStatus(url: s.replica.displayURL)
+            r.lagSeconds = oldest.map { Double(max(0, nowUs - $0)) / 1e6 } ?? 0
+            r.lastSyncUnix = Double(s.lastSuccessUs) / 1e6
+            let up = s.uploads
+            r.shippedObjects = UInt64(up.count); r.shippedBytes = up.bytes
+            r.requests = s.replica.requestCounts.snapshot
+            r.lastError = s.lastError
+            r.failingSinceUnix = s.failingSinceUs.map { Double($0) / 1e6 }
+            reps.append(r)
+        }
+        status.update {
+            $0.updatedUnix = Double(nowUs) / 1e6
+            $0.generation = state.generation
+            $0.txid = lastTxid
+            $0.lastCommitUnix = Double(lastCommitTimeUs) / 1e6
+            $0.walBytes = walBytes
+            $0.spoolBytes = spoolBytes
+            $0.lastSnapshotUnix = Double(state.lastSnapshotTimeUs) / 1e6
+            // Keep what other threads record (drills, housekeeping); refresh the rest.
+            while $0.replicas.count < reps.count { $0.replicas.append(reps[$0.replicas.count]) }
+            for (i, r) in reps.enumerated() {
+                $0.replicas[i].url = r.url
+                $0.replicas[i].lagSeconds = r.lagSeconds
+                $0.replicas[i].lastSyncUnix = r.lastSyncUnix
+                $0.replicas[i].shippedObjects = r.shippedObjects
+                $0.replicas[i].shippedBytes = r.shippedBytes
+                $0.replicas[i].requests = r.requests
+                $0.replicas[i].lastError = r.lastError
+                $0.replicas[i].failingSinceUnix = r.failingSinceUnix
+            }
+        }
+    }
+
+    /// The commit time an outbox object starts at: segments and snapshots carry it in their names.
+    static func firstCommitTimeUs(ofKey key: String) -> Int64? {
+        let parts = key.split(separator: "/").map(String.init)
+        if parts.count == 5, let s = SegmentName.parse(generation: parts[1], level: 0, fileName: parts[4]) { return s.firstTimeMs * 1000 }
+        if parts.count == 4, let s = SnapshotName.parse(generation: parts[1], fileName: parts[3]) { return s.timeMs * 1000 }
+        return nil
+    }
+
+    /// Retention and compaction, on each healthy replica's own queue.
+    private func scheduleHousekeeping() {
+        let settings = Housekeeper.Settings(retentionUs: options.retentionUs, compactionLevelsUs: options.compactionLevelsUs,
+                                            fineWindowUs: options.fineWindowUs,
+                                            settleUs: 2 * options.syncIntervalUs + 2_000_000, encryptionKey: options.encryptionKey)
+        for (i, s) in shippers.enumerated() where s.lastError == nil && s.droppedGeneration == nil {
+            let keeper = Housekeeper(replica: s.replica, workDir: spool.workDir, settings: settings, logger: logger)
+            let status = self.status, logger = self.logger
+            s.housekeeping {
+                do {
+                    let o = try keeper.run()
+                    if o.deleted > 0 || o.compacted > 0 {
+                        status.update {
+                            guard i < $0.replicas.count else { return }
+                            $0.replicas[i].deletedObjects += UInt64(o.deleted + o.compacted)
+                            $0.replicas[i].compactedObjects += UInt64(o.compacted)
+                        }
+                    }
+                } catch {
+                    status.countError("housekeeping")
+                    logger.error("retention or compaction failed; retrying later", metadata: ["replica.url": "\(s.replica.displayURL)", "error": "\(error)"])
+                }
+            }
+        }
+    }
+
+    /// A restore drill of every replica, in the background, one at a time.
+    private func scheduleVerify() {
+        guard verifyBusy.testAndSet() else { return }
+        let urls = options.replicaURLs, envs = options.replicaEnvironments
+        let key = options.encryptionKey, dir = spool.dir + "/verify", status = self.status, logger = self.logger
+        let busy = verifyBusy
+        verifyQueue.async {
+            defer { busy.clear() }
+            try? FS.makeDirectories(dir, mode: 0o700)
+            for (i, url) in urls.enumerated() {
+                let report: VerifyReport
+                do {
+                    let r = try ReplicaFactory.open(url, environment: i < envs.count ? envs[i] : nil)
+                    report = Verifier.run(replica: r, target: .latest, encryptionKey: key, tempDir: dir, scrub: .segments)
+                } catch {
+                    var failed = VerifyReport(replica: url, target: RestoreTarget.latest.description)
+                    failed.problems = ["\(error)"]
+                    report = failed
+                }
+                status.update {
+                    guard i < $0.replicas.count else { return }
+                    $0.replicas[i].verifyOK = report.ok
+                    $0.replicas[i].verifyUnix = Double(nowMicroseconds()) / 1e6
+                    $0.replicas[i].verifyMessage = report.ok ? "txid \(report.txid ?? 0) restored and checked" : report.problems.first
+                }
+                if report.ok {
+                    logger.info("restore drill passed", metadata: ["replica.url": "\(report.replica)", "txid": "\(report.txid ?? 0)",
+                                                                  "objects": "\(report.objectsChecked)", "seconds": "\(format1(report.seconds))"])
+                } else {
+                    status.countError("verify")
+                    logger.error("restore drill failed", metadata: ["replica.url": "\(report.replica)", "problem": "\(report.problems.first ?? "")"])
+                }
+            }
+        }
     }
 
     /// Notices a database file replaced underneath (restored, copied over). Uses stat on the

@@ -16,17 +16,28 @@ import WalshipFormat
 ///           - url: file:///var/backups/app
 public struct WalshipConfig {
     public var databases: [DatabaseConfig]
+    /// `metrics-addr: HOST:PORT`, one endpoint for the whole process.
+    public var metricsAddress: String?
 }
 
 public struct DatabaseConfig {
     public var path: String
-    public var syncIntervalUs: Int64
-    public var snapshotIntervalUs: Int64
-    public var checkpointFrames: Int
-    public var readDelayUs: Int64
+    public var syncIntervalUs: Int64 = 1_000_000
+    public var snapshotIntervalUs: Int64 = 86_400_000_000
+    public var checkpointFrames = 1000
+    public var readDelayUs: Int64 = 100_000
     public var spoolDirectory: String?
-    public var spoolLimitBytes: Int64
+    public var spoolLimitBytes: Int64 = 1 << 30
+    public var retentionUs: Int64 = OperationsDefaults.retentionUs
+    public var fineWindowUs: Int64 = OperationsDefaults.fineWindowUs
+    public var compactionLevelsUs: [Int64] = OperationsDefaults.compactionLevelsUs
+    public var verifyIntervalUs: Int64 = 0
+    public var webhookURL: String?
+    public var alertLagUs: Int64 = OperationsDefaults.alertLagUs
+    public var alertSyncFailureUs: Int64 = OperationsDefaults.alertSyncFailureUs
     public var replicas: [ReplicaConfig]
+    /// `encryption: {key-file: PATH}`: the 32-byte key objects are sealed with.
+    public var encryptionKeyFile: String?
 }
 
 public struct ReplicaConfig {
@@ -44,8 +55,10 @@ public struct ConfigError: Error, CustomStringConvertible {
 }
 
 public enum ConfigLoader {
-    static let topKeys: Set<String> = ["defaults", "databases"]
-    static let intervalKeys: Set<String> = ["sync-interval", "snapshot-interval", "checkpoint-frames", "read-delay", "spool-limit"]
+    static let topKeys: Set<String> = ["defaults", "databases", "metrics-addr"]
+    static let intervalKeys: Set<String> = ["sync-interval", "snapshot-interval", "checkpoint-frames", "read-delay", "spool-limit",
+                                            "retention", "fine-window", "compaction", "verify-interval", "webhook-url",
+                                            "alert-lag", "alert-sync-failure", "encryption"]
     static let databaseKeys: Set<String> = intervalKeys.union(["path", "spool-dir", "replicas"])
     static let replicaKeys: Set<String> = ["url", "access-key-id", "secret-access-key", "session-token", "region"]
 
@@ -59,6 +72,7 @@ public enum ConfigLoader {
 
     public static func parse(_ text: String, file: String, environment env: [String: String]) throws -> WalshipConfig {
         func fail(_ loc: String, _ msg: String) -> ConfigError { ConfigError(file: file, location: loc, problem: msg) }
+        var metricsAddress: String?
         let root: YAMLNode
         do { root = try MiniYAML.parse(text) } catch {
             throw fail("", "not valid YAML: \(error)")
@@ -103,24 +117,44 @@ public enum ConfigLoader {
             return v
         }
 
-        var defSync: Int64 = 1_000_000, defSnap: Int64 = 86_400_000_000, defFrames = 1000, defDelay: Int64 = 100_000
-        var defLimit: Int64 = 1 << 30
         func size(_ n: YAMLNode, _ loc: String) throws -> Int64 {
             let s = try scalar(n, loc)
             do { return try ByteSize.parse(s) } catch { throw fail(loc, "\(error)") }
         }
+        /// Keys allowed both under `defaults:` and per database.
+        func applyCommon(_ k: String, _ v: YAMLNode, _ l: String, _ cfg: inout DatabaseConfig) throws {
+            switch k {
+            case "sync-interval": cfg.syncIntervalUs = try duration(v, l)
+            case "snapshot-interval": cfg.snapshotIntervalUs = try duration(v, l)
+            case "read-delay": cfg.readDelayUs = try duration(v, l)
+            case "checkpoint-frames": cfg.checkpointFrames = try integer(v, l)
+            case "spool-limit": cfg.spoolLimitBytes = try size(v, l)
+            case "retention": cfg.retentionUs = try duration(v, l)
+            case "fine-window": cfg.fineWindowUs = try duration(v, l)
+            case "compaction":
+                let text = try scalar(v, l)
+                do { cfg.compactionLevelsUs = try CompactionLevels.parse(text) } catch { throw fail(l, "\(error)") }
+            case "verify-interval": cfg.verifyIntervalUs = try duration(v, l)
+            case "webhook-url": cfg.webhookURL = try scalar(v, l)
+            case "alert-lag": cfg.alertLagUs = try duration(v, l)
+            case "alert-sync-failure": cfg.alertSyncFailureUs = try duration(v, l)
+            case "encryption":
+                for (ek, ev) in try mapping(v, l, allowed: ["key-file"]) {
+                    _ = ek
+                    let path = FS.absolute(try scalar(ev, "\(l).key-file"))
+                    do { _ = try EncryptionKey.load(path: path) } catch { throw fail("\(l).key-file", "\(error)") }
+                    cfg.encryptionKeyFile = path
+                }
+            default: throw fail(l, "unknown key '\(k)'")
+            }
+        }
+        var template = DatabaseConfig(path: "", replicas: [])
         var databasesNode: YAMLNode?
         for (k, v) in try mapping(root, "", allowed: topKeys) {
             if k == "databases" { databasesNode = v; continue }
+            if k == "metrics-addr" { metricsAddress = try scalar(v, k); continue }
             for (dk, dv) in try mapping(v, "defaults", allowed: intervalKeys) {
-                let loc = "defaults.\(dk)"
-                switch dk {
-                case "sync-interval": defSync = try duration(dv, loc)
-                case "snapshot-interval": defSnap = try duration(dv, loc)
-                case "read-delay": defDelay = try duration(dv, loc)
-                case "spool-limit": defLimit = try size(dv, loc)
-                default: defFrames = try integer(dv, loc)
-                }
+                try applyCommon(dk, dv, "defaults.\(dk)", &template)
             }
         }
         guard case .sequence(let dbs, _)? = databasesNode, !dbs.isEmpty else { throw fail("databases", "a non-empty list of databases is required") }
@@ -129,22 +163,17 @@ public enum ConfigLoader {
         for (i, dbNode) in dbs.enumerated() {
             let loc = "databases[\(i)]"
             var path: String?
-            var cfg = DatabaseConfig(path: "", syncIntervalUs: defSync, snapshotIntervalUs: defSnap, checkpointFrames: defFrames,
-                                     readDelayUs: defDelay, spoolDirectory: nil, spoolLimitBytes: defLimit, replicas: [])
+            var cfg = template
             var replicaNodes: [YAMLNode]?
             for (k, v) in try mapping(dbNode, loc, allowed: databaseKeys) {
                 let l = "\(loc).\(k)"
                 switch k {
                 case "path": path = try scalar(v, l)
-                case "sync-interval": cfg.syncIntervalUs = try duration(v, l)
-                case "snapshot-interval": cfg.snapshotIntervalUs = try duration(v, l)
-                case "read-delay": cfg.readDelayUs = try duration(v, l)
-                case "checkpoint-frames": cfg.checkpointFrames = try integer(v, l)
                 case "spool-dir": cfg.spoolDirectory = FS.absolute(try scalar(v, l))
-                case "spool-limit": cfg.spoolLimitBytes = try size(v, l)
-                default:
+                case "replicas":
                     guard case .sequence(let seq, _) = v else { throw fail(l, "expected a list of replicas") }
                     replicaNodes = seq
+                default: try applyCommon(k, v, l, &cfg)
                 }
             }
             guard let p = path, !p.isEmpty else { throw fail(loc, "'path' (the database file) is required") }
@@ -180,6 +209,6 @@ public enum ConfigLoader {
             }
             out.append(cfg)
         }
-        return WalshipConfig(databases: out)
+        return WalshipConfig(databases: out, metricsAddress: metricsAddress)
     }
 }

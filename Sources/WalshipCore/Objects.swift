@@ -12,21 +12,22 @@ public struct ObjectError: Error, CustomStringConvertible {
     public var description: String { "object '\(key)' in \(replica) \(problem)" }
 }
 
-/// Streams one stored object: checks its metadata, then decompresses its LZ4 frame and hands
-/// the payload to `payload` chunk by chunk. Returns the metadata. Wraps every format failure
-/// in an ObjectError that names the object.
+/// Streams one stored object: checks its metadata, then (decrypting it when it is sealed)
+/// decompresses its LZ4 frame and hands the payload to `payload` chunk by chunk. Returns the
+/// metadata. Wraps every format failure in an ObjectError that names the object.
 @discardableResult
-func streamObject(_ replica: Replica, key: String, expect kind: ObjectKind,
+func streamObject(_ replica: Replica, key: String, expect kind: ObjectKind, encryption: EncryptionKey? = nil,
                   onMetadata: (ObjectMetadata) throws -> Void = { _ in },
                   payload: (UnsafeRawBufferPointer) throws -> Void) throws -> ObjectMetadata {
     var head: [UInt8] = []
     var meta: ObjectMetadata?
     let lz = try LZ4FrameDecompressor(name: key)
-    var stopped = false
+    var opener: SealedStreamReader?
     func wrap(_ e: Error) -> Error {
-        if e is StopStreaming || e is ObjectError || e is ReplicaError { return e }
+        if e is StopStreaming || e is ObjectError || e is ReplicaError || e is EncryptionError { return e }
         if let s = e as? SystemError { return s }
         if let l = e as? LZ4Error { return ObjectError(key: key, replica: replica.displayURL, problem: "is corrupt or truncated (\(l.message))") }
+        if let s = e as? SealError { return ObjectError(key: key, replica: replica.displayURL, problem: "\(s)") }
         return ObjectError(key: key, replica: replica.displayURL, problem: "is unreadable: \(e)")
     }
     do {
@@ -41,23 +42,29 @@ func streamObject(_ replica: Replica, key: String, expect kind: ObjectKind,
                 guard m.kind == kind else {
                     throw ObjectError(key: key, replica: replica.displayURL, problem: "is a \(m.kind), expected a \(kind)")
                 }
-                if m.flags & ObjectMetadata.flagEncrypted != 0 {
-                    throw ObjectError(key: key, replica: replica.displayURL, problem: "is encrypted; give the key with --encryption-key-file")
+                if m.isEncrypted {
+                    guard let k = encryption else {
+                        throw EncryptionError.badKey("object '\(key)' in \(replica.displayURL) is encrypted (key id \(hex16(m.keyID))); give its key with --encryption-key-file")
+                    }
+                    guard k.id == m.keyID else {
+                        throw EncryptionError.badKey("object '\(key)' in \(replica.displayURL) is encrypted with key id \(hex16(m.keyID)), but the key given has id \(k.idText): use the key the replica was written with")
+                    }
+                    opener = k.opener(metadata: head)
                 }
                 meta = m
                 try onMetadata(m)
             }
-            if !rest.isEmpty { try lz.feed(rest, payload) }
+            if rest.isEmpty { return }
+            if let o = opener { try o.feed(rest) { plain in try lz.feed(plain, payload) } } else { try lz.feed(rest, payload) }
         }
         guard meta != nil else {
             throw ObjectError(key: key, replica: replica.displayURL, problem: "is truncated: \(head.count) bytes, shorter than its metadata header")
         }
+        try opener?.finish()
         try lz.finish()
     } catch is StopStreaming {
-        stopped = true
     } catch {
         throw wrap(error)
     }
-    _ = stopped
     return meta!
 }

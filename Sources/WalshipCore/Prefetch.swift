@@ -95,6 +95,7 @@ final class PrefetchedObject: Replica {
     let path: String
     init(original: Replica, key: String, path: String) { self.original = original; self.key = key; self.path = path }
     var displayURL: String { original.displayURL }
+    var requestCounts: Counters { original.requestCounts }
     func prepareForWriting() throws {}
     func checkReadable() throws {}
     func put(key: String, fromFile path: String) throws { throw ReplicaError.unsupported("read-only") }

@@ -37,6 +37,26 @@ public protocol Replica: AnyObject {
     /// Every key under `prefix`, sorted.
     func list(prefix: String) throws -> [String]
     func delete(keys: [String]) throws
+    /// Requests (or file operations) made, by type: PUT, GET, LIST, DELETE, HEAD.
+    var requestCounts: Counters { get }
+}
+
+/// A flag shared between threads.
+final class Flag: @unchecked Sendable {
+    private let mutex = Mutex()
+    private var value = false
+    /// Sets the flag; false if it was already set.
+    func testAndSet() -> Bool { mutex.locked { if value { return false }; value = true; return true } }
+    func clear() { mutex.locked { value = false } }
+}
+
+/// Named counters shared between threads.
+public final class Counters: @unchecked Sendable {
+    private let mutex = Mutex()
+    private var values: [String: UInt64] = [:]
+    public init() {}
+    public func add(_ name: String, _ n: UInt64 = 1) { mutex.locked { values[name, default: 0] += n } }
+    public var snapshot: [String: UInt64] { mutex.locked { values } }
 }
 
 public let replicaMarkerKey = "walship-replica.json"
@@ -64,6 +84,7 @@ public enum ReplicaFactory {
 /// rename, fsync of the directory.
 public final class FileReplica: Replica {
     public let root: String
+    public let requestCounts = Counters()
     public init(root: String) { self.root = root }
     public var displayURL: String { "file://" + root }
 
@@ -97,17 +118,20 @@ public final class FileReplica: Replica {
 
     public func put(key: String, fromFile src: String) throws {
         let dst = path(key)
+        requestCounts.add("PUT")
         try FS.makeDirectories(FS.dirname(dst))
         try FS.copyAtomically(from: src, to: dst)
     }
 
     public func put(key: String, bytes: [UInt8]) throws {
         let dst = path(key)
+        requestCounts.add("PUT")
         try FS.makeDirectories(FS.dirname(dst))
         try FS.writeAtomically(dst, bytes, mode: 0o644)
     }
 
     public func get(key: String, _ handle: (UnsafeRawBufferPointer) throws -> Void) throws {
+        requestCounts.add("GET")
         guard let f = try RawFile.openIfExists(path(key)) else { throw ReplicaError.missingObject(displayURL, key) }
         var buf = [UInt8](repeating: 0, count: 1 << 20)
         var off = 0
@@ -120,6 +144,7 @@ public final class FileReplica: Replica {
     }
 
     public func list(prefix: String) throws -> [String] {
+        requestCounts.add("LIST")
         var keys: [String] = []
         func walk(_ rel: String) throws {
             let full = rel.isEmpty ? root : path(rel)
@@ -135,7 +160,13 @@ public final class FileReplica: Replica {
     }
 
     public func delete(keys: [String]) throws {
-        for k in keys { try FS.remove(path(k)) }
+        requestCounts.add("DELETE", UInt64(keys.count))
+        for k in keys {
+            try FS.remove(path(k))
+            // Empty directories left behind (a deleted generation) go too; errors don't matter.
+            var dir = FS.dirname(path(k))
+            while dir.count > root.count + "/generations".count, rmdir(dir) == 0 { dir = FS.dirname(dir) }
+        }
     }
 }
 

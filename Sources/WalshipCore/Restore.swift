@@ -14,6 +14,8 @@ public struct RestoreOptions {
     public var ifNotExists = false
     public var ifReplicaExists = false
     public var integrity: IntegrityMode = .full
+    /// The key encrypted objects were sealed with.
+    public var encryptionKey: EncryptionKey?
     public init() {}
 }
 
@@ -68,7 +70,7 @@ public enum Restorer {
             }
         }
         try replica.checkReadable()
-        let plan = try RestorePlanner.plan(try listGenerations(replica), target: options.target)
+        var plan = try RestorePlanner.plan(try listGenerations(replica), target: options.target)
         log("restoring \(options.target) from generation \(plan.generation): snapshot \(plan.snapshot.key) and \(plan.segments.count) segment(s)")
 
         let tmp = out + ".walship-restore-\(getpid())"
@@ -78,7 +80,20 @@ public enum Restorer {
         }
         cleanup()
         do {
-            var result = try build(replica: replica, plan: plan, into: tmp, options: options)
+            var result: RestoreResult
+            do {
+                result = try build(replica: replica, plan: plan, into: tmp, options: options)
+            } catch ReplicaError.missingObject(_, let key) {
+                // Retention or compaction removed an object after the listing: plan once more.
+                log("object \(key) vanished during the restore (retention or compaction replaced it); planning again")
+                cleanup()
+                plan = try RestorePlanner.plan(try listGenerations(replica), target: options.target)
+                do {
+                    result = try build(replica: replica, plan: plan, into: tmp, options: options)
+                } catch ReplicaError.missingObject(let r, let key2) {
+                    throw RestoreError.chainBroken("object '\(key2)' in \(r) vanished during the restore, twice: retention or compaction keeps changing the replica; retry the restore")
+                }
+            }
             try verifyIntegrity(tmp, mode: options.integrity)
             cleanup_sidecars(tmp)
             let f = try RawFile(path: tmp, flags: O_RDWR)
@@ -101,7 +116,7 @@ public enum Restorer {
         var result = RestoreResult()
         let file = try RawFile(path: tmp, flags: O_RDWR | O_CREAT | O_TRUNC, mode: 0o644)
         var offset = 0
-        let snapMeta = try streamObject(replica, key: plan.snapshot.key, expect: .snapshot) { chunk in
+        let snapMeta = try streamObject(replica, key: plan.snapshot.key, expect: .snapshot, encryption: options.encryptionKey) { chunk in
             try file.write(at: offset, chunk)
             offset += chunk.count
         }
@@ -138,7 +153,7 @@ public enum Restorer {
             var current: TransactionHeader?
             var skipping = false
             var reachedTarget = false
-            let meta = try streamObject(source, key: seg.key, expect: .segment, onMetadata: { m in
+            let meta = try streamObject(source, key: seg.key, expect: .segment, encryption: options.encryptionKey, onMetadata: { m in
                 guard m.pageSize == pageSize, m.generation == plan.generation else {
                     throw ObjectError(key: seg.key, replica: replica.displayURL, problem: "belongs to another generation or page size")
                 }
@@ -149,16 +164,21 @@ public enum Restorer {
                     case .begin(let ps):
                         guard ps == pageSize else { throw FormatError.corrupt("page size \(ps), expected \(pageSize)") }
                     case .transaction(let t):
-                        if t.txid <= applied { skipping = true; return }
+                        if t.lastTxid <= applied { skipping = true; return }
                         skipping = false
                         guard t.txid == applied + 1 else {
-                            throw RestoreError.chainBroken("object '\(seg.key)' starts at txid \(t.txid) but the restore is at \(applied): the chain has a gap")
+                            throw RestoreError.chainBroken("object '\(seg.key)' holds txid \(t.txid) but the restore is at \(applied): the chain has a gap")
                         }
                         switch options.target {
-                        case .txid(let n) where t.txid > n: reachedTarget = true; throw StopStreaming()
+                        case .txid(let n) where t.lastTxid > n:
+                            if t.txid <= n {
+                                throw RestoreError.chainBroken("transaction \(n) lies inside the compacted range \(t.txid)-\(t.lastTxid) (object '\(seg.key)'), older than the fine window: the nearest restore points are txids \(t.txid - 1) and \(t.lastTxid)")
+                            }
+                            reachedTarget = true; throw StopStreaming()
                         case .timeUs(let ts) where t.commitTimeUs > ts: reachedTarget = true; throw StopStreaming()
                         default: break
                         }
+                        if let m = t.truncateFirstTo { try file.truncate(to: Int(m) * pageSize) }
                         current = t
                     case .page(let pgno, let bytes):
                         if skipping { return }
@@ -167,8 +187,8 @@ public enum Restorer {
                         if skipping { return }
                         guard let t = current else { return }
                         try file.truncate(to: Int(t.dbPages) * pageSize)
-                        applied = t.txid; expectedChecksum = sum; commitTime = t.commitTimeUs; dbPages = t.dbPages
-                        result.transactionsApplied += 1
+                        applied = t.lastTxid; expectedChecksum = sum; commitTime = t.commitTimeUs; dbPages = t.dbPages
+                        result.transactionsApplied += Int(t.lastTxid - t.txid + 1)
                         current = nil
                     case .end:
                         break

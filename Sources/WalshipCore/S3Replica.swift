@@ -3,6 +3,7 @@ import Glibc
 #endif
 import WalshipCurl
 import WalshipFormat
+import WalshipCrypto
 
 /// Where an S3 replica lives and how to reach it, parsed from
 /// s3://bucket/prefix?endpoint=URL&region=R&path-style=true plus the environment.
@@ -108,7 +109,7 @@ public final class S3Replica: Replica {
     public var partSize = 16 << 20
     public var maxAttempts = 6
     /// Requests made, by kind (for metrics and the bench).
-    public private(set) var requestCounts: [String: Int] = [:]
+    public let requestCounts = Counters()
 
     public init(location: S3Location, environment env: [String: String] = ProcessEnvironment.all()) {
         self.location = location
@@ -154,7 +155,7 @@ public final class S3Replica: Replica {
         var delayMs = 200
         while true {
             attempt += 1
-            requestCounts[kind, default: 0] += 1
+            requestCounts.add(kind)
             do {
                 let r = try client.perform(method: method, url: url(key: key, query: query), headers: headers(extra),
                                            body: body, sign: sign, sink: sink)
@@ -178,8 +179,8 @@ public final class S3Replica: Replica {
 
     public func prepareForWriting() throws {
         try mutex.locked {
-            let keys = try listLocked(prefix: "", maxKeys: 50, stopEarly: true)
-            let foreign = keys.filter { !$0.hasPrefix("generations/") && $0 != replicaMarkerKey }
+            let keys = try topLevelLocked()
+            let foreign = keys.filter { $0 != "generations/" && $0 != replicaMarkerKey }
             if !foreign.isEmpty {
                 throw ReplicaError.notAReplica(displayURL, "the prefix holds other objects (\(foreign.prefix(3).joined(separator: ", "))); choose an empty or new prefix")
             }
@@ -191,8 +192,8 @@ public final class S3Replica: Replica {
 
     public func checkReadable() throws {
         try mutex.locked {
-            let keys = try listLocked(prefix: "", maxKeys: 50, stopEarly: true)
-            guard keys.contains(replicaMarkerKey) || keys.contains(where: { $0.hasPrefix("generations/") }) else {
+            let keys = try topLevelLocked()
+            guard keys.contains(replicaMarkerKey) || keys.contains("generations/") else {
                 throw ReplicaError.notAReplica(displayURL, keys.isEmpty ? "nothing is stored under this prefix" : "it holds other objects and no \(replicaMarkerKey)")
             }
         }
@@ -287,19 +288,39 @@ public final class S3Replica: Replica {
                 attempt += 1
                 do {
                     let range = received > 0 ? ["Range: bytes=\(received)-"] : []
+                    // A server may ignore Range and send the whole object again (status 200,
+                    // no Content-Range): then the bytes already handed on are skipped.
+                    var skip = 0
                     let r = try client.perform(method: "GET", url: url(key: key), headers: headers(range + ["x-amz-content-sha256: \(SHA256.hexDigest([]))"]),
-                                               sign: sign) { chunk in
-                        try handle(chunk)
-                        received += chunk.count
+                                               sign: sign, onHeaders: { _, h in
+                        guard received > 0 else { return }
+                        let start = h["content-range"].flatMap { cr -> Int? in
+                            guard cr.hasPrefix("bytes "), let dash = cr.firstIndex(of: "-") else { return nil }
+                            return Int(cr[cr.index(cr.startIndex, offsetBy: 6)..<dash])
+                        } ?? 0
+                        guard start == received || start == 0 else {
+                            throw ReplicaError.io(self.displayURL, "\(what): asked to resume at byte \(received), the server answered from byte \(start)")
+                        }
+                        skip = received - start
+                    }) { chunk in
+                        var c = chunk
+                        if skip > 0 {
+                            let n = min(skip, c.count)
+                            skip -= n
+                            c = UnsafeRawBufferPointer(rebasing: c[n...])
+                            if c.isEmpty { return }
+                        }
+                        try handle(c)
+                        received += c.count
                     }
-                    requestCounts["GET", default: 0] += 1
+                    requestCounts.add("GET")
                     if (200..<300).contains(r.status) { return }
                     if r.status == 404 { throw ReplicaError.missingObject(displayURL, key) }
                     let err = S3Error(status: r.status, code: xmlValue(r.body, "Code") ?? "", message: xmlValue(r.body, "Message") ?? "",
                                       operation: what, endpoint: location.endpoint)
                     if !err.isRetryable || attempt >= maxAttempts { throw err }
                 } catch let e as CurlError {
-                    requestCounts["GET", default: 0] += 1
+                    requestCounts.add("GET")
                     if !e.isTransient || attempt >= maxAttempts {
                         throw ReplicaError.io(displayURL, "\(what): \(e.message); is the endpoint \(location.endpoint) reachable?")
                     }
@@ -311,6 +332,24 @@ public final class S3Replica: Replica {
 
     public func list(prefix: String) throws -> [String] {
         try mutex.locked { try listLocked(prefix: prefix, maxKeys: 1000, stopEarly: false) }
+    }
+
+    /// The objects and "folders" (common prefixes, ending in "/") right under the replica's prefix.
+    private func topLevelLocked() throws -> [String] {
+        var out: [String] = []
+        var token: String?
+        let base = location.prefix.isEmpty ? "" : location.prefix + "/"
+        repeat {
+            var q: [(String, String)] = [("delimiter", "/"), ("list-type", "2"), ("prefix", base)]
+            if let t = token { q.append(("continuation-token", t)) }
+            let r = try request("LIST", "GET", key: nil, query: q, headers: ["x-amz-content-sha256: \(SHA256.hexDigest([]))"],
+                                describe: "LIST \(location.bucket)/\(base)")
+            for k in xmlValues(r.body, "Key") + xmlValues(r.body, "Prefix") where k.hasPrefix(base) && k.count > base.count {
+                out.append(String(k.dropFirst(base.count)))
+            }
+            token = xmlValue(r.body, "IsTruncated") == "true" ? xmlValue(r.body, "NextContinuationToken") : nil
+        } while token != nil
+        return out
     }
 
     private func listLocked(prefix: String, maxKeys: Int, stopEarly: Bool) throws -> [String] {
@@ -328,12 +367,44 @@ public final class S3Replica: Replica {
         return keys.sorted()
     }
 
+    /// Deletes with DeleteObjects, 1000 keys a request; falls back to one DELETE a key on
+    /// servers without it (GCS's XML API, for one).
     public func delete(keys: [String]) throws {
         try mutex.locked {
-            for k in keys {
-                try request("DELETE", "DELETE", key: k, headers: ["x-amz-content-sha256: \(SHA256.hexDigest([]))"],
-                            describe: "DELETE \(location.bucket)/\(fullKey(k))", okStatuses: [404])
+            var rest = keys[...]
+            while !rest.isEmpty {
+                let batch = Array(rest.prefix(1000))
+                rest = rest.dropFirst(batch.count)
+                if batchDeleteUnsupported || batch.count == 1 { try deleteOneByOne(batch); continue }
+                var xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Delete xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Quiet>true</Quiet>"
+                for k in batch { xml += "<Object><Key>\(xmlEscape(fullKey(k)))</Key></Object>" }
+                xml += "</Delete>"
+                let body = Array(xml.utf8)
+                let r = try request("DELETE", "POST", key: nil, query: [("delete", "")],
+                                    headers: ["x-amz-content-sha256: \(SHA256.hexDigest(body))", "Content-MD5: \(Base64.encode(md5Digest(body)))",
+                                              "Content-Type: application/xml"],
+                                    body: .bytes(body), describe: "DeleteObjects \(location.bucket) (\(batch.count) keys)",
+                                    okStatuses: [400, 405, 501])
+                if r.status != 200 {
+                    batchDeleteUnsupported = true
+                    try deleteOneByOne(batch)
+                    continue
+                }
+                let failed = xmlValues(r.body, "Error")
+                if !failed.isEmpty {
+                    let code = xmlValue(r.body, "Code") ?? "", key = xmlValue(r.body, "Key") ?? ""
+                    throw ReplicaError.io(displayURL, "DeleteObjects could not delete \(failed.count) of \(batch.count) keys (first: \(key): \(code))")
+                }
             }
+        }
+    }
+
+    private var batchDeleteUnsupported = false
+
+    private func deleteOneByOne(_ keys: [String]) throws {
+        for k in keys {
+            try request("DELETE", "DELETE", key: k, headers: ["x-amz-content-sha256: \(SHA256.hexDigest([]))"],
+                        describe: "DELETE \(location.bucket)/\(fullKey(k))", okStatuses: [404])
         }
     }
 

@@ -30,6 +30,10 @@ final class Shipper {
     private var _limit: UInt64 = 0
     private var _lastError: String?
     private var _lastSuccessUs: Int64 = 0
+    private var _failingSinceUs: Int64?
+    private var _housekeepingPending = false
+    /// Told about every failed upload (for the error counters).
+    var onError: (() -> Void)?
     private var _running = false
     private var _stopping = false
     private var _uploads = 0
@@ -74,6 +78,23 @@ final class Shipper {
     }
     var lastError: String? { mutex.locked { _lastError } }
     var lastSuccessUs: Int64 { mutex.locked { _lastSuccessUs } }
+    /// When uploads started failing without a success since (nil when healthy).
+    var failingSinceUs: Int64? { mutex.locked { _failingSinceUs } }
+
+    /// Runs `body` on this replica's queue, after the uploads queued before it; skipped while
+    /// an earlier one is still waiting.
+    func housekeeping(_ body: @escaping () -> Void) {
+        let go: Bool = mutex.locked {
+            if _housekeepingPending { return false }
+            _housekeepingPending = true
+            return true
+        }
+        guard go else { return }
+        queue.async {
+            body()
+            self.mutex.locked { self._housekeepingPending = false }
+        }
+    }
     var uploads: (count: Int, bytes: UInt64) { mutex.locked { (_uploads, _bytes) } }
 
     /// Ships every outbox entry with a sequence below `limit` (entries the state vouches for).
@@ -121,13 +142,19 @@ final class Shipper {
                     try spool.saveAck(id, e.sequence)
                     let size = UInt64(FS.fileSize(e.path) ?? 0)
                     mutex.locked {
-                        _acked = e.sequence; _lastError = nil; _lastSuccessUs = nowMicroseconds()
+                        _acked = e.sequence; _lastError = nil; _lastSuccessUs = nowMicroseconds(); _failingSinceUs = nil
                         _uploads += 1; _bytes += size
                     }
                     backoffMs = 250
                 } catch {
                     let msg = "\(error)"
-                    let first = mutex.locked { () -> Bool in let f = _lastError == nil; _lastError = msg; return f }
+                    let first = mutex.locked { () -> Bool in
+                        let f = _lastError == nil
+                        _lastError = msg
+                        if _failingSinceUs == nil { _failingSinceUs = nowMicroseconds() }
+                        return f
+                    }
+                    onError?()
                     if first {
                         logger.error("upload failed; retrying with backoff", metadata: ["replica.url": "\(replica.displayURL)", "object.key": "\(e.key)", "error": "\(msg)"])
                     }

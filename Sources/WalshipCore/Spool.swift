@@ -27,6 +27,8 @@ struct AgentState: Codable {
     var nextSequence: UInt64
     var lastSnapshotTimeUs: Int64
     var lastSnapshotTxid: UInt64
+    /// Id of the encryption key the generation's objects are sealed with (nil: not encrypted).
+    var keyID: UInt64?
 }
 
 /// The local spool beside the database: state, page-hash table, outbox of objects waiting
@@ -219,31 +221,45 @@ final class PageHashTable {
 }
 
 /// Builds one object file in the spool's work directory: a metadata placeholder, then an LZ4
-/// frame streamed to disk; `finish` fills in the metadata and fsyncs.
+/// frame streamed to disk (sealed chunk by chunk when a key is given); `finish` fills in the
+/// metadata and fsyncs.
 final class ObjectBuilder {
     let path: String
     private let file: RawFile
     private var compressor: LZ4FrameCompressor!
-    private var written = ObjectMetadata.encodedSize
+    private var sealer: SealedStreamWriter?
+    private let key: EncryptionKey?
 
-    init(path: String) throws {
+    init(path: String, key: EncryptionKey? = nil) throws {
         self.path = path
+        self.key = key
         file = try RawFile(path: path, flags: O_RDWR | O_CREAT | O_TRUNC, mode: 0o600)
         try file.append([UInt8](repeating: 0, count: ObjectMetadata.encodedSize))
         let f = file
-        compressor = try LZ4FrameCompressor { chunk in try f.append(chunk) }
+        if let k = key {
+            let s = try k.sealer { chunk in try f.append(chunk) }
+            sealer = s
+            compressor = try LZ4FrameCompressor { chunk in try s.write(chunk) }
+        } else {
+            compressor = try LZ4FrameCompressor { chunk in try f.append(chunk) }
+        }
     }
 
     func write(_ bytes: UnsafeRawBufferPointer) throws { try compressor.write(bytes) }
     func write(_ bytes: [UInt8]) throws { try compressor.write(bytes) }
     var payloadBytes: UInt64 { compressor.bytesIn }
-    var storedBytes: UInt64 { UInt64(ObjectMetadata.encodedSize) + compressor.bytesOut }
 
     func finish(_ meta: ObjectMetadata) throws {
         try compressor.finish()
         var m = meta
         m.payloadBytes = compressor.bytesIn
-        try m.encoded().withUnsafeBytes { try file.write(at: 0, $0) }
+        if let k = key {
+            m.flags |= ObjectMetadata.flagEncrypted
+            m.keyID = k.id
+        }
+        let header = m.encoded()
+        try sealer?.finish(metadata: header)
+        try header.withUnsafeBytes { try file.write(at: 0, $0) }
         try file.sync()
     }
 

@@ -79,15 +79,20 @@ public final class HTTPClient {
         var bytes: [UInt8] = []
         var bytesOffset = 0
         var status = 0
+        var onHeaders: ((Int, [String: String]) throws -> Void)?
+        var headersDelivered = false
     }
 
     /// Performs one request. The response body goes to `sink` if given (for status 2xx only;
     /// error bodies are collected so their message can be reported).
+    /// `onHeaders` sees a 2xx response's status and headers before its first body byte.
     public func perform(method: String, url: String, headers: [String] = [], body: RequestBody = .none,
-                        sign: SigV4?, sink: ((UnsafeRawBufferPointer) throws -> Void)? = nil) throws -> HTTPResponse {
+                        sign: SigV4?, onHeaders: ((Int, [String: String]) throws -> Void)? = nil,
+                        sink: ((UnsafeRawBufferPointer) throws -> Void)? = nil) throws -> HTTPResponse {
         curl_easy_reset(handle)
         let ctx = Context()
         ctx.sink = sink
+        ctx.onHeaders = onHeaders
         let unmanaged = Unmanaged.passUnretained(ctx).toOpaque()
         var list: UnsafeMutablePointer<curl_slist>? = nil
         defer {
@@ -113,7 +118,10 @@ public final class HTTPClient {
             let count = size * n
             let buf = UnsafeRawBufferPointer(start: ptr, count: count)
             if let s = ctx.sink, (200..<300).contains(ctx.status) {
-                do { try s(buf) } catch { ctx.sinkError = error; return 0 }
+                do {
+                    if !ctx.headersDelivered { ctx.headersDelivered = true; try ctx.onHeaders?(ctx.status, ctx.headers) }
+                    try s(buf)
+                } catch { ctx.sinkError = error; return 0 }
             } else {
                 if ctx.collected.count < 1 << 20 { ctx.collected.append(contentsOf: buf) }
             }

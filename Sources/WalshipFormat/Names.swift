@@ -3,6 +3,7 @@
 //   generations/<gen>/generation.json
 //   generations/<gen>/snapshots/<txid:016x>-<unixMs>.snap.lz4
 //   generations/<gen>/segments/<level>/<first:016x>-<last:016x>-<firstUnixMs>-<lastUnixMs>.seg.lz4
+//   (a compacted segment squashed to its boundaries ends in -s.seg.lz4)
 
 public struct SnapshotName: Equatable, Hashable, Sendable {
     public var generation: String
@@ -28,20 +29,23 @@ public struct SegmentName: Equatable, Hashable, Sendable {
     public var lastTxid: UInt64
     public var firstTimeMs: Int64
     public var lastTimeMs: Int64
-    public init(generation: String, level: Int, firstTxid: UInt64, lastTxid: UInt64, firstTimeMs: Int64, lastTimeMs: Int64) {
+    /// Restore points only at its boundaries (compacted beyond the fine window).
+    public var squashed = false
+    public init(generation: String, level: Int, firstTxid: UInt64, lastTxid: UInt64, firstTimeMs: Int64, lastTimeMs: Int64, squashed: Bool = false) {
         self.generation = generation; self.level = level; self.firstTxid = firstTxid; self.lastTxid = lastTxid
-        self.firstTimeMs = firstTimeMs; self.lastTimeMs = lastTimeMs
+        self.firstTimeMs = firstTimeMs; self.lastTimeMs = lastTimeMs; self.squashed = squashed
     }
-    public var fileName: String { "\(hex16(firstTxid))-\(hex16(lastTxid))-\(firstTimeMs)-\(lastTimeMs).seg.lz4" }
+    public var fileName: String { "\(hex16(firstTxid))-\(hex16(lastTxid))-\(firstTimeMs)-\(lastTimeMs)\(squashed ? "-s" : "").seg.lz4" }
     public var key: String { "generations/\(generation)/segments/\(level)/\(fileName)" }
 
     public static func parse(generation: String, level: Int, fileName: String) -> SegmentName? {
         guard fileName.hasSuffix(".seg.lz4") else { return nil }
         let parts = fileName.dropLast(".seg.lz4".count).split(separator: "-", omittingEmptySubsequences: false)
-        guard parts.count == 4, parts[0].count == 16, parts[1].count == 16,
+        let squashed = parts.count == 5 && parts[4] == "s"
+        guard parts.count == 4 || squashed, parts[0].count == 16, parts[1].count == 16,
               let a = UInt64(parts[0], radix: 16), let b = UInt64(parts[1], radix: 16),
               let t0 = Int64(parts[2]), let t1 = Int64(parts[3]), a <= b, t0 <= t1 else { return nil }
-        return SegmentName(generation: generation, level: level, firstTxid: a, lastTxid: b, firstTimeMs: t0, lastTimeMs: t1)
+        return SegmentName(generation: generation, level: level, firstTxid: a, lastTxid: b, firstTimeMs: t0, lastTimeMs: t1, squashed: squashed)
     }
 }
 

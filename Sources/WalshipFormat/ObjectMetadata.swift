@@ -28,8 +28,11 @@ public struct ObjectMetadata: Equatable, Sendable {
     public var dbChecksum: UInt64
     public var payloadBytes: UInt64
     public var generation: String
+    /// Sealing.keyID of the key that encrypted the object; 0 when it is not encrypted.
+    public var keyID: UInt64 = 0
 
     public static let flagEncrypted: UInt8 = 1
+    public var isEncrypted: Bool { flags & ObjectMetadata.flagEncrypted != 0 }
 
     public init(kind: ObjectKind, pageSize: Int, firstTxid: UInt64, lastTxid: UInt64, firstTimeUs: Int64,
                 lastTimeUs: Int64, dbPages: UInt32, transactionCount: UInt32, dbChecksum: UInt64,
@@ -54,6 +57,7 @@ public struct ObjectMetadata: Equatable, Sendable {
         var gen = Array(generation.utf8.prefix(32))
         while gen.count < 32 { gen.append(0) }
         w.raw(gen)
+        w.u64(keyID)
         w.pad(to: 8 + 120)
         let sum = w.bytes.withUnsafeBytes { XXH64.hash(UnsafeRawBufferPointer(rebasing: $0[8..<128])) }
         w.u64(sum)
@@ -87,9 +91,12 @@ public struct ObjectMetadata: Equatable, Sendable {
         let dbPages = try r.u32(), count = try r.u32()
         let checksum = try r.u64(), payload = try r.u64()
         let genBytes = try r.raw(32).prefix { $0 != 0 }
-        return ObjectMetadata(kind: kind, pageSize: pageSize, firstTxid: firstTxid, lastTxid: lastTxid,
+        let keyID = try r.u64()
+        var m = ObjectMetadata(kind: kind, pageSize: pageSize, firstTxid: firstTxid, lastTxid: lastTxid,
                               firstTimeUs: firstTime, lastTimeUs: lastTime, dbPages: dbPages,
                               transactionCount: count, dbChecksum: checksum, payloadBytes: payload,
                               generation: String(decoding: genBytes, as: UTF8.self), flags: flags)
+        m.keyID = keyID
+        return m
     }
 }

@@ -6,6 +6,9 @@ public enum SegmentCodec {
     public static let headerMagic: UInt32 = 0x4745_5357   // "WSEG"
     public static let txnMagic: UInt32 = 0x214E_5854      // "TXN!"
     public static let trailerMagic: UInt32 = 0x444E_4557  // "WEND"
+    /// A compacted range of transactions squashed into one record (restore point at its end).
+    public static let squashedMagic: UInt32 = 0x2153_5854 // "TXS!"
+    public static let squashedHeaderSize = 48
     public static let version: UInt32 = 1
     public static let headerSize = 16
     public static let transactionHeaderSize = 32
@@ -20,6 +23,16 @@ public enum SegmentCodec {
         var w = ByteWriter(capacity: transactionHeaderSize)
         w.u32(txnMagic); w.u32(t.pageCount); w.u64(t.txid); w.i64(t.commitTimeUs)
         w.u32(t.dbPages); w.u32(0)
+        return w.bytes
+    }
+
+    /// Header of a squashed range: pages are the last version of each page the range wrote;
+    /// applying it means truncating to `truncateFirstTo` pages, writing the pages, then
+    /// truncating to `dbPages`.
+    public static func squashedHeader(_ t: TransactionHeader) -> [UInt8] {
+        var w = ByteWriter(capacity: squashedHeaderSize)
+        w.u32(squashedMagic); w.u32(t.pageCount); w.u64(t.txid); w.u64(t.lastTxid); w.i64(t.commitTimeUs)
+        w.u32(t.dbPages); w.u32(t.truncateFirstTo ?? t.dbPages); w.u64(0)
         return w.bytes
     }
 
@@ -39,13 +52,23 @@ public enum SegmentCodec {
 }
 
 public struct TransactionHeader: Equatable, Sendable {
+    /// The first (for a single transaction, the only) txid the record covers.
     public var txid: UInt64
+    /// The last txid it covers: `txid` unless the record is a squashed range.
+    public var lastTxid: UInt64
     public var commitTimeUs: Int64
     public var dbPages: UInt32
     public var pageCount: UInt32
+    /// Squashed ranges only: the smallest database size inside the range.
+    public var truncateFirstTo: UInt32?
     public init(txid: UInt64, commitTimeUs: Int64, dbPages: UInt32, pageCount: UInt32) {
-        self.txid = txid; self.commitTimeUs = commitTimeUs; self.dbPages = dbPages; self.pageCount = pageCount
+        self.txid = txid; self.lastTxid = txid; self.commitTimeUs = commitTimeUs; self.dbPages = dbPages; self.pageCount = pageCount
     }
+    public init(squashing first: UInt64, through last: UInt64, commitTimeUs: Int64, dbPages: UInt32, pageCount: UInt32, truncateFirstTo: UInt32) {
+        self.txid = first; self.lastTxid = last; self.commitTimeUs = commitTimeUs; self.dbPages = dbPages
+        self.pageCount = pageCount; self.truncateFirstTo = truncateFirstTo
+    }
+    public var isSquashed: Bool { truncateFirstTo != nil }
 }
 
 /// Streaming decoder for a segment payload, fed in arbitrary chunks; buffers at most one page.
@@ -89,7 +112,8 @@ public struct SegmentDecoder {
             var need = want
             if expect == .txnOrTrailer && buffer.count >= 4 {
                 let magic = buffer.withUnsafeBytes { readLE32($0, 0) }
-                need = magic == SegmentCodec.trailerMagic ? SegmentCodec.trailerSize : SegmentCodec.transactionHeaderSize
+                need = magic == SegmentCodec.trailerMagic ? SegmentCodec.trailerSize
+                    : magic == SegmentCodec.squashedMagic ? SegmentCodec.squashedHeaderSize : SegmentCodec.transactionHeaderSize
             }
             if buffer.isEmpty && expect == .page && input.count >= need {
                 let unit = UnsafeRawBufferPointer(rebasing: input[0..<need])
@@ -146,13 +170,21 @@ public struct SegmentDecoder {
                 try handle(.end(transactionCount: count, lastTxid: last, dbChecksum: sum))
                 return
             }
-            guard magic == SegmentCodec.txnMagic else { throw FormatError.corrupt("\(name): bad transaction record") }
-            let t = TransactionHeader(txid: readLE64(unit, 8), commitTimeUs: Int64(bitPattern: readLE64(unit, 16)),
+            let t: TransactionHeader
+            if magic == SegmentCodec.squashedMagic {
+                t = TransactionHeader(squashing: readLE64(unit, 8), through: readLE64(unit, 16),
+                                      commitTimeUs: Int64(bitPattern: readLE64(unit, 24)), dbPages: readLE32(unit, 32),
+                                      pageCount: readLE32(unit, 4), truncateFirstTo: readLE32(unit, 36))
+                guard t.lastTxid >= t.txid else { throw FormatError.corrupt("\(name): squashed range \(t.txid)-\(t.lastTxid)") }
+            } else {
+                guard magic == SegmentCodec.txnMagic else { throw FormatError.corrupt("\(name): bad transaction record") }
+                t = TransactionHeader(txid: readLE64(unit, 8), commitTimeUs: Int64(bitPattern: readLE64(unit, 16)),
                                       dbPages: readLE32(unit, 24), pageCount: readLE32(unit, 4))
+            }
             if txnCount > 0 && t.txid != lastTxid + 1 {
                 throw FormatError.corrupt("\(name): transaction \(t.txid) follows \(lastTxid)")
             }
-            txnCount += 1; lastTxid = t.txid
+            txnCount += 1; lastTxid = t.lastTxid
             try handle(.transaction(t))
             pagesLeft = t.pageCount
             expect = t.pageCount == 0 ? .txnChecksum : .page

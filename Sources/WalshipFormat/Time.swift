@@ -154,6 +154,16 @@ public enum ByteSize {
         guard let v = Double(digits), v >= 0 else { throw FormatError.invalidArgument("bad size '\(text)': use forms like 512MB or 2GB") }
         return Int64(v * scale)
     }
+
+    /// 1536 → "1.5 KiB".
+    public static func format(_ bytes: Int64) -> String {
+        let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+        var v = Double(bytes), i = 0
+        while v >= 1024 && i < units.count - 1 { v /= 1024; i += 1 }
+        if i == 0 { return "\(bytes) B" }
+        let tenths = Int64((v * 10).rounded())
+        return "\(tenths / 10).\(tenths % 10) \(units[i])"
+    }
 }
 
 extension Substring {

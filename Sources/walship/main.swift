@@ -25,7 +25,7 @@ struct Walship: ParsableCommand {
         Durations: 500ms, 1s, 15m, 24h, 7d. Timestamps: RFC 3339 (2024-12-14T14:00:00Z).
         """,
         version: "0.1.0",
-        subcommands: [Replicate.self, Restore.self, List.self, Snapshot.self]
+        subcommands: [Replicate.self, Restore.self, List.self, Snapshot.self, Verify.self, Status.self]
     )
 }
 
@@ -58,6 +58,16 @@ enum FileHandleStderr {
     }
 }
 
+/// The encryption key named by --encryption-key-file (warns when others may read the file).
+func loadKey(_ path: String?, logger: Logger? = nil) throws -> EncryptionKey? {
+    guard let p = path else { return nil }
+    let key = try EncryptionKey.load(path: FS.absolute(p))
+    if EncryptionKey.isExposed(path: FS.absolute(p)) {
+        FileHandleStderr.write("walship: warning: \(p) can be read by other users; chmod 600 it\n")
+    }
+    return key
+}
+
 func parseDuration(_ s: String, _ name: String) throws -> Int64 {
     do { return try DurationText.parseMicroseconds(s) } catch { throw ValidationError("\(name): \(error)") }
 }
@@ -83,12 +93,36 @@ struct Replicate: ParsableCommand {
     @Option(help: "Spool directory (default: .<name>-walship beside the database).") var spoolDir: String?
     @Option(help: "Spool size past which a failing replica's backlog is dropped (it gets a new generation when it returns).")
     var spoolLimit: String = "1GB"
+    @Option(help: ArgumentHelp("Encrypt every stored object with AES-256-GCM using this key (a file of 32 random bytes, e.g. `head -c 32 /dev/urandom > key`). Keep a copy: without it nothing can be restored.", valueName: "path"))
+    var encryptionKeyFile: String?
+    @Option(help: "Keep snapshots this long (always at least one); segments go when no kept snapshot needs them. Points in time stay restorable for this long.")
+    var retention: String = "7d"
+    @Option(help: ArgumentHelp("Compaction level windows, smallest first: segments are merged into one object per window ('off' to disable). The last level squashes history older than --fine-window.", valueName: "windows"))
+    var compaction: String = "5m,1h"
+    @Option(help: "Inside this window every transaction stays a restore point; older history keeps only the last compaction level's boundaries.")
+    var fineWindow: String = "24h"
+    @Option(help: "Run a restore drill (restore, checksum, integrity_check) against every replica this often; results in metrics and status. Off by default.")
+    var verifyInterval: String?
+    @Option(help: ArgumentHelp("Serve Prometheus metrics at http://HOST:PORT/metrics.", valueName: "host:port"))
+    var metricsAddr: String?
+    @Option(help: "POST Slack-compatible JSON alerts here: sync failing, lag too high, failed drill, new generation.")
+    var webhookUrl: String?
+    @Option(help: "Alert when replication lag exceeds this.") var alertLag: String = "5m"
+    @Option(help: "Alert when uploads to a replica have failed for this long.") var alertSyncFailure: String = "1m"
     @OptionGroup var log: LogOptions
 
     func validate() throws {
         do { _ = try ByteSize.parse(spoolLimit) } catch { throw ValidationError("--spool-limit: \(error)") }
+        guard try parseDuration(retention, "--retention") >= 1_000_000 else { throw ValidationError("--retention must be at least 1s") }
+        do { _ = try CompactionLevels.parse(compaction) } catch { throw ValidationError("--compaction: \(error)") }
+        _ = try parseDuration(fineWindow, "--fine-window")
+        if let v = verifyInterval { guard try parseDuration(v, "--verify-interval") >= 1_000_000 else { throw ValidationError("--verify-interval must be at least 1s") } }
+        _ = try parseDuration(alertLag, "--alert-lag")
+        _ = try parseDuration(alertSyncFailure, "--alert-sync-failure")
+        if let w = webhookUrl, !(w.hasPrefix("http://") || w.hasPrefix("https://")) { throw ValidationError("--webhook-url must be an http:// or https:// URL") }
         if config == nil && database == nil { throw ValidationError("give a database path, or --config FILE") }
         if config != nil && (database != nil || !replicas.isEmpty) { throw ValidationError("with --config, databases and replicas come from the file; give no paths") }
+        if config != nil && encryptionKeyFile != nil { throw ValidationError("with --config, set the key in the file (encryption: key-file: PATH)") }
         _ = try parseDuration(syncInterval, "--sync-interval")
         _ = try parseDuration(snapshotInterval, "--snapshot-interval")
         _ = try parseDuration(readDelay, "--read-delay")
@@ -101,14 +135,21 @@ struct Replicate: ParsableCommand {
         let logger = Logger(label: "walship")
         var all: [AgentOptions] = []
         do {
+            var metricsAddress = metricsAddr
             if let file = config {
-                for d in try ConfigLoader.load(path: file).databases {
+                let cfg = try ConfigLoader.load(path: file)
+                metricsAddress = metricsAddress ?? cfg.metricsAddress
+                for d in cfg.databases {
                     var o = AgentOptions(databasePath: d.path, replicaURLs: d.replicas.map(\.url))
                     o.replicaEnvironments = d.replicas.map(\.environment)
                     o.syncIntervalUs = d.syncIntervalUs; o.snapshotIntervalUs = d.snapshotIntervalUs
                     o.checkpointFrames = d.checkpointFrames; o.readDelayUs = d.readDelayUs
                     o.spoolDirectory = d.spoolDirectory
                     o.spoolLimitBytes = d.spoolLimitBytes
+                    o.encryptionKey = try loadKey(d.encryptionKeyFile)
+                    o.retentionUs = d.retentionUs; o.compactionLevelsUs = d.compactionLevelsUs; o.fineWindowUs = d.fineWindowUs
+                    o.verifyIntervalUs = d.verifyIntervalUs; o.webhookURL = d.webhookURL
+                    o.alertLagUs = d.alertLagUs; o.alertSyncFailureUs = d.alertSyncFailureUs
                     all.append(o)
                 }
             } else {
@@ -120,7 +161,21 @@ struct Replicate: ParsableCommand {
                 o.readDelayUs = try parseDuration(readDelay, "--read-delay")
                 o.spoolDirectory = spoolDir.map(FS.absolute)
                 o.spoolLimitBytes = try ByteSize.parse(spoolLimit)
+                o.encryptionKey = try loadKey(encryptionKeyFile)
+                o.retentionUs = try parseDuration(retention, "--retention")
+                o.compactionLevelsUs = try CompactionLevels.parse(compaction)
+                o.fineWindowUs = try parseDuration(fineWindow, "--fine-window")
+                o.verifyIntervalUs = try verifyInterval.map { try parseDuration($0, "--verify-interval") } ?? 0
+                o.webhookURL = webhookUrl
+                o.alertLagUs = try parseDuration(alertLag, "--alert-lag")
+                o.alertSyncFailureUs = try parseDuration(alertSyncFailure, "--alert-sync-failure")
                 all.append(o)
+            }
+            if let addr = metricsAddress {
+                let server = MetricsServer(address: addr)
+                try server.start()
+                logger.info("serving metrics", metadata: ["metrics.url": "http://\(addr.hasPrefix(":") ? "0.0.0.0" : String(addr[..<addr.lastIndex(of: ":")!])):\(server.port)/metrics"])
+                metricsServer = server
             }
         } catch { fail(error) }
         // One agent per database, each on its own thread; a failure of one stops the process
@@ -142,6 +197,14 @@ struct Replicate: ParsableCommand {
         threads.forEach { $0.join() }
     }
 }
+
+func oneDecimal(_ v: Double) -> String {
+    let tenths = Int64((v * 10).rounded())
+    return (tenths < 0 ? "-" : "") + "\(abs(tenths) / 10).\(abs(tenths) % 10)"
+}
+
+/// Lives as long as the process.
+nonisolated(unsafe) var metricsServer: MetricsServer?
 
 /// A plain thread for a long-running agent loop.
 final class WorkerThread {
@@ -179,6 +242,7 @@ struct Restore: ParsableCommand {
     @Flag(help: "Do nothing (exit 0) if OUT already exists.") var ifNotExists = false
     @Flag(help: "Do nothing (exit 0) if the replica holds nothing yet.") var ifReplicaExists = false
     @Option(help: "Integrity check after restore: full, quick or none.") var integrity: String = "full"
+    @Option(help: ArgumentHelp("The key the replica was encrypted with (32-byte file).", valueName: "path")) var encryptionKeyFile: String?
     @OptionGroup var log: LogOptions
 
     func validate() throws {
@@ -199,12 +263,14 @@ struct Restore: ParsableCommand {
         do {
             var out = output ?? ""
             let r: Replica
+            o.encryptionKey = try loadKey(encryptionKeyFile)
             if let file = config {
                 let db = FS.absolute(replica)
                 guard let d = try ConfigLoader.load(path: file).databases.first(where: { $0.path == db }) else {
                     throw ValidationError("\(db) is not a database in \(file)")
                 }
                 if out.isEmpty { out = d.path }
+                if o.encryptionKey == nil { o.encryptionKey = try loadKey(d.encryptionKeyFile) }
                 r = try firstHealthyReplica(d.replicas)
             } else {
                 r = try ReplicaFactory.open(replica)
@@ -236,12 +302,33 @@ struct List: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "List a replica's generations, snapshots, segments and time ranges.")
     @Argument(help: "Replica URL.") var replica: String
     @Flag(help: "Print JSON.") var json = false
+    @Option(help: ArgumentHelp("Check each generation against this key (32-byte file): its id must match the one the generation was encrypted with.", valueName: "path"))
+    var encryptionKeyFile: String?
+
+    /// Restore granularity of a generation: exact per transaction, except squashed history.
+    static func granularity(_ g: GenerationListing) -> String {
+        guard let edge = g.segments.filter(\.squashed).map(\.lastTimeMs).max() else { return "transaction" }
+        return "transaction after \(Timestamp.format(microseconds: edge * 1000)); compacted boundaries before"
+    }
 
     func run() throws {
         do {
+            let key = try loadKey(encryptionKeyFile)
             let r = try ReplicaFactory.open(replica)
             try r.checkReadable()
             let gens = try listGenerations(r)
+            var keyNotes: [String: String] = [:]
+            if let k = key {
+                for g in gens {
+                    var bytes: [UInt8] = []
+                    try? r.get(key: "generations/\(g.id)/generation.json") { bytes += $0 }
+                    let text = String(decoding: bytes, as: UTF8.self)
+                    if text.contains("\"encryption_key_id\":\"\(k.idText)\"") { keyNotes[g.id] = "encrypted with this key (id \(k.idText))" }
+                    else if text.contains("encryption_key_id") { keyNotes[g.id] = "encrypted with ANOTHER key (this key's id is \(k.idText))" }
+                    else if text.isEmpty { keyNotes[g.id] = "no generation.json" }
+                    else { keyNotes[g.id] = "not encrypted" }
+                }
+            }
             if json {
                 var out: [[String: AnyEncodable]] = []
                 for g in gens {
@@ -250,12 +337,14 @@ struct List: ParsableCommand {
                         "snapshots": AnyEncodable(g.snapshots.map { ["key": $0.key, "txid": "\($0.txid)", "time": Timestamp.format(microseconds: $0.timeMs * 1000)] }),
                         "segments": AnyEncodable(g.segments.map { ["key": $0.key, "first_txid": "\($0.firstTxid)", "last_txid": "\($0.lastTxid)",
                                                                     "first_time": Timestamp.format(microseconds: $0.firstTimeMs * 1000),
-                                                                    "last_time": Timestamp.format(microseconds: $0.lastTimeMs * 1000), "level": "\($0.level)"] }),
+                                                                    "last_time": Timestamp.format(microseconds: $0.lastTimeMs * 1000), "level": "\($0.level)",
+                                                                    "granularity": $0.squashed ? "boundary" : "transaction"] }),
                         "first_txid": AnyEncodable(g.snapshots.first.map { "\($0.txid)" } ?? ""),
                         "last_txid": AnyEncodable(g.lastTxid.map { "\($0)" } ?? ""),
                         "first_time": AnyEncodable(g.firstTimeMs.map { Timestamp.format(microseconds: $0 * 1000) } ?? ""),
                         "last_time": AnyEncodable(g.lastTimeMs.map { Timestamp.format(microseconds: $0 * 1000) } ?? ""),
-                        "granularity": AnyEncodable("transaction"),
+                        "granularity": AnyEncodable(List.granularity(g)),
+                        "encryption": AnyEncodable(keyNotes[g.id] ?? ""),
                     ])
                 }
                 let enc = JSONEncoder()
@@ -268,10 +357,10 @@ struct List: ParsableCommand {
             for g in gens {
                 let first = g.firstTimeMs.map { Timestamp.format(microseconds: $0 * 1000) } ?? "-"
                 let last = g.lastTimeMs.map { Timestamp.format(microseconds: $0 * 1000) } ?? "-"
-                print("generation \(g.id)  txids \(g.snapshots.first.map { "\($0.txid)" } ?? "-")..\(g.lastTxid.map { "\($0)" } ?? "-")  \(first) .. \(last)  \(g.snapshots.count) snapshot(s), \(g.segments.count) segment(s), exact to the transaction")
+                print("generation \(g.id)  txids \(g.snapshots.first.map { "\($0.txid)" } ?? "-")..\(g.lastTxid.map { "\($0)" } ?? "-")  \(first) .. \(last)  \(g.snapshots.count) snapshot(s), \(g.segments.count) segment(s), restore points: \(List.granularity(g))\(keyNotes[g.id].map { ", " + $0 } ?? "")")
                 for s in g.snapshots { print("  snapshot txid \(s.txid)  \(Timestamp.format(microseconds: s.timeMs * 1000))  \(s.key)") }
                 for s in g.segments {
-                    print("  segment  txids \(s.firstTxid)..\(s.lastTxid)  \(Timestamp.format(microseconds: s.firstTimeMs * 1000)) .. \(Timestamp.format(microseconds: s.lastTimeMs * 1000))  level \(s.level)")
+                    print("  segment  txids \(s.firstTxid)..\(s.lastTxid)  \(Timestamp.format(microseconds: s.firstTimeMs * 1000)) .. \(Timestamp.format(microseconds: s.lastTimeMs * 1000))  level \(s.level)\(s.squashed ? " (boundaries only)" : "")")
                 }
             }
         } catch { fail(error) }
@@ -314,6 +403,130 @@ struct Snapshot: ParsableCommand {
             try agent.run()
             print("snapshot of \(db) at txid \(agent.currentTxid) shipped (generation \(agent.currentGeneration))")
         } catch { fail(error) }
+    }
+}
+
+
+struct Verify: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run a restore drill against a replica; exit 0 when it is healthy, 1 otherwise (for cron).",
+        discussion: """
+        Restores the latest state (or --timestamp / --txid) into a temporary directory, checks the \
+        recorded whole-database checksum and PRAGMA integrity_check, counts the rows of every table, \
+        reads every other stored object through (decryption, LZ4 checksums, segment structure), and \
+        reports the restorable window. Nothing is written outside the temporary directory.
+        """)
+    @Argument(help: "Replica URL.") var replica: String
+    @Option(help: "Restore to this RFC 3339 time instead of the latest state.") var timestamp: String?
+    @Option(help: "Restore to right after this transaction id instead of the latest state.") var txid: UInt64?
+    @Flag(help: "Print the report as JSON.") var json = false
+    @Option(help: "Objects to read through besides the restore: all, segments or none.") var scrub: String = "all"
+    @Option(help: "Directory for the temporary restore (default: $TMPDIR or /tmp).") var tempDir: String?
+    @Option(help: ArgumentHelp("The key the replica was encrypted with (32-byte file).", valueName: "path")) var encryptionKeyFile: String?
+    @OptionGroup var log: LogOptions
+
+    func validate() throws {
+        if timestamp != nil && txid != nil { throw ValidationError("give --timestamp or --txid, not both") }
+        if let t = timestamp { do { _ = try Timestamp.parseMicroseconds(t) } catch { throw ValidationError("--timestamp: \(error)") } }
+        guard ScrubScope(rawValue: scrub) != nil else { throw ValidationError("--scrub must be all, segments or none") }
+    }
+
+    func run() throws {
+        log.bootstrap()
+        var target = RestoreTarget.latest
+        if let t = timestamp { target = .timeUs(try Timestamp.parseMicroseconds(t)) }
+        if let n = txid { target = .txid(n) }
+        let report: VerifyReport
+        do {
+            let key = try loadKey(encryptionKeyFile)
+            let dir = FS.absolute(tempDir ?? ProcessEnvironment.all()["TMPDIR"] ?? "/tmp")
+            guard FS.isDirectory(dir) else { throw ValidationError("temporary directory \(dir) does not exist") }
+            let r = try ReplicaFactory.open(replica)
+            report = Verifier.run(replica: r, target: target, encryptionKey: key, tempDir: dir, scrub: ScrubScope(rawValue: scrub)!)
+        } catch { fail(error) }
+        if json {
+            let enc = JSONEncoder()
+            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try enc.encode(report), as: UTF8.self))
+        } else {
+            print("verify \(report.replica): \(report.ok ? "OK" : "FAILED")")
+            if let t = report.txid {
+                print("  restored \(report.target): txid \(t) of generation \(report.generation ?? "-"), committed \(report.commitTime ?? "-"), checksum \(report.checksum ?? "-") verified, integrity \(report.integrity ?? "-")")
+                print("  tables: " + report.tables.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
+            }
+            print("  restorable window: \(report.oldestRestorable ?? "-") (txid \(report.oldestTxid.map { "\($0)" } ?? "-")) .. \(report.newestRestorable ?? "-") (txid \(report.newestTxid.map { "\($0)" } ?? "-"))")
+            print("  objects checked: \(report.objectsChecked) in \(oneDecimal(report.seconds)) s")
+            for p in report.problems { print("  problem: \(p)") }
+        }
+        if !report.ok {
+            FileHandleStderr.write("walship: error: verify failed: \(report.problems.first ?? "unknown problem")\n")
+            Glibc.exit(1)
+        }
+    }
+}
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show a running agent's replication status (lag, last sync, shipped, errors, drills).",
+        discussion: "Reads the status the agent keeps in its spool (updated every second). Exits 0 when an agent is running for every database, 3 otherwise.")
+    @Argument(help: "Path of the SQLite database (omit with --config).") var database: String?
+    @Option(help: "YAML config file: show every database in it.") var config: String?
+    @Option(help: "Spool directory (default: .<name>-walship beside the database).") var spoolDir: String?
+    @Flag(help: "Print JSON.") var json = false
+
+    func validate() throws {
+        if (config == nil) == (database == nil) { throw ValidationError("give a database path, or --config FILE") }
+    }
+
+    struct Entry: Encodable {
+        var database: String
+        var running: Bool
+        var pid: Int32?
+        var status: StatusReport?
+    }
+
+    func run() throws {
+        var entries: [Entry] = []
+        do {
+            var dbs: [(String, String?)] = []
+            if let file = config {
+                dbs = try ConfigLoader.load(path: file).databases.map { ($0.path, $0.spoolDirectory) }
+            } else {
+                dbs = [(FS.absolute(database!), spoolDir.map(FS.absolute))]
+            }
+            for (db, spool) in dbs {
+                let pid = SnapshotRequest.runningAgent(database: db, spoolDirectory: spool)
+                let report = try StatusFile.read(spool: StatusFile.spoolDirectory(forDatabase: db, configured: spool))
+                entries.append(Entry(database: db, running: pid != nil, pid: pid, status: report))
+            }
+        } catch { fail(error) }
+        if json {
+            let enc = JSONEncoder()
+            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try enc.encode(entries), as: UTF8.self))
+        } else {
+            let now = Double(nowMicroseconds()) / 1e6
+            func ago(_ t: Double) -> String { t <= 0 ? "never" : "\(oneDecimal(max(0, now - t)))s ago" }
+            for e in entries {
+                guard let r = e.status else {
+                    print("\(e.database): \(e.running ? "agent running (pid \(e.pid!)), no status yet" : "no agent running, and no status recorded")")
+                    continue
+                }
+                let head = e.running ? "agent running (pid \(e.pid!))" : "NO AGENT RUNNING (last status \(ago(r.updatedUnix)))"
+                print("\(e.database): \(head), generation \(r.generation), txid \(r.txid), last commit \(ago(r.lastCommitUnix))")
+                let cps = r.checkpoints.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
+                print("  WAL \(ByteSize.format(Int64(r.walBytes))), spool \(ByteSize.format(Int64(r.spoolBytes))), last snapshot \(ago(r.lastSnapshotUnix)), checkpoints: \(cps.isEmpty ? "none yet" : cps)")
+                for rep in r.replicas {
+                    let reqs = rep.requests.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: " ")
+                    var line = "  replica \(rep.url): lag \(oneDecimal(rep.lagSeconds))s, last sync \(ago(rep.lastSyncUnix)), shipped \(rep.shippedObjects) objects / \(ByteSize.format(Int64(rep.shippedBytes))), requests: \(reqs.isEmpty ? "none" : reqs)"
+                    if let ok = rep.verifyOK { line += ", drill \(ok ? "passed" : "FAILED") \(ago(rep.verifyUnix ?? 0))" }
+                    print(line)
+                    if let err = rep.lastError { print("    failing since \(ago(rep.failingSinceUnix ?? 0)): \(err)") }
+                }
+                if !r.errors.isEmpty { print("  errors: " + r.errors.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")) }
+            }
+        }
+        if entries.contains(where: { !$0.running }) { Glibc.exit(3) }
     }
 }
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-WALSHIP = ROOT / ".build" / "release" / "walship"
+# WALSHIP_BIN points the tests at another build of the binary (default: `make build`'s).
+WALSHIP = Path(os.environ.get("WALSHIP_BIN") or ROOT / ".build" / "release" / "walship")
 HERE = Path(__file__).resolve().parent
 
 

@@ -1,0 +1,182 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import WalshipFormat
+
+/// Retention and compaction for one replica, carried out from plans made on a LIST
+/// (WalshipFormat's RetentionPlanner and CompactionPlanner). Runs on the replica's shipper
+/// queue, so it never races that replica's uploads.
+final class Housekeeper {
+    struct Settings {
+        var retentionUs: Int64
+        var compactionLevelsUs: [Int64]
+        var fineWindowUs: Int64
+        /// A compaction window is closed this long after its end.
+        var settleUs: Int64
+        var encryptionKey: EncryptionKey?
+    }
+
+    struct Outcome { var deleted = 0; var compacted = 0; var written = 0 }
+
+    let replica: Replica
+    let workDir: String
+    let settings: Settings
+    let logger: Logger
+
+    init(replica: Replica, workDir: String, settings: Settings, logger: Logger) {
+        self.replica = replica; self.workDir = workDir; self.settings = settings; self.logger = logger
+    }
+
+    func run(nowUs: Int64 = nowMicroseconds()) throws -> Outcome {
+        var outcome = Outcome()
+        if !settings.compactionLevelsUs.isEmpty {
+            for g in try listGenerations(replica) {
+                let firstSnapshot = g.snapshots.first?.txid ?? 0
+                let jobs = CompactionPlanner.plan(g, levelsMs: settings.compactionLevelsUs.map { $0 / 1000 }, nowMs: nowUs / 1000,
+                                                  fineCutoffMs: (nowUs - settings.fineWindowUs) / 1000,
+                                                  settleMs: settings.settleUs / 1000, afterTxid: firstSnapshot)
+                for job in jobs {
+                    try compact(job, pageSize: nil)
+                    outcome.compacted += job.inputs.count + job.covered.count
+                    outcome.written += 1
+                }
+            }
+        }
+        let plan = RetentionPlanner.plan(try listGenerations(replica), cutoffMs: (nowUs - settings.retentionUs) / 1000)
+        if !plan.deleteKeys.isEmpty {
+            try replica.delete(keys: plan.deleteKeys)
+            outcome.deleted = plan.deleteKeys.count
+            logger.info("retention deleted old objects", metadata: ["replica.url": "\(replica.displayURL)", "objects": "\(plan.deleteKeys.count)",
+                                                                  "oldest.snapshot": "\(plan.oldestKept?.key ?? "-")"])
+        }
+        return outcome
+    }
+
+    /// Builds the job's output from its inputs, uploads it, then deletes what it replaces.
+    func compact(_ job: CompactionJob, pageSize: Int?) throws {
+        let out = job.output
+        let path = workDir + "/compact-\(hex16(XXH64.hash(Array(replica.displayURL.utf8)))).part"
+        let builder = try ObjectBuilder(path: path, key: settings.encryptionKey)
+        defer { builder.abandon() }
+        let merger = try SegmentMerger(builder: builder, squash: job.squash, scratch: path + ".pages")
+        defer { merger.close() }
+        for input in job.inputs {
+            var decoder = SegmentDecoder(name: input.key)
+            try streamObject(replica, key: input.key, expect: .segment, encryption: settings.encryptionKey) { chunk in
+                try decoder.feed(chunk) { ev in try merger.handle(ev, object: input.key) }
+            }
+            try decoder.finish()
+        }
+        let m = try merger.finish()
+        guard m.firstTxid == out.firstTxid, m.lastTxid == out.lastTxid else {
+            throw ObjectError(key: out.key, replica: replica.displayURL, problem: "compaction read txids \(m.firstTxid)-\(m.lastTxid), expected \(out.firstTxid)-\(out.lastTxid)")
+        }
+        try builder.finish(ObjectMetadata(kind: .segment, pageSize: m.pageSize, firstTxid: m.firstTxid, lastTxid: m.lastTxid,
+                                          firstTimeUs: m.firstTimeUs, lastTimeUs: m.lastTimeUs, dbPages: m.dbPages,
+                                          transactionCount: m.records, dbChecksum: m.checksum, payloadBytes: 0, generation: out.generation))
+        try replica.put(key: out.key, fromFile: path)
+        try replica.delete(keys: (job.inputs + job.covered).map(\.key))
+        logger.debug("compacted segments", metadata: ["replica.url": "\(replica.displayURL)", "segment.key": "\(out.key)",
+                                                     "inputs": "\(job.inputs.count)", "squashed": "\(job.squash)"])
+    }
+}
+
+/// Re-encodes a run of segments as one: every transaction as it was, or (squash) one record
+/// holding the last version of each page, applied as a whole.
+final class SegmentMerger {
+    struct Summary {
+        var pageSize = 0, firstTxid: UInt64 = 0, lastTxid: UInt64 = 0, firstTimeUs: Int64 = 0, lastTimeUs: Int64 = 0
+        var dbPages: UInt32 = 0, checksum: UInt64 = 0, records: UInt32 = 0
+    }
+    private let builder: ObjectBuilder
+    private let squash: Bool
+    private var summary = Summary()
+    private var started = false
+    private var current: TransactionHeader?
+    // Squash state: the last version of each page in a scratch file, slot by page number.
+    private var scratch: RawFile?
+    private let scratchPath: String
+    private var slots: [UInt32: Int] = [:]
+    private var freeSlots: [Int] = []
+    private var sawFirst = false
+    private var minPages = UInt32.max
+
+    init(builder: ObjectBuilder, squash: Bool, scratch: String) throws {
+        self.builder = builder; self.squash = squash; self.scratchPath = scratch
+        if squash { self.scratch = try RawFile(path: scratch, flags: O_RDWR | O_CREAT | O_TRUNC, mode: 0o600) }
+    }
+
+    func close() { if scratch != nil { try? FS.remove(scratchPath) } }
+
+    func handle(_ ev: SegmentDecoder.Event, object: String) throws {
+        switch ev {
+        case .begin(let ps):
+            if !started {
+                summary.pageSize = ps; started = true
+                try builder.write(SegmentCodec.header(pageSize: ps))
+            } else if ps != summary.pageSize {
+                throw FormatError.corrupt("\(object): page size \(ps) differs from \(summary.pageSize)")
+            }
+        case .transaction(let t):
+            if !sawFirst { sawFirst = true; summary.firstTxid = t.txid; summary.firstTimeUs = t.commitTimeUs }
+            else if t.txid != summary.lastTxid + 1 { throw FormatError.corrupt("\(object): txid \(t.txid) does not follow \(summary.lastTxid)") }
+            current = t
+            if let m = t.truncateFirstTo { dropPages(above: m) }
+            if !squash {
+                try builder.write(t.isSquashed ? SegmentCodec.squashedHeader(t) : SegmentCodec.transactionHeader(t))
+            }
+        case .page(let pg, let bytes):
+            if squash {
+                let slot: Int
+                if let s = slots[pg] { slot = s } else {
+                    slot = freeSlots.popLast() ?? slots.count
+                    slots[pg] = slot
+                }
+                try scratch!.write(at: slot * summary.pageSize, bytes)
+            } else {
+                try builder.write(SegmentCodec.pageRecordPrefix(pg))
+                try builder.write(bytes)
+            }
+        case .commit(let sum):
+            guard let t = current else { return }
+            summary.lastTxid = t.lastTxid; summary.lastTimeUs = t.commitTimeUs
+            summary.dbPages = t.dbPages; summary.checksum = sum
+            if squash {
+                dropPages(above: t.dbPages)
+            } else {
+                try builder.write(SegmentCodec.transactionChecksum(sum))
+                summary.records += 1
+            }
+            current = nil
+        case .end:
+            break
+        }
+    }
+
+    /// A page beyond a truncation is gone (zero if the database grows back without writing it).
+    private func dropPages(above pages: UInt32) {
+        minPages = min(minPages, pages)
+        guard squash else { return }
+        for (pg, slot) in slots where pg > pages { slots[pg] = nil; freeSlots.append(slot) }
+    }
+
+    func finish() throws -> Summary {
+        if squash {
+            let pages = slots.keys.sorted()
+            try builder.write(SegmentCodec.squashedHeader(TransactionHeader(
+                squashing: summary.firstTxid, through: summary.lastTxid, commitTimeUs: summary.lastTimeUs,
+                dbPages: summary.dbPages, pageCount: UInt32(pages.count), truncateFirstTo: min(minPages, summary.dbPages))))
+            var buf = [UInt8](repeating: 0, count: summary.pageSize)
+            for pg in pages {
+                _ = try buf.withUnsafeMutableBytes { try scratch!.read(at: slots[pg]! * summary.pageSize, into: $0) }
+                try builder.write(SegmentCodec.pageRecordPrefix(pg))
+                try builder.write(buf)
+            }
+            try builder.write(SegmentCodec.transactionChecksum(summary.checksum))
+            summary.records = 1
+        }
+        try builder.write(SegmentCodec.trailer(transactionCount: summary.records, lastTxid: summary.lastTxid, dbChecksum: summary.checksum))
+        return summary
+    }
+}

@@ -1,0 +1,142 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import WalshipFormat
+
+/// What one replica of a running agent looks like from outside.
+public struct ReplicaStatus: Codable, Sendable {
+    public var url: String
+    /// Age of the oldest committed transaction this replica has not acknowledged; 0 when caught up.
+    public var lagSeconds: Double = 0
+    public var lastSyncUnix: Double = 0
+    public var shippedBytes: UInt64 = 0
+    public var shippedObjects: UInt64 = 0
+    public var requests: [String: UInt64] = [:]
+    public var lastError: String?
+    /// Since when uploads have failed without a success (nil when healthy).
+    public var failingSinceUnix: Double?
+    public var verifyOK: Bool?
+    public var verifyUnix: Double?
+    public var verifyMessage: String?
+    public var deletedObjects: UInt64 = 0
+    public var compactedObjects: UInt64 = 0
+}
+
+/// A running agent's figures, for /metrics, `walship status` and alerts. Updated by the
+/// agent's loop and read from other threads.
+public struct StatusReport: Codable, Sendable {
+    public var database: String
+    public var pid: Int32 = getpid()
+    public var updatedUnix: Double = 0
+    public var generation = ""
+    public var txid: UInt64 = 0
+    public var lastCommitUnix: Double = 0
+    public var walBytes: UInt64 = 0
+    public var spoolBytes: UInt64 = 0
+    public var lastSnapshotUnix: Double = 0
+    public var checkpoints: [String: UInt64] = [:]
+    public var checkpointSecondsTotal: Double = 0
+    public var lastCheckpointSeconds: Double = 0
+    public var errors: [String: UInt64] = [:]
+    public var newGenerations: UInt64 = 0
+    public var replicas: [ReplicaStatus] = []
+}
+
+public final class AgentStatus: @unchecked Sendable {
+    private let mutex = Mutex()
+    private var report: StatusReport
+    init(database: String) { report = StatusReport(database: database) }
+
+    public var current: StatusReport { mutex.locked { report } }
+    func update(_ body: (inout StatusReport) -> Void) { mutex.locked { body(&report) } }
+    func countError(_ kind: String) { mutex.locked { report.errors[kind, default: 0] += 1 } }
+}
+
+/// Every agent of the process, for the metrics endpoint.
+public enum StatusBoard {
+    private static let mutex = Mutex()
+    nonisolated(unsafe) private static var agents: [String: AgentStatus] = [:]
+    static func register(_ s: AgentStatus, for db: String) { mutex.locked { agents[db] = s } }
+    public static var reports: [StatusReport] { mutex.locked { agents.values.map(\.current) }.sorted { $0.database < $1.database } }
+}
+
+/// Prometheus text exposition (version 0.0.4) of the reports.
+public enum PrometheusText {
+    public static func render(_ reports: [StatusReport]) -> String {
+        var out = ""
+        func family(_ name: String, _ type: String, _ help: String, _ samples: [(String, Double)]) {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
+            for (labels, v) in samples { out += "\(name)\(labels.isEmpty ? "" : "{\(labels)}") \(number(v))\n" }
+        }
+        func l(_ pairs: [(String, String)]) -> String { pairs.map { "\($0.0)=\"\(escape($0.1))\"" }.joined(separator: ",") }
+        let perDB = { (f: (StatusReport) -> Double) in reports.map { (l([("db", $0.database)]), f($0)) } }
+        let perReplica = { (f: (ReplicaStatus) -> Double?) in
+            reports.flatMap { r in r.replicas.compactMap { rep in f(rep).map { (l([("db", r.database), ("replica", rep.url)]), $0) } } }
+        }
+        family("walship_replication_lag_seconds", "gauge", "Age of the oldest committed transaction the replica has not acknowledged (0 when caught up).", perReplica { $0.lagSeconds })
+        family("walship_last_sync_timestamp_seconds", "gauge", "Unix time of the replica's last successful upload.", perReplica { $0.lastSyncUnix })
+        family("walship_txid", "gauge", "Last transaction id captured from the WAL.", perDB { Double($0.txid) })
+        family("walship_last_commit_timestamp_seconds", "gauge", "Commit time of the last captured transaction.", perDB { $0.lastCommitUnix })
+        family("walship_shipped_bytes_total", "counter", "Bytes uploaded to the replica.", perReplica { Double($0.shippedBytes) })
+        family("walship_shipped_objects_total", "counter", "Objects uploaded to the replica.", perReplica { Double($0.shippedObjects) })
+        family("walship_requests_total", "counter", "Requests made to the replica, by type.",
+               reports.flatMap { r in r.replicas.flatMap { rep in rep.requests.sorted { $0.key < $1.key }.map { (l([("db", r.database), ("replica", rep.url), ("type", $0.key)]), Double($0.value)) } } })
+        family("walship_errors_total", "counter", "Errors, by kind.",
+               reports.flatMap { r in r.errors.sorted { $0.key < $1.key }.map { (l([("db", r.database), ("kind", $0.key)]), Double($0.value)) } })
+        family("walship_checkpoints_total", "counter", "Checkpoint cycles, by result.",
+               reports.flatMap { r in r.checkpoints.sorted { $0.key < $1.key }.map { (l([("db", r.database), ("result", $0.key)]), Double($0.value)) } })
+        family("walship_checkpoint_duration_seconds_total", "counter", "Time spent in checkpoint cycles.", perDB { $0.checkpointSecondsTotal })
+        family("walship_checkpoint_duration_seconds", "gauge", "Duration of the last checkpoint cycle.", perDB { $0.lastCheckpointSeconds })
+        family("walship_wal_bytes", "gauge", "Size of the -wal file.", perDB { Double($0.walBytes) })
+        family("walship_spool_bytes", "gauge", "Bytes waiting in the local spool.", perDB { Double($0.spoolBytes) })
+        family("walship_snapshot_age_seconds", "gauge", "Seconds since the last snapshot.", perDB { $0.lastSnapshotUnix > 0 ? max(0, $0.updatedUnix - $0.lastSnapshotUnix) : 0 })
+        family("walship_generations_total", "counter", "New generations started by this process.", perDB { Double($0.newGenerations) })
+        family("walship_verify_last_success", "gauge", "1 if the replica's last restore drill passed, 0 if it failed.", perReplica { $0.verifyOK.map { $0 ? 1 : 0 } })
+        family("walship_verify_last_timestamp_seconds", "gauge", "Unix time of the replica's last restore drill.", perReplica { $0.verifyUnix })
+        family("walship_retention_deleted_objects_total", "counter", "Objects deleted by retention and compaction.", perReplica { Double($0.deletedObjects) })
+        family("walship_compacted_objects_total", "counter", "Segments merged into larger ones.", perReplica { Double($0.compactedObjects) })
+        return out
+    }
+
+    static func escape(_ s: String) -> String {
+        var o = ""
+        for c in s { switch c { case "\\": o += "\\\\"; case "\"": o += "\\\""; case "\n": o += "\\n"; default: o.append(c) } }
+        return o
+    }
+
+    static func number(_ v: Double) -> String {
+        if v == v.rounded() && abs(v) < 1e15 { return String(Int64(v)) }
+        return String(v)
+    }
+}
+
+/// The status file an agent keeps in its spool (status.json), read by `walship status`.
+public enum StatusFile {
+    public static func path(spool: String) -> String { spool + "/status.json" }
+    public static func spoolDirectory(forDatabase db: String, configured: String?) -> String {
+        configured ?? Spool.defaultDirectory(forDatabase: FS.absolute(db))
+    }
+
+    static func write(_ r: StatusReport, spool: String) {
+        guard let data = try? JSONEncoder().encode(r) else { return }
+        let p = path(spool: spool)
+        let tmp = p + ".tmp"
+        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { return }
+        let bytes = Array(data)
+        _ = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+        close(fd)
+        rename(tmp, p)
+    }
+
+    public static func read(spool: String) throws -> StatusReport? {
+        let p = path(spool: spool)
+        guard FS.exists(p) else { return nil }
+        return try JSONDecoder().decode(StatusReport.self, from: Data(try FS.readAll(p)))
+    }
+}

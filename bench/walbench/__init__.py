@@ -1,0 +1,1 @@
+"""Modules of bench/rpo (walship vs Litestream). The entry point is bench/rpo."""

@@ -1,0 +1,491 @@
+"""Summary tables (Markdown) and RESULTS.md, generated from a run's results dict only."""
+import os
+import platform
+import subprocess
+
+from .common import fmt_dur, median
+from .s3 import PRICE_STORAGE_GB_MONTH, PRICE_TIER1, PRICE_TIER2
+
+TOOLS = ("walship", "litestream")
+
+
+def machine_info():
+    info = {"nproc": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    info["mem_kb"] = int(line.split()[1])
+    except OSError:
+        pass
+    try:
+        with open("/etc/os-release") as f:
+            for line in f:
+                if line.startswith("PRETTY_NAME="):
+                    info["os"] = line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    try:
+        import matplotlib
+        info["matplotlib"] = matplotlib.__version__
+    except ImportError:
+        info["matplotlib"] = None
+    return info
+
+
+def git_info(root):
+    def g(*a):
+        try:
+            return subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return {"rev": g("rev-parse", "--short", "HEAD"), "dirty_files": len((g("status", "--porcelain") or "").splitlines())}
+
+
+def ratio(a, b):
+    try:
+        return a / b if (a is not None and b not in (None, 0)) else None
+    except TypeError:
+        return None
+
+
+def fmt(v, f):
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, str):
+        return v
+    return f.format(v)
+
+
+def md_table(header, rows, align=None):
+    align = align or ["---"] + ["---:"] * (len(header) - 1)
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+class Peer:
+    """The one-table peer comparison: metric, walship, litestream, walship/litestream."""
+
+    def __init__(self):
+        self.rows = []
+
+    def add(self, metric, w, l, f, with_ratio=True):
+        r = ratio(w, l) if with_ratio and not isinstance(w, (bool, str)) else None
+        self.rows.append([metric, fmt(w, f), fmt(l, f), fmt(r, "{:.2f}")])
+
+    def md(self):
+        return md_table(["metric", "walship", "litestream", "walship/litestream"], self.rows)
+
+
+def config_label(cfg):
+    b = "directory" if cfg["backend"] == "dir" else "S3"
+    return f"{cfg['interval']} {b}"
+
+
+def summarize(results):
+    """Fills results['summary'] and results['targets']; returns (peer table md, sections dict of md)."""
+    S = results.setdefault("summary", {})
+    peer = Peer()
+    sec = {}
+    targets = {}
+    wl = results.get("workload", {})
+    wl_label = f"{wl.get('rate')} tx/s x {wl.get('size')} B x {wl.get('txn_size')} row(s)/tx"
+
+    # ---------------------------------------------------------------- RPO
+    rpo_sum = results.get("rpo_summary") or {}
+    if rpo_sum:
+        rows = []
+        for name, per in rpo_sum.items():
+            cfg = per["config"]
+            for tool in TOOLS:
+                v = per.get(tool)
+                if not v:
+                    continue
+                rows.append([cfg["interval"], "directory" if cfg["backend"] == "dir" else "S3", tool,
+                             f"{v['n']}/{v['failed']}", fmt(v["rpo_median"], "{:.3f}"), fmt(v["rpo_p90"], "{:.3f}"),
+                             fmt(v["rpo_max"], "{:.3f}"), fmt(v["lost_median"], "{:.0f}"), fmt(v["lost_max"], "{:.0f}"),
+                             fmt(v["rate"], "{:.0f}"), fmt(v["restore_median_s"], "{:.2f}")])
+        sec["rpo"] = md_table(["interval", "replica", "tool", "trials ok/failed", "RPO median (s)", "RPO p90 (s)",
+                               "RPO max (s)", "lost tx median", "lost tx max", "writer tx/s", "restore (s)"],
+                              rows, ["---", "---", "---"] + ["---:"] * 8)
+        for name, per in rpo_sum.items():
+            cfg = per["config"]
+            w, l = per.get("walship", {}), per.get("litestream", {})
+            peer.add(f"RPO median, {config_label(cfg)}", w.get("rpo_median"), l.get("rpo_median"), "{:.3f} s")
+            peer.add(f"RPO max, {config_label(cfg)}", w.get("rpo_max"), l.get("rpo_max"), "{:.3f} s")
+        d1 = rpo_sum.get("dir-1s")
+        if d1 and d1.get("walship", {}).get("rpo_median") is not None:
+            w, l = d1["walship"], d1.get("litestream", {})
+            targets["RPO median walship <= litestream (1s, directory)"] = (
+                l.get("rpo_median") is not None and w["rpo_median"] <= l["rpo_median"])
+            targets["RPO max walship <= 1.0 s (1s, directory)"] = w["rpo_max"] <= 1.0 and w["failed"] == 0
+        # Paired S3 - directory differences (same seeded kill time)
+        diffs = {}
+        for name, per in rpo_sum.items():
+            cfg = per["config"]
+            if cfg["backend"] != "s3":
+                continue
+            for tool in TOOLS:
+                dt = {r["trial"]: r["rpo_s"] for r in results.get("rpo", []) if r["tool"] == tool
+                      and r["config"] == f"dir-{cfg['interval']}" and "rpo_s" in r}
+                st = {r["trial"]: r["rpo_s"] for r in results.get("rpo", []) if r["tool"] == tool
+                      and r["config"] == name and "rpo_s" in r}
+                pairs = [st[i] - dt[i] for i in sorted(set(dt) & set(st))]
+                if pairs:
+                    diffs.setdefault(cfg["interval"], {})[tool] = {"pairs": pairs, "median": median(pairs),
+                                                                    "max": max(pairs)}
+        if diffs:
+            S["rpo_s3_minus_dir"] = diffs
+            sec["rpo_pairs"] = md_table(
+                ["interval", "walship median", "walship max", "litestream median", "litestream max"],
+                [[iv, fmt(v.get("walship", {}).get("median"), "{:+.3f} s"),
+                  fmt(v.get("walship", {}).get("max"), "{:+.3f} s"),
+                  fmt(v.get("litestream", {}).get("median"), "{:+.3f} s"),
+                  fmt(v.get("litestream", {}).get("max"), "{:+.3f} s")] for iv, v in diffs.items()])
+
+        # Cost per S3 configuration (requests pooled over the trials' writer phases)
+        rows = []
+        for name, per in rpo_sum.items():
+            cfg = per["config"]
+            for tool in TOOLS:
+                q = (per.get(tool) or {}).get("requests")
+                if cfg["backend"] != "s3" or not q:
+                    continue
+                ops = ", ".join(f"{op} {n * 86400 / q['seconds']:,.0f}" for op, n in sorted(q["by_op"].items()))
+                rows.append([cfg["interval"], tool, f"{q['seconds']:.0f}", f"{q['puts_per_interval']:.2f}",
+                             ops, f"{q['requests_per_day']:,.0f}", f"${q['cost_usd_per_day']:.3f}",
+                             f"{q['upload_gb_per_day']:.1f}",
+                             f"${q['storage_usd_per_month_per_day_of_uploads']:.2f}"])
+        for name, per in rpo_sum.items():
+            cfg = per["config"]
+            if cfg["backend"] != "s3":
+                continue
+            wq = (per.get("walship") or {}).get("requests") or {}
+            lq = (per.get("litestream") or {}).get("requests") or {}
+            peer.add(f"S3 requests per day, {cfg['interval']}", wq.get("requests_per_day"),
+                     lq.get("requests_per_day"), "{:,.0f}")
+            peer.add(f"S3 request cost per day, {cfg['interval']}", wq.get("cost_usd_per_day"),
+                     lq.get("cost_usd_per_day"), "${:.3f}")
+            peer.add(f"bytes uploaded per day, {cfg['interval']}", wq.get("upload_gb_per_day"),
+                     lq.get("upload_gb_per_day"), "{:.1f} GB")
+        if rows:
+            sec["cost"] = md_table(["interval", "tool", "seconds counted", "PUTs per interval",
+                                    "requests per day by type", "requests per day", "request cost per day",
+                                    "uploaded GB per day", "storage of one day's uploads, per month"],
+                                   rows, ["---", "---"] + ["---:"] * 2 + ["---"] + ["---:"] * 4)
+
+    # ---------------------------------------------------------------- steady S3 requests (1s)
+    req = results.get("s3_requests")
+    if req:
+        w, l = (req.get("walship") or {}).get("steady", {}), (req.get("litestream") or {}).get("steady", {})
+        iv = req.get("interval", "1s")
+        peer.add(f"S3 PUTs per interval (steady window, {iv})", w.get("puts_per_interval"),
+                 l.get("puts_per_interval"), "{:.2f}")
+        peer.add(f"S3 other requests, % of PUTs (steady window, {iv})", w.get("others_pct_of_puts"),
+                 l.get("others_pct_of_puts"), "{:.1f} %", with_ratio=False)
+        rows = []
+        for tool in TOOLS:
+            r = req.get(tool) or {}
+            if "steady" not in r:
+                continue
+            st = r["steady"]
+            rows.append([tool, " ".join(f"{k} {v}" for k, v in sorted(r["startup"]["by_op"].items())) or "-",
+                         " ".join(f"{k} {v}" for k, v in sorted(st["by_op"].items())) or "-",
+                         " ".join(f"{k} {v}" for k, v in sorted(r["total"]["by_op"].items())) or "-",
+                         f"{st['puts_per_interval']:.2f}", fmt(st["others_pct_of_puts"], "{:.1f} %"),
+                         f"{st['requests_per_day']:,.0f}", f"${st['cost_usd_per_day']:.3f}",
+                         f"{st['put_bytes'] / 2**20:.1f}", fmt(st["put_latency_median_s"], "{:.3f}"),
+                         f"{st['non_2xx']}, {len(r.get('proxy_errors', []))}"])
+        if rows:
+            sec["requests"] = md_table(
+                ["tool", "start-up (start to ready)", f"steady window ({req['seconds']} s)", "whole run (to exit)",
+                 "PUTs per interval", "other requests", "requests per day", "request cost per day",
+                 "MiB PUT in window", "PUT latency median (s)", "non-2xx, proxy errors"],
+                rows, ["---"] * 4 + ["---:"] * 7)
+        if w.get("puts_per_interval") is not None:
+            targets[f"S3: walship <= 1 PUT per interval ({iv})"] = w["puts_per_interval"] <= 1.0
+            targets["S3: walship other requests <= 5 % of PUTs"] = (w.get("others_pct_of_puts") or 0) <= 5.0
+        up = w.get("put_latency_median_s")
+        diff = (S.get("rpo_s3_minus_dir") or {}).get(iv, {}).get("walship")
+        if diff and up is not None:
+            targets[f"S3: walship RPO (paired median, {iv}) <= directory RPO + upload time "
+                    f"(PUT latency median {up * 1000:.0f} ms)"] = diff["median"] <= up
+
+    # ---------------------------------------------------------------- overhead
+    ov = results.get("overhead")
+    if ov:
+        base = ov.get("none") or {}
+        rows = []
+        for name in ("none",) + TOOLS:
+            r = ov.get(name) or {}
+            if "latency_steady" not in r:
+                continue
+            ls, lr = r["latency_steady"], r["latency_run"]
+            snap = r.get("latency_snapshot_window")
+            rows.append(["writer alone" if name == "none" else name, f"{r['writer']['rate']:.0f}",
+                         f"{ls['p50'] * 1000:.3f}", f"{ls['p90'] * 1000:.3f}", f"{ls['p99'] * 1000:.3f}",
+                         f"{ls['p999'] * 1000:.2f}", f"{ls['max'] * 1000:.1f}", f"{lr['max'] * 1000:.1f}",
+                         (f"{snap['max'] * 1000:.1f} ({r['snapshot']['seconds']:.2f} s)" if snap and snap.get("n")
+                          else "n/a"),
+                         fmt(r.get("cpu_steady_pct"), "{:.1f} %"),
+                         fmt(r.get("vmhwm_kb") and r["vmhwm_kb"] / 1024, "{:.1f} MiB")])
+        sec["overhead"] = md_table(
+            ["run", "writer tx/s", "commit p50 (ms)", "p90 (ms)", "p99 (ms)", "p99.9 (ms)", "max, steady (ms)",
+             "max, whole run (ms)", "max during forced snapshot (ms)", "agent CPU, steady", "agent peak RSS"], rows)
+        w, l = ov.get("walship") or {}, ov.get("litestream") or {}
+        g = lambda r, k, q: ((r.get(k) or {}).get(q))  # noqa: E731
+        peer.add("agent CPU, steady writes (% of one core)", w.get("cpu_steady_pct"), l.get("cpu_steady_pct"),
+                 "{:.1f} %")
+        wm, lm = w.get("vmhwm_kb") and w["vmhwm_kb"] / 1024, l.get("vmhwm_kb") and l["vmhwm_kb"] / 1024
+        peer.add("agent peak RSS (VmHWM)", wm, lm, "{:.1f} MiB")
+        for q, lab in (("p50", "p50"), ("p99", "p99")):
+            b = g(base, "latency_steady", q)
+            peer.add(f"commit latency {lab} with the agent (writer alone: {fmt(b and b * 1000, '{:.3f}')} ms)",
+                     g(w, "latency_steady", q) and g(w, "latency_steady", q) * 1000,
+                     g(l, "latency_steady", q) and g(l, "latency_steady", q) * 1000, "{:.3f} ms")
+        peer.add(f"longest commit, whole run (writer alone: "
+                 f"{fmt(g(base, 'latency_run', 'max') and g(base, 'latency_run', 'max') * 1000, '{:.1f}')} ms)",
+                 g(w, "latency_run", "max") and g(w, "latency_run", "max") * 1000,
+                 g(l, "latency_run", "max") and g(l, "latency_run", "max") * 1000, "{:.1f} ms")
+        peer.add("longest commit during a forced snapshot", g(w, "latency_snapshot_window", "max")
+                 and g(w, "latency_snapshot_window", "max") * 1000, None, "{:.1f} ms", with_ratio=False)
+        if w.get("cpu_steady_pct") is not None and l.get("cpu_steady_pct") is not None:
+            targets["CPU walship <= litestream"] = w["cpu_steady_pct"] <= l["cpu_steady_pct"]
+        if wm:
+            targets["peak RSS walship <= 24 MiB"] = wm <= 24
+
+    # ---------------------------------------------------------------- RTO
+    rs = results.get("rto_size")
+    if rs:
+        rows = []
+        for pt in rs["points"]:
+            for tool in TOOLS:
+                r = pt.get(tool) or {}
+                rows.append([f"{pt['db_bytes'] / 2**20:.0f}", tool, fmt(r.get("initial_snapshot_s"), "{:.1f}"),
+                             fmt(r.get("restore_best_s"), "{:.2f}"), fmt(r.get("restore_median_s"), "{:.2f}"),
+                             fmt(r.get("restore_default_integrity_full_s"), "{:.2f}"),
+                             fmt((r.get("replica") or {}).get("bytes") and r["replica"]["bytes"] / 2**20, "{:.0f}"),
+                             fmt(r.get("restored_matches_source"), "{}"), r.get("error", "")[:80]])
+            w, l = pt.get("walship") or {}, pt.get("litestream") or {}
+            peer.add(f"restore time, {pt['db_bytes'] / 2**20:.0f} MiB DB (best of {rs['runs']})",
+                     w.get("restore_best_s"), l.get("restore_best_s"), "{:.2f} s")
+            if w.get("restore_best_s") and l.get("restore_best_s"):
+                targets[f"restore {pt['db_bytes'] / 2**20:.0f} MiB >= 2x faster than litestream"] = (
+                    w["restore_best_s"] * 2 <= l["restore_best_s"])
+        sec["rto_size"] = md_table(["DB MiB", "tool", "initial snapshot (s)", "restore best (s)", "median (s)",
+                                    "walship --integrity full (s)", "replica MiB", "matches source", "error"],
+                                   rows, ["---:", "---"] + ["---:"] * 6 + ["---"])
+    rw = results.get("rto_wal")
+    if rw:
+        rows = []
+        vols = rw["volumes_mb"]
+        for i, vol in enumerate(vols):
+            for tool in TOOLS:
+                pts = (rw.get(tool) or {}).get("points") or []
+                r = pts[i] if i < len(pts) else {}
+                rows.append([f"{vol}", tool, fmt((r.get("writer") or {}).get("rate"), "{:.0f}"),
+                             fmt(r.get("restore_best_s"), "{:.2f}"),
+                             fmt((r.get("replica") or {}).get("bytes") and r["replica"]["bytes"] / 2**20, "{:.0f}"),
+                             fmt(r.get("restored_matches_source"), "{}")])
+            g = lambda t: (((rw.get(t) or {}).get("points") or [{}] * len(vols))[i:i + 1] or [{}])[0]  # noqa: E731
+            peer.add(f"restore time, {rw['db_bytes'] / 2**20:.0f} MiB DB + {vol} MiB of writes since the snapshot",
+                     g("walship").get("restore_best_s"), g("litestream").get("restore_best_s"), "{:.2f} s")
+        sec["rto_wal"] = md_table(["MiB written since snapshot", "tool", "churn writer tx/s (this step)",
+                                   "restore best (s)", "replica MiB", "matches source"], rows,
+                                  ["---:", "---", "---:", "---:", "---:", "---:"])
+    s3r = results.get("s3_restore")
+    if s3r:
+        rows = []
+        for tool in TOOLS:
+            r = s3r.get(tool) or {}
+            rows.append([tool, fmt(r.get("initial_snapshot_s"), "{:.1f}"), fmt(r.get("restore_best_s"), "{:.2f}"),
+                         fmt(r.get("restore_median_s"), "{:.2f}"), fmt(r.get("restore_default_integrity_full_s"), "{:.2f}"),
+                         fmt((r.get("replica") or {}).get("bytes") and r["replica"]["bytes"] / 2**20, "{:.0f}"),
+                         fmt(r.get("restored_matches_source"), "{}"), r.get("error", "")[:80]])
+        sec["s3_restore"] = md_table(["tool", "initial snapshot to S3 (s)", "restore best (s)", "median (s)",
+                                      "walship --integrity full (s)", "bucket MiB", "matches source", "error"],
+                                     rows, ["---"] + ["---:"] * 6 + ["---"])
+        w, l = s3r.get("walship") or {}, s3r.get("litestream") or {}
+        peer.add(f"restore time from S3, {s3r['db_bytes'] / 2**20:.0f} MiB DB + {s3r['churn_seconds']} s of churn "
+                 f"(best of {s3r['runs']})", w.get("restore_best_s"), l.get("restore_best_s"), "{:.2f} s")
+        if w.get("restore_best_s") and l.get("restore_best_s"):
+            targets["restore from S3 >= 2x faster than litestream"] = w["restore_best_s"] * 2 <= l["restore_best_s"]
+
+    # ---------------------------------------------------------------- PITR
+    pi = results.get("pitr")
+    if pi:
+        rows = []
+        for tool in TOOLS:
+            r = pi.get(tool) or {}
+            for pt in r.get("points", []):
+                rows.append([tool, pt["T"], f"{pt['at_s']:.1f}", "yes" if pt.get("exact") else "NO",
+                             fmt(pt.get("missing_tx"), "{}"), fmt(pt.get("ref_seq"), "{}"),
+                             fmt(pt.get("restored_seq"), "{}"), f"{pt['restore_s']:.2f}", str(pt.get("rc"))])
+            if r.get("error"):
+                rows.append([tool, "error", "", "", "", "", "", "", r["error"][:80]])
+        sec["pitr"] = md_table(["tool", "T", "T - writer start (s)", "exact", "tx missing", "newest tx at T",
+                                "newest tx restored", "restore (s)", "rc"], rows,
+                               ["---", "---"] + ["---:"] * 7)
+        w, l = pi.get("walship") or {}, pi.get("litestream") or {}
+        if w.get("points") or l.get("points"):
+            n = max(len(w.get("points", [])), len(l.get("points", [])))
+            peer.add(f"point-in-time restore to mid-run instants exact ({n} instant(s))",
+                     w.get("exact_all") if w.get("points") else None,
+                     l.get("exact_all") if l.get("points") else None, "{}", with_ratio=False)
+            targets["PITR: walship restore to mid-run instants exact"] = bool(w.get("exact_all"))
+
+    results["targets"] = targets
+    tgt = md_table(["target", "met?"], [[k, "yes" if v else "NO"] for k, v in targets.items()], ["---", "---"])
+    return peer.md(), sec, tgt
+
+
+def warnings_section(results):
+    lines = []
+
+    def scan(obj, where):
+        if isinstance(obj, dict):
+            if obj.get("error"):
+                lines.append(f"- {where}: error: {obj['error'][:300]}")
+            for w in obj.get("log_warnings") or []:
+                lines.append(f"- {where}: log: `{w[:300]}`")
+            for k, v in obj.items():
+                if k not in ("log_warnings", "requests", "restore_output"):
+                    scan(v, f"{where}/{k}")
+        elif isinstance(obj, list):
+            for i, v in enumerate(obj):
+                tag = v.get("config", "") + "/" + v.get("tool", "") + f"/{v.get('trial', i)}" if isinstance(v, dict) \
+                    and "trial" in v else str(i)
+                scan(v, f"{where}/{tag}")
+    for k in ("rpo", "overhead", "pitr", "s3_requests", "rto_size", "rto_wal", "s3_restore"):
+        if k in results:
+            scan(results[k], k)
+    return "\n".join(lines[:60]) if lines else "None: no part reported an error and no tool logged a warning."
+
+
+def results_md(results, peer, sec, tgt, plots, rel):
+    """RESULTS.md text. plots: {key: filename}; rel: directory prefix of the PNG links."""
+    m = results["machine"]
+    t = results["tools"]
+    p = results["params"]
+    mem = f"{m['mem_kb'] / 2**20:.1f} GiB" if m.get("mem_kb") else "?"
+    out = [
+        "# walship vs Litestream — benchmark results",
+        "",
+        f"Generated by `bench/rpo` from the run started {results['started_utc']} UTC "
+        f"({results['mode']} mode, elapsed {fmt_dur(results['elapsed_s'])}). Every figure below is measured in "
+        "that run; this file is rewritten by the script and is not edited by hand. "
+        f"All figures of the run are in `{rel}results.json`.",
+        "",
+        "Command:",
+        "",
+        "```",
+        results["command"],
+        "```",
+        "",
+        "## Machine and versions",
+        "",
+        md_table(["", ""], [
+            ["CPU", f"{m.get('cpu', '?')}, {m['nproc']} logical CPUs"],
+            ["memory", mem],
+            ["OS / kernel", f"{m.get('os', '?')} / Linux {m['kernel']}"],
+            ["load average at start / end", f"{results['loadavg_start'][0]:.2f} / {results['loadavg_end'][0]:.2f}"],
+            ["walship", f"{t['walship']['version']} (binary sha256 {results['walship_binary']['sha256'][:12]}, "
+                        f"built {results['walship_binary']['mtime_utc']}, git {results['git'].get('rev')}"
+                        f"{' + ' + str(results['git']['dirty_files']) + ' changed files' if results['git'].get('dirty_files') else ''})"],
+            ["Litestream", t["litestream"]["version"]],
+            ["rclone (S3 server)", (t.get("rclone") or {}).get("version", "not used")],
+            ["SQLite (writer, Python)", f"{results['sqlite']} / Python {m['python']}"],
+        ], ["---", "---"]),
+        "",
+        "The machine may be shared with other jobs (see the load average); compare the two tools within "
+        "this run (ratios), not absolute figures across runs.",
+        "",
+        "## Workload",
+        "",
+        f"Ticket schema (`usuarios`, `tickets`, `interacciones`), a separate writer process: "
+        f"{p['rate']} transactions/s, {p['txn_size']} row(s) per transaction, {p['size']} B payload per row, "
+        "mix 50 % insert `interacciones`, 20 % insert `tickets`, 25 % update a ticket, 5 % insert `usuarios`; "
+        "`synchronous=NORMAL`, `busy_timeout=5000`. "
+        + (f"RPO grid: sync intervals {', '.join(p['intervals'])}; replicas: "
+           f"{', '.join('directory' if b == 'dir' else 'S3' for b in p['backends'])}. " if "rpo" in sec else "")
+        + "S3 = `rclone serve s3` on loopback. See `bench/README.md` for the method of every part.",
+        "",
+        "## Peer comparison",
+        "",
+        peer,
+        "",
+    ]
+    if "rpo" in sec:
+        out += ["## RPO after SIGKILL", "",
+                f"{p['trials']} trial(s) per tool and configuration; kill at a seeded instant "
+                "settle + U(0, span) after the writer starts (settle = max(2 s, interval + 0.5 s), "
+                "span = max(1 s, interval)). RPO = newest commit in the source - newest commit in the restore.",
+                "", sec["rpo"], ""]
+        if "rpo_pairs" in sec:
+            out += ["RPO over S3 minus RPO over a directory, paired trials (same seeded kill time):", "",
+                    sec["rpo_pairs"], ""]
+        if plots.get("rpo"):
+            out += [f"![RPO distribution per interval]({rel}{plots['rpo']})", ""]
+    if "cost" in sec or "requests" in sec:
+        out += ["## Cost (S3)", "",
+                f"Prices (S3 Standard, us-east-1 list prices): PUT, COPY, POST, LIST ${PRICE_TIER1} per 1,000; "
+                f"GET and others ${PRICE_TIER2} per 1,000; storage ${PRICE_STORAGE_GB_MONTH} per GB-month. "
+                "Transfer is not priced. Per-day figures are extrapolated linearly from the counted seconds; "
+                "they do not contain events on longer periods (walship's daily snapshot, Litestream's "
+                "compactions beyond the window, retention deletes)."]
+        if "cost" in sec:
+            out += ["", "Per configuration, pooled over the S3 RPO trials (writer start to kill, through the "
+                    "counting proxy). \"Storage of one day's uploads\" prices the bytes uploaded in one day for "
+                    "one month, before any compaction or retention.", "", sec["cost"], ""]
+        if "requests" in sec:
+            out += ["", "Steady state (separate run, counting proxy):", "", sec["requests"], ""]
+        if plots.get("rpo_requests"):
+            out += [f"![RPO against requests per day]({rel}{plots['rpo_requests']})", ""]
+    if "overhead" in sec:
+        ov = results["overhead"]
+        out += ["## Overhead on the application", "",
+                f"{ov['seconds']} s of writes on a {ov['db_bytes'] / 2**20:.0f} MiB database (ticket tables + "
+                f"{ov['filler_mb']} MiB filler), directory replica, 1s interval. Commit latency = duration of each "
+                f"transaction as seen by the writer; percentiles over the steady window (first "
+                f"{ov['steady_fraction'] * 100:.0f} %); then walship is asked for a snapshot (`walship snapshot`). "
+                "Agent CPU over the steady window.", "", sec["overhead"], ""]
+        if plots.get("latency"):
+            out += [f"![Commit latency with and without the agent]({rel}{plots['latency']})", ""]
+    if any(k in sec for k in ("rto_size", "rto_wal", "s3_restore")):
+        out += ["## Restore time (RTO)", "",
+                "Both tools restore without an integrity check (`--integrity none`, Litestream's default); "
+                "walship's default `--integrity full` is timed separately. Every restore is compared with the "
+                "source row by row.", ""]
+        if "rto_size" in sec:
+            out += ["Against database size (restore right after the initial snapshot):", "", sec["rto_size"], ""]
+        if "rto_wal" in sec:
+            rw = results["rto_wal"]
+            out += [f"Against writes since the snapshot ({rw['db_bytes'] / 2**20:.0f} MiB database, update churn "
+                    f"of {rw['row_bytes']}-byte blobs at {rw['churn_rate']} tx/s, cumulative):", "", sec["rto_wal"], ""]
+        if "s3_restore" in sec:
+            s3r = results["s3_restore"]
+            out += [f"From S3 ({s3r['db_bytes'] / 2**20:.0f} MiB database, {s3r['churn_seconds']} s of update "
+                    "churn at 1000 tx/s, graceful stop):", "", sec["s3_restore"], ""]
+        for k, title in (("rto_size", "Restore time against database size"),
+                         ("rto_wal", "Restore time against writes since the snapshot")):
+            if plots.get(k):
+                out += [f"![{title}]({rel}{plots[k]})", ""]
+    if "pitr" in sec:
+        pi = results["pitr"]
+        out += ["## Point-in-time restore", "",
+                f"{pi['seconds']} s run, 1s interval, the writer pauses {pi['pause_s']} s at each instant and copies "
+                "the database (backup API) as the reference; T = middle of the pause; restore to T and compare "
+                "all rows with the reference.", "", sec["pitr"], ""]
+    out += ["## Targets", "", tgt, "", "## Errors and tool warnings", "", warnings_section(results), ""]
+    return "\n".join(out)
