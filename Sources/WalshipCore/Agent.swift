@@ -180,9 +180,9 @@ public final class Agent {
         dbFile = try RawFile(path: dbPath, flags: O_RDONLY)
         shmFile = try? RawFile.openIfExists(dbPath + "-shm")
         table = try PageHashTable(path: spool.tablePath)
-        for r in replicas {
+        for (i, r) in replicas.enumerated() {
             let s = Shipper(replica: r, spool: spool, logger: logger)
-            s.onError = { [status] in status.countError("upload") }
+            s.onError = { [status] in status.countError("upload", replica: i) }
             shippers.append(s)
         }
         StatusBoard.register(status, for: dbPath)
@@ -963,7 +963,7 @@ public final class Agent {
                         }
                     }
                 } catch {
-                    status.countError("housekeeping")
+                    status.countError("housekeeping", replica: i)
                     logger.error("retention or compaction failed; retrying later", metadata: ["replica.url": "\(s.replica.displayURL)", "error": "\(error)"])
                 }
             }
@@ -999,7 +999,7 @@ public final class Agent {
                     logger.info("restore drill passed", metadata: ["replica.url": "\(report.replica)", "txid": "\(report.txid ?? 0)",
                                                                   "objects": "\(report.objectsChecked)", "seconds": "\(format1(report.seconds))"])
                 } else {
-                    status.countError("verify")
+                    status.countError("verify", replica: i)
                     logger.error("restore drill failed", metadata: ["replica.url": "\(report.replica)", "problem": "\(report.problems.first ?? "")"])
                 }
             }

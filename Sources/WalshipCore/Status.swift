@@ -24,6 +24,8 @@ public struct ReplicaStatus: Codable, Sendable {
     public var verifyUnix: Double?
     public var verifyMessage: String?
     public var deletedObjects: UInt64 = 0
+    /// Errors with this replica, by kind (upload, verify, housekeeping).
+    public var errors: [String: UInt64] = [:]
     public var compactedObjects: UInt64 = 0
 }
 
@@ -54,7 +56,17 @@ public final class AgentStatus: @unchecked Sendable {
 
     public var current: StatusReport { mutex.locked { report } }
     func update(_ body: (inout StatusReport) -> Void) { mutex.locked { body(&report) } }
-    func countError(_ kind: String) { mutex.locked { report.errors[kind, default: 0] += 1 } }
+    /// Counts an error of the database, or of its replica number `replica`.
+    func countError(_ kind: String, replica: Int? = nil) {
+        mutex.locked {
+            if let i = replica {
+                while report.replicas.count <= i { report.replicas.append(ReplicaStatus(url: "")) }
+                report.replicas[i].errors[kind, default: 0] += 1
+            } else {
+                report.errors[kind, default: 0] += 1
+            }
+        }
+    }
 }
 
 /// Every agent of the process, for the metrics endpoint.
@@ -86,8 +98,9 @@ public enum PrometheusText {
         family("walship_shipped_objects_total", "counter", "Objects uploaded to the replica.", perReplica { Double($0.shippedObjects) })
         family("walship_requests_total", "counter", "Requests made to the replica, by type.",
                reports.flatMap { r in r.replicas.flatMap { rep in rep.requests.sorted { $0.key < $1.key }.map { (l([("db", r.database), ("replica", rep.url), ("type", $0.key)]), Double($0.value)) } } })
-        family("walship_errors_total", "counter", "Errors, by kind.",
-               reports.flatMap { r in r.errors.sorted { $0.key < $1.key }.map { (l([("db", r.database), ("kind", $0.key)]), Double($0.value)) } })
+        family("walship_errors_total", "counter", "Errors, by kind (and replica, for upload, verify and housekeeping errors).",
+               reports.flatMap { r in r.errors.sorted { $0.key < $1.key }.map { (l([("db", r.database), ("kind", $0.key)]), Double($0.value)) } }
+               + reports.flatMap { r in r.replicas.flatMap { rep in rep.errors.sorted { $0.key < $1.key }.map { (l([("db", r.database), ("replica", rep.url), ("kind", $0.key)]), Double($0.value)) } } })
         family("walship_checkpoints_total", "counter", "Checkpoint cycles, by result.",
                reports.flatMap { r in r.checkpoints.sorted { $0.key < $1.key }.map { (l([("db", r.database), ("result", $0.key)]), Double($0.value)) } })
         family("walship_checkpoint_duration_seconds_total", "counter", "Time spent in checkpoint cycles.", perDB { $0.checkpointSecondsTotal })

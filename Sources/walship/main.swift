@@ -522,6 +522,7 @@ struct Status: ParsableCommand {
                     if let ok = rep.verifyOK { line += ", drill \(ok ? "passed" : "FAILED") \(ago(rep.verifyUnix ?? 0))" }
                     print(line)
                     if let err = rep.lastError { print("    failing since \(ago(rep.failingSinceUnix ?? 0)): \(err)") }
+                    if !rep.errors.isEmpty { print("    errors: " + rep.errors.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")) }
                 }
                 if !r.errors.isEmpty { print("  errors: " + r.errors.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")) }
             }

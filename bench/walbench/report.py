@@ -443,13 +443,13 @@ def results_md(results, peer, sec, tgt, plots, rel):
                 f"GET and others ${PRICE_TIER2} per 1,000; storage ${PRICE_STORAGE_GB_MONTH} per GB-month. "
                 "Transfer is not priced. Per-day figures are extrapolated linearly from the counted seconds; "
                 "they do not contain events on longer periods (walship's daily snapshot, Litestream's "
-                "compactions beyond the window, retention deletes)."]
+                "compactions beyond the window, retention deletes).", ""]
         if "cost" in sec:
-            out += ["", "Per configuration, pooled over the S3 RPO trials (writer start to kill, through the "
+            out += ["Per configuration, pooled over the S3 RPO trials (writer start to kill, through the "
                     "counting proxy). \"Storage of one day's uploads\" prices the bytes uploaded in one day for "
                     "one month, before any compaction or retention.", "", sec["cost"], ""]
         if "requests" in sec:
-            out += ["", "Steady state (separate run, counting proxy):", "", sec["requests"], ""]
+            out += ["Steady state (separate run, counting proxy):", "", sec["requests"], ""]
         if plots.get("rpo_requests"):
             out += [f"![RPO against requests per day]({rel}{plots['rpo_requests']})", ""]
     if "overhead" in sec:
