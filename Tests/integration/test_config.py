@@ -23,7 +23,8 @@ def test_readme_sample_config_replicates_and_restores(tmp_path):
         scratch = tmp_path / "var-lib-tickets"
         scratch.mkdir()
         cfg = tmp_path / "walship.yml"
-        cfg.write_text(readme_sample().replace("/var/lib/tickets", str(scratch)))
+        # the sample's metrics port may be taken on a test machine: any free one will do
+        cfg.write_text(readme_sample().replace("/var/lib/tickets", str(scratch)).replace("127.0.0.1:9187", "127.0.0.1:0"))
         env = dict(srv.env(), S3_ENDPOINT=srv.endpoint)
         tickets, audit = scratch / "tickets.db", scratch / "audit.db"
         create_ticket_db(tickets, rows=50)

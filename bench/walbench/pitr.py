@@ -16,7 +16,6 @@ those milliseconds for either tool.
 import datetime
 import os
 import shutil
-import time
 
 from .common import kill_hard, log, run_timed, suspicious_lines, wait_quiet
 from .ctx import start_tool
