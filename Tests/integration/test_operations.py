@@ -362,6 +362,7 @@ def test_metrics_lag_rises_during_s3_outage_and_returns_to_zero(tmp_path, agent_
         txid0 = metric(m0, "walship_txid")
 
         srv.stop()
+        down_at = time.time()
         time.sleep(2.0)
         m1, _ = scrape(murl)
         lag1 = metric(m1, "walship_replication_lag_seconds")
@@ -371,10 +372,20 @@ def test_metrics_lag_rises_during_s3_outage_and_returns_to_zero(tmp_path, agent_
         assert agent.proc.poll() is None, agent.read_log()
         assert lag2 >= 4.0 and lag2 - lag1 >= 2.0, f"lag did not rise during the outage: {lag1} then {lag2}"
         assert metric(m2, "walship_txid") > txid0, "walship_txid did not move while writes went on"
-        errs = metric(m2, "walship_errors_total", kind="upload")
-        assert errs is not None and errs > 0, f"no upload errors counted during the outage:\n{text2}"
         assert metric(m2, "walship_spool_bytes") > 0, text2
-        last_sync_down = metric(m2, "walship_last_sync_timestamp_seconds")
+        assert metric(m2, "walship_requests_total", type="PUT") > metric(m0, "walship_requests_total", type="PUT")
+        # An upload counts as failed once the S3 client's own retries (6 attempts, ~6-9 s of
+        # backoff) are exhausted, so the counter moves some seconds into the outage.
+        def upload_errors():
+            m, _ = scrape(murl)
+            return m if (metric(m, "walship_errors_total", kind="upload") or 0) > 0 else None
+        m4 = wait_until(upload_errors, 15, f"no upload errors counted during a {time.time() - down_at:.0f} s outage")
+        print(f"first upload error counted {time.time() - down_at:.1f} s into the outage")
+        errs = metric(m4, "walship_errors_total", kind="upload")
+        lag4 = metric(m4, "walship_replication_lag_seconds")
+        assert lag4 > lag2, (lag2, lag4)
+        last_sync_down = metric(m4, "walship_last_sync_timestamp_seconds")
+        assert last_sync_down < down_at + 1, "a sync succeeded while the server was down"
 
         srv.restart()
         up_at = time.time()
@@ -477,8 +488,11 @@ def test_webhook_firing_then_resolved_and_path_never_logged(tmp_path, agent_fact
             time.sleep(1.5)
             assert hook.posts == [], f"alerts while everything is healthy: {hook.posts}"
             srv.stop()
-            fired = wait_until(lambda: hook.find("FIRING", "sync:"), 15, "no FIRING sync alert during the S3 outage")
+            down_at = time.time()
             wait_until(lambda: hook.find("FIRING", "lag:"), 15, "no FIRING lag alert during the S3 outage")
+            # uploads count as failing once the S3 client's retries (~6-9 s) are exhausted
+            fired = wait_until(lambda: hook.find("FIRING", "sync:"), 20, "no FIRING sync alert during the S3 outage")
+            print(f"sync alert fired {fired[0]['at'] - down_at:.1f} s into the outage (--alert-sync-failure 1s)")
             assert not hook.find("RESOLVED", ""), hook.posts
             srv.restart()
             resolved = wait_until(lambda: hook.find("RESOLVED", "sync:"), 20, "no RESOLVED sync alert after S3 came back")
@@ -628,7 +642,7 @@ def test_spool_permissions_and_no_secrets_in_logs_status_metrics(tmp_path, agent
     try:
         time.sleep(1.0)
         srv.stop()            # objects wait in the outbox; upload errors get logged
-        time.sleep(2.5)
+        wait_until(lambda: "upload failed" in agent.read_log(), 20, "no upload failure logged during the S3 outage")
         assert (spool / "outbox").is_dir() and os.listdir(spool / "outbox"), "nothing waits in the outbox"
         bad = []
         for p in [spool, *spool.rglob("*")]:
@@ -653,8 +667,6 @@ def test_spool_permissions_and_no_secrets_in_logs_status_metrics(tmp_path, agent
     outputs.append(("status --json", p.stdout + p.stderr))
     agent.stop()
     outputs.append(("agent log", agent.read_log()))
-    assert "error" in agent.read_log().lower() or "fail" in agent.read_log().lower(), \
-        "the outage left no trace in the log (the error path was not exercised)"
 
     secrets = {"S3 secret key": srv.secret_key, "key hex": keybytes.hex(), "key HEX": keybytes.hex().upper(),
                "key base64": base64.b64encode(keybytes).decode()}
