@@ -124,6 +124,7 @@ public final class Agent {
     /// Figures for /metrics, `walship status` and alerts.
     public let status: AgentStatus
     private var alerter: Alerter?
+    private var localCompactor: LocalCompactor?
     private var lastStatusFileUs: Int64 = 0
     private var lastAlertCheckUs: Int64 = 0
     private var lastHousekeepingUs: Int64 = 0
@@ -176,6 +177,12 @@ public final class Agent {
         }
         try spool.prepare()
         if let pid = try spool.lock() { throw AgentError.alreadyRunning(dbPath, pid) }
+        // With one compaction level, that level squashes (built from the replicas, beyond the
+        // fine window); with more, level 1 is built here from the spool.
+        if options.compactionLevelsUs.count >= 2 {
+            localCompactor = LocalCompactor(dir: spool.compactDir, workDir: spool.workDir, windowUs: options.compactionLevelsUs[0],
+                                            settleUs: options.syncIntervalUs + 1_000_000, key: options.encryptionKey)
+        }
         try spool.clearWork()
         dbFile = try RawFile(path: dbPath, flags: O_RDONLY)
         shmFile = try? RawFile.openIfExists(dbPath + "-shm")
@@ -570,11 +577,38 @@ public final class Agent {
                                                   firstTimeUs: seg.firstTimeUs, lastTimeUs: lastCommitTimeUs, dbPages: dbPages,
                                                   transactionCount: seg.count, dbChecksum: dbChecksum, payloadBytes: 0,
                                                   generation: state.generation))
-            try spool.enqueue(file: seg.builder.path, key: name.key, sequence: state.nextSequence)
+            let queued = try spool.enqueue(file: seg.builder.path, key: name.key, sequence: state.nextSequence)
             state.nextSequence += 1
+            localCompactor?.remember(outboxPath: queued, key: name.key)
             logger.debug("cut segment", metadata: ["segment.key": "\(name.key)", "segment.transactions": "\(seg.count)"])
         }
         try saveState()
+    }
+
+    /// Merges the level-0 segments of closed compaction windows (all of them with `force`)
+    /// into level-1 objects, each followed in the outbox by the deletion of what it replaces.
+    /// Only between segments: the state it saves must not run ahead of what is in the outbox.
+    private func compactLocally(force: Bool) throws {
+        guard let lc = localCompactor, segment == nil else { return }
+        let built = try lc.build(nowUs: nowMicroseconds(), force: force, generation: state.generation)
+        guard !built.isEmpty else { return }
+        for b in built {
+            try spool.enqueue(file: b.path, key: b.name.key, sequence: state.nextSequence)
+            state.nextSequence += 1
+            let list = spool.workDir + "/deletions.part"
+            try FS.writeAtomically(list, Array(b.replaces.joined(separator: "\n").utf8))
+            try spool.enqueue(file: list, key: Spool.deletionPrefix + b.name.key, sequence: state.nextSequence)
+            state.nextSequence += 1
+            lc.forget(b.replaces.compactMap { k in
+                let p = k.split(separator: "/").map(String.init)
+                return p.count == 5 ? SegmentName.parse(generation: p[1], level: 0, fileName: p[4]) : nil
+            })
+            logger.debug("compacted segments", metadata: ["segment.key": "\(b.name.key)", "inputs": "\(b.replaces.count)"])
+        }
+        let merged = built.reduce(0) { $0 + $1.replaces.count }
+        status.update { r in for i in r.replicas.indices { r.replicas[i].compactedObjects += UInt64(merged) } }
+        try saveState()
+        kickShippers()
     }
 
     private func saveState() throws {
@@ -658,6 +692,7 @@ public final class Agent {
         lastTxid = baseTxid
         logger.notice("starting a new generation", metadata: meta.merging(["generation": "\(gen)", "reason": "\(reason)"]) { a, _ in a })
         status.update { $0.newGenerations += 1; $0.generation = gen }
+        localCompactor?.discard(except: gen)
         if reason != "first run" {
             alerter?.event("new generation \(gen) started: \(reason); a snapshot follows, and restores before it use the previous generation")
         }
@@ -755,6 +790,7 @@ public final class Agent {
     public func snapshotNow() throws {
         try movePinToEnd(patient: true)
         try cutSegment()
+        try compactLocally(force: true)   // compacted objects never span a snapshot
         try writeSnapshot(rebuildTable: false)
         try saveState()
         kickShippers()
@@ -829,6 +865,7 @@ public final class Agent {
             if t >= nextCutUs {
                 if segment != nil {
                     try cutSegment()
+                    try compactLocally(force: false)
                     kickShippers()
                     try collectOutbox()
                     // Keep the pin recent so application checkpoints are not held back long.
@@ -843,7 +880,9 @@ public final class Agent {
             if t - lastSnapshotCheckUs >= 250_000 {
                 lastSnapshotCheckUs = t
                 let requested = FS.exists(spool.snapshotRequestPath)
-                if requested || (nowMicroseconds() - state.lastSnapshotTimeUs >= options.snapshotIntervalUs) {
+                // A scheduled snapshot of an unchanged database would only duplicate the last one.
+                let changed = state.lastSnapshotTxid != lastTxid || segment != nil
+                if requested || (changed && nowMicroseconds() - state.lastSnapshotTimeUs >= options.snapshotIntervalUs) {
                     try snapshotNow()
                     if requested { try? FS.remove(spool.snapshotRequestPath) }
                 }
@@ -852,6 +891,7 @@ public final class Agent {
                 if segment == nil && persistedTableTxid < state.tableTxid {
                     try saveState()   // records the flushed table, so the last segment can leave the spool
                 }
+                try compactLocally(force: false)   // windows that closed while idle
                 try collectOutbox()
                 try operationsTick()
             }

@@ -15,6 +15,8 @@ final class Housekeeper {
         /// A compaction window is closed this long after its end.
         var settleUs: Int64
         var encryptionKey: EncryptionKey?
+        /// The first level this housekeeper builds (the agent builds level 1 in its spool).
+        var fromLevel = 2
     }
 
     struct Outcome { var deleted = 0; var compacted = 0; var written = 0 }
@@ -35,7 +37,8 @@ final class Housekeeper {
                 let firstSnapshot = g.snapshots.first?.txid ?? 0
                 let jobs = CompactionPlanner.plan(g, levelsMs: settings.compactionLevelsUs.map { $0 / 1000 }, nowMs: nowUs / 1000,
                                                   fineCutoffMs: (nowUs - settings.fineWindowUs) / 1000,
-                                                  settleMs: settings.settleUs / 1000, afterTxid: firstSnapshot)
+                                                  settleMs: settings.settleUs / 1000, afterTxid: firstSnapshot,
+                                                  fromLevel: settings.compactionLevelsUs.count == 1 ? 1 : settings.fromLevel)
                 for job in jobs {
                     try compact(job, pageSize: nil)
                     outcome.compacted += job.inputs.count + job.covered.count

@@ -130,7 +130,7 @@ final class Shipper {
             var failed = false
             for e in entries {
                 if let dropped = droppedGeneration {
-                    if e.key.hasPrefix("generations/\(dropped)/") {
+                    if e.key.hasPrefix("generations/\(dropped)/") || e.key.hasPrefix(Spool.deletionPrefix + "generations/\(dropped)/") {
                         mutex.locked { _acked = e.sequence }   // part of the dropped backlog
                         try? spool.saveAck(id, e.sequence)
                         continue
@@ -138,12 +138,19 @@ final class Shipper {
                     if e.key.hasPrefix("generations/") { mutex.locked { _droppedGeneration = nil; _reachableAgain = false } }
                 }
                 do {
-                    try replica.put(key: e.key, fromFile: e.path)
+                    if e.key.hasPrefix(Spool.deletionPrefix) {
+                        // Objects replaced by a compacted one shipped just before.
+                        let keys = String(decoding: try FS.readAll(e.path), as: UTF8.self).split(separator: "\n").map(String.init)
+                        try replica.delete(keys: keys)
+                    } else {
+                        try replica.put(key: e.key, fromFile: e.path)
+                    }
                     try spool.saveAck(id, e.sequence)
-                    let size = UInt64(FS.fileSize(e.path) ?? 0)
+                    let uploaded = !e.key.hasPrefix(Spool.deletionPrefix)
+                    let size = uploaded ? UInt64(FS.fileSize(e.path) ?? 0) : 0
                     mutex.locked {
                         _acked = e.sequence; _lastError = nil; _lastSuccessUs = nowMicroseconds(); _failingSinceUs = nil
-                        _uploads += 1; _bytes += size
+                        if uploaded { _uploads += 1; _bytes += size }
                     }
                     backoffMs = 250
                 } catch {

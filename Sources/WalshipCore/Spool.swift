@@ -40,6 +40,8 @@ final class Spool {
     var outboxDir: String { dir + "/outbox" }
     var acksDir: String { dir + "/acks" }
     var workDir: String { dir + "/work" }
+    /// Hard links to the level-0 segments of the open compaction window (see LocalCompactor).
+    var compactDir: String { dir + "/compact" }
     var snapshotRequestPath: String { dir + "/snapshot-request" }
     private var lockFD: Int32 = -1
 
@@ -52,7 +54,7 @@ final class Spool {
     func prepare() throws {
         try FS.makeDirectories(dir, mode: 0o700)
         chmod(dir, 0o700)
-        for d in [outboxDir, acksDir, workDir] { try FS.makeDirectories(d, mode: 0o700) }
+        for d in [outboxDir, acksDir, workDir, compactDir] { try FS.makeDirectories(d, mode: 0o700) }
     }
 
     /// Removes half-built objects a crashed agent left. Call only while holding the lock.
@@ -119,12 +121,18 @@ final class Spool {
         }.sorted { $0.sequence < $1.sequence }
     }
 
-    /// Moves a finished file into the outbox under the next sequence number.
-    func enqueue(file: String, key: String, sequence: UInt64) throws {
+    /// Moves a finished file into the outbox under the next sequence number; returns its path.
+    @discardableResult
+    func enqueue(file: String, key: String, sequence: UInt64) throws -> String {
         let name = hex16(sequence) + "~" + key.replacingAll("/", with: "~")
         try FS.rename(file, outboxDir + "/" + name)
         try FS.syncDirectory(outboxDir)
+        return outboxDir + "/" + name
     }
+
+    /// Outbox keys under this prefix are not uploaded: the file lists replica keys (one a
+    /// line) to delete once everything before it is in the replica.
+    static let deletionPrefix = "walship-delete/"
 
     func ackPath(_ replicaID: String) -> String { acksDir + "/" + replicaID }
 

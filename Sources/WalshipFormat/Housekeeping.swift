@@ -81,10 +81,11 @@ public enum CompactionPlanner {
     /// The last level squashes, and runs only on windows that ended before `fineCutoffMs`, so
     /// everything newer stays exact per transaction. A window is closed once `nowMs` is past
     /// its end by `settleMs` (late segments of a closed window simply stay uncompacted).
+    /// `fromLevel` skips the levels the agent builds itself (level 1, from its spool).
     public static func plan(_ g: GenerationListing, levelsMs: [Int64], nowMs: Int64, fineCutoffMs: Int64,
-                            settleMs: Int64, afterTxid: UInt64) -> [CompactionJob] {
+                            settleMs: Int64, afterTxid: UInt64, fromLevel: Int = 1) -> [CompactionJob] {
         var jobs: [CompactionJob] = []
-        for (i, window) in levelsMs.enumerated() {
+        for (i, window) in levelsMs.enumerated() where i + 1 >= fromLevel {
             let level = i + 1
             let last = level == levelsMs.count
             let limitMs = last ? min(nowMs - settleMs, fineCutoffMs) : nowMs - settleMs
@@ -113,8 +114,9 @@ public enum CompactionPlanner {
                 if snapshotTxids.contains(s.firstTxid - 1) { flush() }
                 let w = s.firstTimeMs / window
                 let windowEnd = (w + 1) * window
-                // Only segments that start and end inside a closed window.
-                guard windowEnd <= limitMs, s.lastTimeMs < windowEnd else { flush(); continue }
+                // Segments belong to the window they start in; it must be closed, and on the
+                // squashing level the whole segment must be older than the fine window.
+                guard windowEnd <= limitMs, !last || s.lastTimeMs < limitMs else { flush(); continue }
                 if let f = group.first, f.firstTimeMs / window != w { flush() }
                 group.append(s)
             }

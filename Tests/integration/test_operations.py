@@ -521,6 +521,110 @@ def test_webhook_firing_then_resolved_and_path_never_logged(tmp_path, agent_fact
 
 # ---------------------------------------------------------------- 6. compaction
 
+def restore_chain_end(g):
+    """Follows the restore chain (newest segment reaching furthest) from the first snapshot."""
+    by_first = {}
+    for s in g["segments"]:
+        by_first.setdefault(int(s["first_txid"]), []).append(s)
+    pos = min(int(s["txid"]) for s in g["snapshots"])
+    while pos + 1 in by_first:
+        pos = max(int(s["last_txid"]) for s in by_first[pos + 1])
+    return pos
+
+
+def uncompacted_closed_windows(segs, window_s, closed_before):
+    """Closed level-1 windows (ended before `closed_before`, unix s) still holding two or more
+    level-0 segments wholly inside them: level 1 should have merged those."""
+    per_window = {}
+    for s in segs:
+        if s["level"] != "0":
+            continue
+        a, b = parse_time(s["first_time"]), parse_time(s["last_time"])
+        w = int(a // window_s)
+        if b < (w + 1) * window_s and (w + 1) * window_s <= closed_before:
+            per_window.setdefault(w, []).append(s["key"].rsplit("/", 1)[-1])
+    return {f"[{w * window_s:.0f}, {(w + 1) * window_s:.0f})": keys for w, keys in sorted(per_window.items())
+            if len(keys) >= 2}
+
+
+def check_instants_exact(url, instants, tmp_path, tag):
+    bad = []
+    for k, x in enumerate(instants):
+        out = tmp_path / f"{tag}-{k}.db"
+        p = run_walship("restore", url, "-o", out, "--timestamp", rfc3339(x["t"]), "--integrity", "quick")
+        if p.returncode != 0:
+            bad.append(f"t={rfc3339(x['t'])}: restore failed: {p.stderr.strip()}")
+            continue
+        if digest_of(table_contents(out)) != x["digest"]:
+            bad.append(f"t={rfc3339(x['t'])}: contents differ from the writer's copy; {p.stdout.strip()}")
+        out.unlink()
+    assert not bad, "\n".join(bad)
+
+
+# settle time of a compaction window in the agent: 2 x sync interval + 2 s; housekeeping runs
+# every half smallest window (1 s here), so a closed window is merged within ~4 s of its end
+SETTLE_SLACK = 2 * 0.2 + 2.0 + 1.0 + 1.5
+
+
+def test_level1_compaction_merges_closed_windows_exactly(tmp_path, agent_factory):
+    """Level 1 only (the last level's window is an hour, so nothing is squashed): level-0
+    segments are merged per closed 2 s window, and every transaction stays a restore point."""
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=20)
+    agent = agent_factory(db, [furl(replica)], ["--sync-interval", "200ms", "--compaction", "2s,1h",
+                                                 "--fine-window", "1h"]).start().wait_ready()
+    stop_file, instants_file, wlog = tmp_path / "stop-writer", tmp_path / "instants.jsonl", tmp_path / "writer.log"
+    writer = start_writer("tickets", db, "--seed", 37, "--stop-file", stop_file, "--rate", 50,
+                          "--instants-file", instants_file, "--instant-every", 0.3, log_path=wlog)
+    try:
+        time.sleep(11.0)
+    finally:
+        stop_writer(stop_file, writer, wlog)
+    time.sleep(0.8)
+    t_sigterm = time.time()
+    agent.stop()
+
+    [g] = list_json(furl(replica))
+    segs = g["segments"]
+    level1 = [s for s in segs if s["level"] == "1"]
+    assert level1, "no level-1 segment after 11 s of writes with --compaction 2s,1h:\n" + \
+        "\n".join(s["key"] for s in segs)
+    assert not any(s["key"].endswith("-s.seg.lz4") or s["granularity"] != "transaction" for s in segs), segs
+    assert g["granularity"] == "transaction", g["granularity"]
+    assert restore_chain_end(g) == int(g["last_txid"])
+    for c in level1:
+        lo, hi = int(c["first_txid"]), int(c["last_txid"])
+        assert hi > lo and parse_time(c["last_time"]) // 2 == parse_time(c["first_time"]) // 2, c
+        covered = [s["key"] for s in segs if s["level"] == "0" and lo <= int(s["first_txid"]) and int(s["last_txid"]) <= hi]
+        assert not covered, f"{c['key']} left the level-0 segments it covers: {covered[:3]}"
+
+    # every recorded instant restores exactly, those inside level-1 segments included
+    instants = read_instants(instants_file)
+    ranges = [(parse_time(s["first_time"]), parse_time(s["last_time"])) for s in level1]
+    in_l1 = [x for x in instants if any(a <= x["t_commit"] - 0.01 and x["t"] + 0.01 < b for a, b in ranges)]
+    assert len(in_l1) >= 2, f"only {len(in_l1)} instants fell inside level-1 segments {ranges}"
+    check_instants_exact(furl(replica), instants, tmp_path, "l1")
+    # txid by txid inside one level-1 segment: each restores, and consecutive ones differ
+    c = level1[0]
+    states = []
+    for t in range(int(c["first_txid"]), min(int(c["last_txid"]), int(c["first_txid"]) + 4) + 1):
+        _, got = restore(furl(replica), tmp_path / f"tx-{t}.db", "--txid", t, "--integrity", "none")
+        assert got == t
+        states.append(digest_of(table_contents(tmp_path / f"tx-{t}.db")))
+    assert len(set(states)) == len(states), "restores to consecutive txids inside a level-1 segment are not distinct"
+
+    p, rep = verify_json(furl(replica))
+    assert p.returncode == 0 and rep["ok"], p.stdout + p.stderr
+    checkpoint_truncate(db)
+    restore(furl(replica), tmp_path / "latest.db")
+    assert file_bytes_equal(tmp_path / "latest.db", db), "latest restore differs from the checkpointed source"
+
+    # level 1 kept up: no closed window still holds several level-0 segments
+    stuck = uncompacted_closed_windows(segs, 2.0, t_sigterm - SETTLE_SLACK)
+    assert not stuck, (f"{len(stuck)} closed 2 s windows were never merged into level 1 "
+                       f"(agent stopped at {t_sigterm:.1f}):\n" + json.dumps(stuck, indent=1)[:4000])
+
+
 def test_compaction_keeps_fine_window_exact_and_squashes_older_history(tmp_path, agent_factory):
     db, replica = tmp_path / "app.db", tmp_path / "replica"
     fine = 6.0
@@ -542,6 +646,7 @@ def test_compaction_keeps_fine_window_exact_and_squashes_older_history(tmp_path,
     finally:
         stop_writer(stop_file, writer, wlog)
     time.sleep(0.8)
+    t_sigterm = time.time()
     agent.stop()
     t_stopped = time.time()
 
@@ -550,57 +655,37 @@ def test_compaction_keeps_fine_window_exact_and_squashes_older_history(tmp_path,
     g = gens[0]
     segs = g["segments"]
     squashed = [s for s in segs if s["key"].endswith("-s.seg.lz4")]
-    level1 = [s for s in segs if s["level"] == "1"]
-    assert squashed and level1, json.dumps(segs, indent=1)[:3000]
+    assert squashed, json.dumps(segs, indent=1)[:3000]
     assert all(s["granularity"] == "boundary" and s["level"] == "2" for s in squashed), squashed
     assert all(s["granularity"] == "transaction" for s in segs if s not in squashed)
     assert g["granularity"].startswith("transaction after "), g["granularity"]
     # squashed history is older than the fine window (as of the agent's last housekeeping)
     edge = max(parse_time(s["last_time"]) for s in squashed)
     assert edge < t_stopped - fine, (edge, t_stopped)
-    # the restore chain covers every txid once: snapshot, then segments first = previous last + 1
-    snaps = sorted(int(s["txid"]) for s in g["snapshots"])
-    chain, pos = [], snaps[0]
-    by_first = {}
-    for s in segs:
-        by_first.setdefault(int(s["first_txid"]), []).append(s)
-    while pos + 1 in by_first:
-        nxt = max(by_first[pos + 1], key=lambda s: int(s["last_txid"]))
-        chain.append(nxt)
-        pos = int(nxt["last_txid"])
-    assert pos == int(g["last_txid"]), f"chain ends at {pos}, last txid {g['last_txid']}"
+    # the restore chain covers every txid: snapshot, then segments first = previous last + 1
+    assert restore_chain_end(g) == int(g["last_txid"]), (restore_chain_end(g), g["last_txid"])
     # never across a snapshot: no compacted segment holds both txid S and S+1 of a snapshot S
+    snaps = sorted(int(s["txid"]) for s in g["snapshots"])
+    assert len(snaps) >= 2, g["snapshots"]
     for s in segs:
         for t in snaps:
             assert not (int(s["first_txid"]) <= t < int(s["last_txid"])), f"{s['key']} spans snapshot txid {t}"
-    # compacted segments really replaced the level-0 ones they cover
-    l0 = [s for s in segs if s["level"] == "0"]
-    for c in squashed + level1:
+    # compacted segments really replaced the lower-level ones they cover
+    for c in segs:
+        if c["level"] == "0":
+            continue
         lo, hi = int(c["first_txid"]), int(c["last_txid"])
-        inside = [s["key"] for s in l0 if lo <= int(s["first_txid"]) and int(s["last_txid"]) <= hi]
-        assert not inside, f"{c['key']} left covered level-0 segments: {inside[:3]}"
+        covered = [s["key"] for s in segs if int(s["level"]) < int(c["level"])
+                   and lo <= int(s["first_txid"]) and int(s["last_txid"]) <= hi]
+        assert not covered, f"{c['key']} left covered segments: {covered[:3]}"
 
-    # PITR inside the fine window stays exact per transaction, including through level-1 merges
+    # PITR inside the fine window stays exact per transaction
     instants = read_instants(instants_file)
     inside = [x for x in instants if x["t_commit"] > t_stopped - fine + 0.7]
     assert len(inside) >= 5, (len(inside), len(instants))
-    l1_ranges = [(parse_time(s["first_time"]), parse_time(s["last_time"])) for s in level1]
-    through_l1 = 0
-    bad = []
-    for k, x in enumerate(inside):
-        out = tmp_path / f"fine-{k}.db"
-        p = run_walship("restore", furl(replica), "-o", out, "--timestamp", rfc3339(x["t"]), "--integrity", "quick")
-        if p.returncode != 0:
-            bad.append(f"t={rfc3339(x['t'])}: restore failed: {p.stderr.strip()}")
-            continue
-        if digest_of(table_contents(out)) != x["digest"]:
-            bad.append(f"t={rfc3339(x['t'])}: contents differ; {p.stdout.strip()}")
-        through_l1 += any(a - 0.01 <= x["t_commit"] <= b + 0.01 for a, b in l1_ranges)
-        out.unlink()
-    assert not bad, "\n".join(bad)
-    assert through_l1 >= 1, f"no fine-window instant fell in a level-1 segment: {l1_ranges}"
+    check_instants_exact(furl(replica), inside, tmp_path, "fine")
 
-    # squashed history: its boundaries restore, a txid inside fails clearly
+    # squashed history: its boundaries restore, a txid inside fails clearly and writes nothing
     sq = max(squashed, key=lambda s: int(s["last_txid"]) - int(s["first_txid"]))
     lo, hi = int(sq["first_txid"]), int(sq["last_txid"])
     assert hi - lo >= 2, sq
@@ -621,6 +706,11 @@ def test_compaction_keeps_fine_window_exact_and_squashes_older_history(tmp_path,
     restore(furl(replica), tmp_path / "latest.db")
     assert file_bytes_equal(tmp_path / "latest.db", db), "latest restore differs from the checkpointed source"
 
+    # compaction kept up: no closed level-1 window still holds several level-0 segments
+    stuck = uncompacted_closed_windows(segs, 2.0, t_sigterm - SETTLE_SLACK)
+    assert not stuck, (f"{len(stuck)} closed 2 s windows were never compacted (agent stopped at {t_sigterm:.1f}):\n"
+                       + json.dumps(stuck, indent=1)[:4000])
+
 
 # ---------------------------------------------------------------- 7. security
 
@@ -639,9 +729,12 @@ def test_spool_permissions_and_no_secrets_in_logs_status_metrics(tmp_path, agent
     stop_file, wlog = tmp_path / "stop-writer", tmp_path / "writer.log"
     writer = start_writer("tickets", db, "--seed", 41, "--stop-file", stop_file, "--rate", 40, log_path=wlog)
     outputs = []
+    plaintext = f"TOPSECRET-{uuid.uuid4().hex}"
     try:
+        run_py(WRITER, "insert", db, "--text", plaintext + "-before")
         time.sleep(1.0)
         srv.stop()            # objects wait in the outbox; upload errors get logged
+        run_py(WRITER, "insert", db, "--text", plaintext + "-during")
         wait_until(lambda: "upload failed" in agent.read_log(), 20, "no upload failure logged during the S3 outage")
         assert (spool / "outbox").is_dir() and os.listdir(spool / "outbox"), "nothing waits in the outbox"
         bad = []
@@ -675,9 +768,17 @@ def test_spool_permissions_and_no_secrets_in_logs_status_metrics(tmp_path, agent
             assert s not in text, f"{name} appears in {what}"
     assert keybytes not in Path(agent.log_path).read_bytes()
 
+    # encrypted at rest on S3 too: the application's plaintext is in no stored object
+    keys = srv.objects("walship", "sec")
+    assert any(k.endswith(".seg.lz4") for k in keys) and any(k.endswith(".snap.lz4") for k in keys), keys
+    leaked = [k for k in keys if plaintext.encode() in (srv.root / "walship" / k).read_bytes()]
+    assert not leaked, f"plaintext found in S3 objects: {leaked}"
+
     checkpoint_truncate(db)
     restore(url, tmp_path / "latest.db", "--encryption-key-file", key, env=env)
-    assert table_contents(tmp_path / "latest.db") == table_contents(db)
+    got = table_contents(tmp_path / "latest.db")
+    assert got == table_contents(db)
+    assert {plaintext + "-before", plaintext + "-during"} <= {r[1] for r in got["usuarios"]}
 
 
 # ---------------------------------------------------------------- 8. status

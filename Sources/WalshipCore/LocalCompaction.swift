@@ -1,0 +1,106 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import WalshipFormat
+
+/// Builds level-1 segments in the spool, from hard links to the level-0 segments the agent
+/// cut, so that compaction costs each replica one PUT and one batch DELETE per window, and no
+/// GET. Links live in `compact/` under their replica key (slashes as "~").
+final class LocalCompactor {
+    struct Built {
+        var path: String
+        var name: SegmentName
+        var replaces: [String]
+    }
+
+    let dir: String
+    let workDir: String
+    let windowUs: Int64
+    let settleUs: Int64
+    let key: EncryptionKey?
+
+    init(dir: String, workDir: String, windowUs: Int64, settleUs: Int64, key: EncryptionKey?) {
+        self.dir = dir; self.workDir = workDir; self.windowUs = windowUs; self.settleUs = settleUs; self.key = key
+    }
+
+    /// Keeps a level-0 segment just put in the outbox for the next merge.
+    func remember(outboxPath: String, key: String) {
+        let target = dir + "/" + key.replacingAll("/", with: "~")
+        if link(outboxPath, target) != 0 && errno != EEXIST {
+            // Without the link the segment simply stays uncompacted at level 0.
+        }
+    }
+
+    private func entries() -> [(file: String, name: SegmentName)] {
+        ((try? FS.list(dir)) ?? []).compactMap { f in
+            let parts = f.replacingAll("~", with: "/").split(separator: "/").map(String.init)
+            guard parts.count == 5, parts[0] == "generations", parts[3] == "0",
+                  let n = SegmentName.parse(generation: parts[1], level: 0, fileName: parts[4]) else { return nil }
+            return (f, n)
+        }.sorted { $0.name.firstTxid < $1.name.firstTxid }
+    }
+
+    /// Drops links of other generations (they can no longer be merged with anything).
+    func discard(except generation: String) {
+        for e in entries() where e.name.generation != generation { try? FS.remove(dir + "/" + e.file) }
+    }
+
+    func forget(_ names: [SegmentName]) {
+        for n in names { try? FS.remove(dir + "/" + n.key.replacingAll("/", with: "~")) }
+    }
+
+    /// Merges the runs of consecutive segments whose window has closed (all of them with
+    /// `force`, before a snapshot: merges never cross one). Single segments are just let go.
+    func build(nowUs: Int64, force: Bool, generation: String) throws -> [Built] {
+        var out: [Built] = []
+        let all = entries().filter { $0.name.generation == generation }
+        var group: [SegmentName] = []
+        func close() throws {
+            defer { group = [] }
+            guard group.count >= 2 else { forget(group); return }
+            out.append(try merge(group))
+        }
+        for e in all {
+            let w = e.name.firstTimeMs * 1000 / windowUs
+            let closed = force || (w + 1) * windowUs + settleUs <= nowUs
+            if let last = group.last, last.firstTimeMs * 1000 / windowUs != w || e.name.firstTxid != last.lastTxid + 1 {
+                try close()
+            }
+            if !closed { break }   // later windows are not closed either
+            group.append(e.name)
+        }
+        try close()
+        return out
+    }
+
+    private func merge(_ inputs: [SegmentName]) throws -> Built {
+        let path = workDir + "/level1-\(hex16(inputs[0].firstTxid)).part"
+        let builder = try ObjectBuilder(path: path, key: key)
+        let merger = try SegmentMerger(builder: builder, squash: false, scratch: path + ".pages")
+        defer { merger.close() }
+        let local = FileReplica(root: dir)
+        do {
+            for n in inputs {
+                var decoder = SegmentDecoder(name: n.key)
+                try streamObject(local, key: n.key.replacingAll("/", with: "~"), expect: .segment, encryption: key) { chunk in
+                    try decoder.feed(chunk) { ev in try merger.handle(ev, object: n.key) }
+                }
+                try decoder.finish()
+            }
+            let m = try merger.finish()
+            let name = SegmentName(generation: inputs[0].generation, level: 1, firstTxid: m.firstTxid, lastTxid: m.lastTxid,
+                                   firstTimeMs: inputs[0].firstTimeMs, lastTimeMs: inputs.last!.lastTimeMs)
+            guard m.firstTxid == inputs[0].firstTxid, m.lastTxid == inputs.last!.lastTxid else {
+                throw ObjectError(key: name.key, replica: "the spool", problem: "merged txids \(m.firstTxid)-\(m.lastTxid), expected \(inputs[0].firstTxid)-\(inputs.last!.lastTxid)")
+            }
+            try builder.finish(ObjectMetadata(kind: .segment, pageSize: m.pageSize, firstTxid: m.firstTxid, lastTxid: m.lastTxid,
+                                              firstTimeUs: m.firstTimeUs, lastTimeUs: m.lastTimeUs, dbPages: m.dbPages,
+                                              transactionCount: m.records, dbChecksum: m.checksum, payloadBytes: 0,
+                                              generation: name.generation))
+            return Built(path: path, name: name, replaces: inputs.map(\.key))
+        } catch {
+            builder.abandon()
+            throw error
+        }
+    }
+}
