@@ -173,6 +173,9 @@ public final class Agent {
             let env = i < options.replicaEnvironments.count ? options.replicaEnvironments[i] : nil
             let r = try ReplicaFactory.open(url, environment: env)
             try r.prepareForWriting()
+            // The shipper retries forever with its own backoff: two attempts a request from
+            // now on, so that a failure shows (log, metrics, alerts) within seconds.
+            (r as? S3Replica)?.maxAttempts = 2
             replicas.append(r)
         }
         try spool.prepare()

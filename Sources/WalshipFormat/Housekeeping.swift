@@ -89,14 +89,22 @@ public enum CompactionPlanner {
             let level = i + 1
             let last = level == levelsMs.count
             let limitMs = last ? min(nowMs - settleMs, fineCutoffMs) : nowMs - settleMs
-            // Best chain of lower-level segments, by txid, as a restore would pick them.
-            let lower = g.segments.filter { $0.level < level && $0.lastTxid > afterTxid }
+            // The chain a restore would follow, over segments of every level (a segment left
+            // at a lower level must not hide the ones after it); only its lower-level members
+            // are merged, and a member already at this level or above separates groups.
+            let candidates = g.segments.filter { $0.lastTxid > afterTxid }
+            let lower = candidates.filter { $0.level < level }
             var byFirst: [UInt64: [SegmentName]] = [:]
-            for s in lower { byFirst[s.firstTxid, default: []].append(s) }
-            guard var pos = lower.map(\.firstTxid).min().map({ $0 - 1 }) else { continue }
+            for s in candidates { byFirst[s.firstTxid, default: []].append(s) }
             var chain: [SegmentName] = []
-            while let next = byFirst[pos + 1]?.max(by: { $0.lastTxid < $1.lastTxid }) {
-                chain.append(next); pos = next.lastTxid
+            var next = candidates.map(\.firstTxid).min()
+            while let start = next {
+                var pos = start - 1
+                while let s = byFirst[pos + 1]?.max(by: { $0.lastTxid < $1.lastTxid }) {
+                    chain.append(s); pos = s.lastTxid
+                }
+                next = candidates.filter { $0.firstTxid > pos }.map(\.firstTxid).min()   // after a gap
+                if next != nil { chain.append(SegmentName(generation: g.id, level: Int.max, firstTxid: 0, lastTxid: 0, firstTimeMs: 0, lastTimeMs: 0)) }
             }
             var group: [SegmentName] = []
             func flush() {
@@ -111,6 +119,7 @@ public enum CompactionPlanner {
             // that begins right after it (segments are cut at every snapshot).
             let snapshotTxids = Set(g.snapshots.map(\.txid))
             for s in chain {
+                if s.level >= level { flush(); continue }   // already compacted (or a gap marker)
                 if snapshotTxids.contains(s.firstTxid - 1) { flush() }
                 let w = s.firstTimeMs / window
                 let windowEnd = (w + 1) * window

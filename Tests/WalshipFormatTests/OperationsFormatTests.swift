@@ -166,3 +166,21 @@ final class HousekeepingPlanTests: XCTestCase {
         XCTAssertFalse(headers[1].isSquashed)
     }
 }
+
+final class CompactionChainTests: XCTestCase {
+    let gen = "000000000000000a0000"
+    func seg(_ a: UInt64, _ b: UInt64, _ t0: Int64, _ t1: Int64, level: Int = 0) -> SegmentName {
+        SegmentName(generation: gen, level: level, firstTxid: a, lastTxid: b, firstTimeMs: t0, lastTimeMs: t1)
+    }
+
+    /// A segment left behind at a lower level (it crossed a window edge) must not stop the
+    /// planner from merging the windows after the next already-compacted segment.
+    func testALeftoverSegmentDoesNotStallLaterWindows() {
+        let g = GenerationListing(id: gen, snapshots: [SnapshotName(generation: gen, txid: 0, timeMs: 0)],
+                                  segments: [seg(1, 10, 0, 900, level: 1), seg(11, 12, 950, 1050),
+                                             seg(13, 20, 1100, 1900, level: 1),
+                                             seg(21, 22, 2100, 2200), seg(23, 24, 2300, 2400)])
+        let jobs = CompactionPlanner.plan(g, levelsMs: [1000, 10_000], nowMs: 5000, fineCutoffMs: 0, settleMs: 100, afterTxid: 0)
+        XCTAssertEqual(jobs.map { $0.inputs.map(\.firstTxid) }, [[21, 23]])
+    }
+}

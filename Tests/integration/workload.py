@@ -77,16 +77,17 @@ def list_generations(walship, replica_url):
 
 
 def chain_problems(gens):
-    """Checks every generation: level-0 segments chain with no gap from its first snapshot up to
-    the generation's last txid; txids keep growing from one generation to the next, and a new
-    generation's first snapshot is the previous generation's last txid + 1."""
+    """Checks every generation: from its first snapshot, segments (of any compaction level, the
+    one reaching furthest at each step, as a restore picks them) chain with no gap up to the
+    generation's last txid; no two segments of one level overlap; txids keep growing from one
+    generation to the next, and a new generation's first snapshot is the previous generation's
+    last txid + 1."""
     problems = []
     prev_last = None
     for g in sorted(gens, key=lambda g: g["generation"]):
         gid = g["generation"]
         snaps = sorted(int(s["txid"]) for s in g.get("snapshots", []))
-        segs = sorted((int(s["first_txid"]), int(s["last_txid"]), s["key"])
-                      for s in g.get("segments", []) if str(s.get("level", "0")) == "0")
+        segs = [(int(s["first_txid"]), int(s["last_txid"]), str(s.get("level", "0")), s["key"]) for s in g.get("segments", [])]
         last = int(g["last_txid"])
         if not snaps:
             problems.append(f"{gid}: no snapshot")
@@ -94,15 +95,27 @@ def chain_problems(gens):
         base = snaps[0]
         if prev_last is not None and base != prev_last + 1:
             problems.append(f"{gid}: first snapshot txid {base}, previous generation ended at {prev_last}")
-        expected = base + 1
-        for first, lst, key in segs:
+        for first, lst, _, key in segs:
             if lst < first:
                 problems.append(f"{gid}: segment {key} has last < first")
-            if first != expected:
-                problems.append(f"{gid}: segment {key} starts at {first}, expected {expected} (gap or overlap)")
-            expected = lst + 1
-        if expected - 1 != last:
-            problems.append(f"{gid}: chain ends at txid {expected - 1} but last_txid is {last}")
+        by_level = {}
+        for first, lst, level, key in segs:
+            by_level.setdefault(level, []).append((first, lst, key))
+        for level, items in by_level.items():
+            items.sort()
+            for (f1, l1, k1), (f2, l2, k2) in zip(items, items[1:]):
+                if f2 <= l1:
+                    problems.append(f"{gid}: level-{level} segments {k1} and {k2} overlap")
+        by_first = {}
+        for first, lst, _, key in segs:
+            by_first.setdefault(first, []).append(lst)
+        pos = base
+        while pos + 1 in by_first:
+            pos = max(by_first[pos + 1])
+        if pos != last:
+            nxt = min((f for f, _, _, _ in segs if f > pos), default=None)
+            problems.append(f"{gid}: chain ends at txid {pos} but last_txid is {last}"
+                            + (f" (the next segment starts at {nxt}: gap)" if nxt is not None else ""))
         for s in snaps[1:]:
             if s > last:
                 problems.append(f"{gid}: snapshot {s} beyond last txid {last}")
