@@ -874,7 +874,9 @@ public final class Agent {
                     // Keep the pin recent so application checkpoints are not held back long.
                     try movePinToEnd()
                 }
-                nextCutUs = t + options.syncIntervalUs
+                // A fixed rate: the time spent cutting does not stretch the interval.
+                nextCutUs += options.syncIntervalUs
+                if nextCutUs <= t { nextCutUs = t + options.syncIntervalUs }
             }
             if tailer.framesInLog >= options.checkpointFrames && t - lastCheckpointTryUs >= 1_000_000 {
                 lastCheckpointTryUs = t
@@ -1104,7 +1106,7 @@ public final class Agent {
         }
     }
 
-    private let sampleEveryUs: Int64 = 4_000
+    private let sampleEveryUs: Int64 = 8_000
 
     /// Pause after a wake-up before reading the WAL: --read-delay, at most a tenth of the sync interval.
     private var debounceUs: Int64 { min(options.readDelayUs, options.syncIntervalUs / 10) }
