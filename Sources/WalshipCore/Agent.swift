@@ -76,6 +76,7 @@ public enum AgentError: Error, CustomStringConvertible {
     case alreadyRunning(String, Int32)
     case writeLockUnavailable(String)
     case notShipped([String])
+    case keyRequired(String, String, String)
 
     public var description: String {
         switch self {
@@ -84,6 +85,8 @@ public enum AgentError: Error, CustomStringConvertible {
         case .notWAL(let p, let mode): return "could not switch \(p) to WAL mode (journal_mode is \(mode)); close other connections and retry"
         case .alreadyRunning(let p, let pid): return "another walship agent (pid \(pid)) is already replicating \(p); stop it first, or use `walship snapshot` to ask it for a snapshot"
         case .writeLockUnavailable(let p): return "could not take the write lock on \(p) for a moment: the application holds long write transactions; retry later"
+        case .keyRequired(let p, let id, let spool):
+            return "\(p) is replicated encrypted (key id \(id)): give the key with --encryption-key-file (or encryption: key-file: in the config); to stop encrypting on purpose, remove the spool \(spool) first"
         case .notShipped(let r): return "not every replica has the snapshot yet (it stays in the spool and ships at the next start): \(r.joined(separator: "; "))"
         }
     }
@@ -193,6 +196,7 @@ public final class Agent {
         for (i, r) in replicas.enumerated() {
             let s = Shipper(replica: r, spool: spool, logger: logger)
             s.onError = { [status] in status.countError("upload", replica: i) }
+            s.onHousekeepingError = { [status] in status.countError("housekeeping", replica: i) }
             shippers.append(s)
         }
         StatusBoard.register(status, for: dbPath)
@@ -202,6 +206,9 @@ public final class Agent {
         let ino = try dbFile.inode()
         var continued = false
         try withWriteLock(patient: true) {
+            if let id = previous?.keyID, options.encryptionKey == nil {
+                throw AgentError.keyRequired(dbPath, hex16(id), spool.dir)
+            }
             let sameKey = (previous?.keyID ?? 0) == (options.encryptionKey?.id ?? 0)
             if previous != nil && !sameKey {
                 logger.warning("the encryption key changed (or encryption was turned on or off); starting a new generation so that no generation mixes keys", metadata: meta)
@@ -330,6 +337,14 @@ public final class Agent {
         var maxSeq: UInt64 = 0
         for e in try spool.outboxEntries() {
             maxSeq = max(maxSeq, e.sequence)
+            if e.sequence >= state.nextSequence {
+                // Queued after the last saved state (a compacted object, its deletion list, a
+                // segment): not vouched for. Deletion lists above all must never outlive the
+                // object that replaces what they delete.
+                logger.notice("dropping an object the saved state does not vouch for", metadata: ["object.key": "\(e.key)"])
+                try FS.remove(e.path)
+                continue
+            }
             let parts = e.key.split(separator: "/").map(String.init)
             guard parts.count >= 3, parts[0] == "generations" else { continue }
             var orphan = parts[1] > state.generation
@@ -337,12 +352,13 @@ public final class Agent {
                 if parts.count == 5, let s = SegmentName.parse(generation: parts[1], level: 0, fileName: parts[4]), s.firstTxid > state.lastTxid { orphan = true }
                 if parts.count == 4, let s = SnapshotName.parse(generation: parts[1], fileName: parts[3]), s.txid > state.lastTxid { orphan = true }
             }
-            if e.sequence >= state.nextSequence { orphan = true }
             if orphan {
                 logger.notice("dropping an object the saved state does not vouch for", metadata: ["object.key": "\(e.key)"])
                 try FS.remove(e.path)
             }
         }
+        // Links to segments cut after the saved state will be cut again, differently.
+        localCompactor?.dropBeyond(txid: state.lastTxid, generation: state.generation)
         if state.tableTxid < state.lastTxid {
             for e in try spool.outboxEntries() {
                 let parts = e.key.split(separator: "/").map(String.init)
@@ -582,8 +598,11 @@ public final class Agent {
                                                   generation: state.generation))
             let queued = try spool.enqueue(file: seg.builder.path, key: name.key, sequence: state.nextSequence)
             state.nextSequence += 1
-            localCompactor?.remember(outboxPath: queued, key: name.key)
             logger.debug("cut segment", metadata: ["segment.key": "\(name.key)", "segment.transactions": "\(seg.count)"])
+            try saveState()
+            // Only once the state vouches for it: a crash before would cut it again, differently.
+            localCompactor?.remember(outboxPath: queued, key: name.key)
+            return
         }
         try saveState()
     }
@@ -593,7 +612,16 @@ public final class Agent {
     /// Only between segments: the state it saves must not run ahead of what is in the outbox.
     private func compactLocally(force: Bool) throws {
         guard let lc = localCompactor, segment == nil else { return }
-        let built = try lc.build(nowUs: nowMicroseconds(), force: force, generation: state.generation)
+        let built: [LocalCompactor.Built]
+        do {
+            built = try lc.build(nowUs: nowMicroseconds(), force: force, generation: state.generation)
+        } catch {
+            // Compaction is an optimisation: on any trouble the segments simply stay at level 0.
+            logger.error("merging segments in the spool failed; they stay as they are", metadata: ["error": "\(error)"])
+            status.countError("compaction")
+            lc.discard(except: "")
+            return
+        }
         guard !built.isEmpty else { return }
         for b in built {
             try spool.enqueue(file: b.path, key: b.name.key, sequence: state.nextSequence)
@@ -602,15 +630,13 @@ public final class Agent {
             try FS.writeAtomically(list, Array(b.replaces.joined(separator: "\n").utf8))
             try spool.enqueue(file: list, key: Spool.deletionPrefix + b.name.key, sequence: state.nextSequence)
             state.nextSequence += 1
-            lc.forget(b.replaces.compactMap { k in
-                let p = k.split(separator: "/").map(String.init)
-                return p.count == 5 ? SegmentName.parse(generation: p[1], level: 0, fileName: p[4]) : nil
-            })
             logger.debug("compacted segments", metadata: ["segment.key": "\(b.name.key)", "inputs": "\(b.replaces.count)"])
         }
+        try saveState()
+        // The links go only once the state vouches for what replaces them.
+        for b in built { lc.forget(keys: b.replaces) }
         let merged = built.reduce(0) { $0 + $1.replaces.count }
         status.update { r in for i in r.replicas.indices { r.replicas[i].compactedObjects += UInt64(merged) } }
-        try saveState()
         kickShippers()
     }
 
@@ -984,7 +1010,9 @@ public final class Agent {
     /// The commit time an outbox object starts at: segments and snapshots carry it in their names.
     static func firstCommitTimeUs(ofKey key: String) -> Int64? {
         let parts = key.split(separator: "/").map(String.init)
-        if parts.count == 5, let s = SegmentName.parse(generation: parts[1], level: 0, fileName: parts[4]) { return s.firstTimeMs * 1000 }
+        // A compacted object starts at its window's first commit, but what it holds was
+        // acknowledged already (as level 0): only level-0 segments and snapshots count.
+        if parts.count == 5, parts[3] == "0", let s = SegmentName.parse(generation: parts[1], level: 0, fileName: parts[4]) { return s.firstTimeMs * 1000 }
         if parts.count == 4, let s = SnapshotName.parse(generation: parts[1], fileName: parts[3]) { return s.timeMs * 1000 }
         return nil
     }

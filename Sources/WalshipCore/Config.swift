@@ -129,20 +129,29 @@ public enum ConfigLoader {
             case "read-delay": cfg.readDelayUs = try duration(v, l)
             case "checkpoint-frames": cfg.checkpointFrames = try integer(v, l)
             case "spool-limit": cfg.spoolLimitBytes = try size(v, l)
-            case "retention": cfg.retentionUs = try duration(v, l)
+            case "retention":
+                cfg.retentionUs = try duration(v, l)
+                guard cfg.retentionUs >= 1_000_000 else { throw fail(l, "must be at least 1s") }
             case "fine-window": cfg.fineWindowUs = try duration(v, l)
             case "compaction":
                 let text = try scalar(v, l)
                 do { cfg.compactionLevelsUs = try CompactionLevels.parse(text) } catch { throw fail(l, "\(error)") }
-            case "verify-interval": cfg.verifyIntervalUs = try duration(v, l)
-            case "webhook-url": cfg.webhookURL = try scalar(v, l)
+            case "verify-interval":
+                cfg.verifyIntervalUs = try duration(v, l)
+                guard cfg.verifyIntervalUs == 0 || cfg.verifyIntervalUs >= 1_000_000 else { throw fail(l, "must be at least 1s (or 0 for never)") }
+            case "webhook-url":
+                let u = try scalar(v, l)
+                guard u.hasPrefix("http://") || u.hasPrefix("https://") else { throw fail(l, "must be an http:// or https:// URL") }
+                cfg.webhookURL = u
             case "alert-lag": cfg.alertLagUs = try duration(v, l)
             case "alert-sync-failure": cfg.alertSyncFailureUs = try duration(v, l)
             case "encryption":
                 for (ek, ev) in try mapping(v, l, allowed: ["key-file"]) {
                     _ = ek
+                    // Only its presence is checked here (readers such as `walship status` may not
+                    // be allowed to read it); the commands that use it load it.
                     let path = FS.absolute(try scalar(ev, "\(l).key-file"))
-                    do { _ = try EncryptionKey.load(path: path) } catch { throw fail("\(l).key-file", "\(error)") }
+                    guard FS.exists(path) else { throw fail("\(l).key-file", "encryption key file \(path) does not exist") }
                     cfg.encryptionKeyFile = path
                 }
             default: throw fail(l, "unknown key '\(k)'")

@@ -8,7 +8,9 @@ extension AESGCM: AuthenticatedCipher {}
 
 /// The master key for encryption at rest: 32 raw bytes read from a file. The key itself never
 /// appears in logs or errors; its id (an HMAC of it) does.
-public struct EncryptionKey: Sendable {
+public struct EncryptionKey: Sendable, CustomStringConvertible {
+    /// Never the key itself, wherever a key ends up printed.
+    public var description: String { "encryption key (id \(idText))" }
     let bytes: [UInt8]
     public let id: UInt64
     public var idText: String { hex16(id) }

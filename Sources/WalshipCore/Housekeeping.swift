@@ -4,6 +4,12 @@ import Glibc
 import Logging
 import WalshipFormat
 
+/// Compaction jobs that failed (retention still ran).
+struct HousekeepingError: Error, CustomStringConvertible {
+    let problems: [String]
+    var description: String { problems.count == 1 ? problems[0] : "\(problems.count) compaction jobs failed; first: \(problems[0])" }
+}
+
 /// Retention and compaction for one replica, carried out from plans made on a LIST
 /// (WalshipFormat's RetentionPlanner and CompactionPlanner). Runs on the replica's shipper
 /// queue, so it never races that replica's uploads.
@@ -30,8 +36,11 @@ final class Housekeeper {
         self.replica = replica; self.workDir = workDir; self.settings = settings; self.logger = logger
     }
 
+    /// Compaction, then retention. A job that fails (an object sealed with an older key, a
+    /// damaged one) is skipped and reported; retention runs whatever happened before it.
     func run(nowUs: Int64 = nowMicroseconds()) throws -> Outcome {
         var outcome = Outcome()
+        var problems: [String] = []
         if !settings.compactionLevelsUs.isEmpty {
             for g in try listGenerations(replica) {
                 let firstSnapshot = g.snapshots.first?.txid ?? 0
@@ -40,9 +49,14 @@ final class Housekeeper {
                                                   settleMs: settings.settleUs / 1000, afterTxid: firstSnapshot,
                                                   fromLevel: settings.compactionLevelsUs.count == 1 ? 1 : settings.fromLevel)
                 for job in jobs {
-                    try compact(job, pageSize: nil)
-                    outcome.compacted += job.inputs.count + job.covered.count
-                    outcome.written += 1
+                    do {
+                        try compact(job, pageSize: nil)
+                        outcome.compacted += job.inputs.count + job.covered.count
+                        outcome.written += 1
+                    } catch {
+                        problems.append("compacting \(job.output.key): \(error)")
+                        if error is EncryptionError { break }   // the whole generation has the other key
+                    }
                 }
             }
         }
@@ -53,6 +67,7 @@ final class Housekeeper {
             logger.info("retention deleted old objects", metadata: ["replica.url": "\(replica.displayURL)", "objects": "\(plan.deleteKeys.count)",
                                                                   "oldest.snapshot": "\(plan.oldestKept?.key ?? "-")"])
         }
+        if !problems.isEmpty { throw HousekeepingError(problems: problems) }
         return outcome
     }
 

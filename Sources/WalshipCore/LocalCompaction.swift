@@ -45,8 +45,15 @@ final class LocalCompactor {
         for e in entries() where e.name.generation != generation { try? FS.remove(dir + "/" + e.file) }
     }
 
-    func forget(_ names: [SegmentName]) {
-        for n in names { try? FS.remove(dir + "/" + n.key.replacingAll("/", with: "~")) }
+    func forget(_ names: [SegmentName]) { forget(keys: names.map(\.key)) }
+    func forget(keys: [String]) {
+        for k in keys { try? FS.remove(dir + "/" + k.replacingAll("/", with: "~")) }
+    }
+
+    /// Drops links to segments past `txid` (cut after the last saved state: they will be cut
+    /// again, with other bounds).
+    func dropBeyond(txid: UInt64, generation: String) {
+        for e in entries() where e.name.generation == generation && e.name.lastTxid > txid { try? FS.remove(dir + "/" + e.file) }
     }
 
     /// Merges the runs of consecutive segments whose window has closed (all of them with
@@ -55,12 +62,16 @@ final class LocalCompactor {
         var out: [Built] = []
         let all = entries().filter { $0.name.generation == generation }
         var group: [SegmentName] = []
+        var reached: UInt64 = 0
         func close() throws {
             defer { group = [] }
             guard group.count >= 2 else { forget(group); return }
             out.append(try merge(group))
         }
         for e in all {
+            // Never two merged objects over one txid: an overlapping link is left out.
+            if e.name.firstTxid <= reached && (reached > 0 || !group.isEmpty) { forget([e.name]); continue }
+            reached = max(reached, e.name.lastTxid)
             let w = e.name.firstTimeMs * 1000 / windowUs
             let closed = force || (w + 1) * windowUs + settleUs <= nowUs
             if let last = group.last, last.firstTimeMs * 1000 / windowUs != w || e.name.firstTxid != last.lastTxid + 1 {

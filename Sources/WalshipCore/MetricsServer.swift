@@ -59,8 +59,9 @@ public final class MetricsServer {
         while true {
             let c = accept(fd, nil, nil)
             if c < 0 { if errno == EINTR { continue }; usleep(10_000); continue }
-            var tv = timeval(tv_sec: 5, tv_usec: 0)
+            var tv = timeval(tv_sec: 2, tv_usec: 0)
             setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+            setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
             handle(c)
             close(c)
         }
@@ -95,7 +96,7 @@ public final class MetricsServer {
         if method != "HEAD" { out += bytes }
         var off = 0
         while off < out.count {
-            let n = out[off...].withUnsafeBytes { write(c, $0.baseAddress, $0.count) }
+            let n = out[off...].withUnsafeBytes { send(c, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
             if n <= 0 { break }
             off += n
         }

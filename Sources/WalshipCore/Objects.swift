@@ -16,7 +16,7 @@ public struct ObjectError: Error, CustomStringConvertible {
 /// decompresses its LZ4 frame and hands the payload to `payload` chunk by chunk. Returns the
 /// metadata. Wraps every format failure in an ObjectError that names the object.
 @discardableResult
-func streamObject(_ replica: Replica, key: String, expect kind: ObjectKind, encryption: EncryptionKey? = nil,
+func streamObject(_ replica: Replica, key: String, expect kind: ObjectKind, encryption: EncryptionKey? = nil, allowUnencrypted: Bool = false,
                   onMetadata: (ObjectMetadata) throws -> Void = { _ in },
                   payload: (UnsafeRawBufferPointer) throws -> Void) throws -> ObjectMetadata {
     var head: [UInt8] = []
@@ -50,6 +50,10 @@ func streamObject(_ replica: Replica, key: String, expect kind: ObjectKind, encr
                         throw EncryptionError.badKey("object '\(key)' in \(replica.displayURL) is encrypted with key id \(hex16(m.keyID)), but the key given has id \(k.idText): use the key the replica was written with")
                     }
                     opener = k.opener(metadata: head)
+                } else if encryption != nil && !allowUnencrypted {
+                    // With a key, a plaintext object could have been planted by whoever can
+                    // write to the bucket (the header's checksum is not keyed).
+                    throw EncryptionError.badKey("object '\(key)' in \(replica.displayURL) is not encrypted, but a key was given: refusing it in case it was planted; pass --allow-unencrypted to accept objects stored before encryption was turned on")
                 }
                 meta = m
                 try onMetadata(m)

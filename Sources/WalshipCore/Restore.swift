@@ -16,6 +16,8 @@ public struct RestoreOptions {
     public var integrity: IntegrityMode = .full
     /// The key encrypted objects were sealed with.
     public var encryptionKey: EncryptionKey?
+    /// With a key: also accept objects stored in the clear (before encryption was turned on).
+    public var allowUnencrypted = false
     public init() {}
 }
 
@@ -51,6 +53,8 @@ public struct RestoreResult: Sendable {
     public var dbPages: UInt32 = 0
     public var pageSize = 0
     public var checksum: UInt64 = 0
+    /// Something the user should know about the point reached (a compacted range).
+    public var note: String?
 }
 
 public enum Restorer {
@@ -114,9 +118,12 @@ public enum Restorer {
     /// Writes the snapshot and applies transactions into `tmp`, then checks the checksum.
     static func build(replica: Replica, plan: RestorePlan, into tmp: String, options: RestoreOptions) throws -> RestoreResult {
         var result = RestoreResult()
-        let file = try RawFile(path: tmp, flags: O_RDWR | O_CREAT | O_TRUNC, mode: 0o644)
+        // 0600: a decrypted database must not be readable by others while it is being built
+        // (the restored file keeps it; chmod it for the application).
+        let file = try RawFile(path: tmp, flags: O_RDWR | O_CREAT | O_TRUNC, mode: 0o600)
         var offset = 0
-        let snapMeta = try streamObject(replica, key: plan.snapshot.key, expect: .snapshot, encryption: options.encryptionKey) { chunk in
+        let snapMeta = try streamObject(replica, key: plan.snapshot.key, expect: .snapshot, encryption: options.encryptionKey,
+                                    allowUnencrypted: options.allowUnencrypted) { chunk in
             try file.write(at: offset, chunk)
             offset += chunk.count
         }
@@ -153,7 +160,8 @@ public enum Restorer {
             var current: TransactionHeader?
             var skipping = false
             var reachedTarget = false
-            let meta = try streamObject(source, key: seg.key, expect: .segment, encryption: options.encryptionKey, onMetadata: { m in
+            let meta = try streamObject(source, key: seg.key, expect: .segment, encryption: options.encryptionKey,
+                                    allowUnencrypted: options.allowUnencrypted, onMetadata: { m in
                 guard m.pageSize == pageSize, m.generation == plan.generation else {
                     throw ObjectError(key: seg.key, replica: replica.displayURL, problem: "belongs to another generation or page size")
                 }
@@ -175,7 +183,11 @@ public enum Restorer {
                                 throw RestoreError.chainBroken("transaction \(n) lies inside the compacted range \(t.txid)-\(t.lastTxid) (object '\(seg.key)'), older than the fine window: the nearest restore points are txids \(t.txid - 1) and \(t.lastTxid)")
                             }
                             reachedTarget = true; throw StopStreaming()
-                        case .timeUs(let ts) where t.commitTimeUs > ts: reachedTarget = true; throw StopStreaming()
+                        case .timeUs(let ts) where t.commitTimeUs > ts:
+                            if t.isSquashed && t.txid > applied {
+                                result.note = "\(Timestamp.format(microseconds: ts)) lies in the compacted range of txids \(t.txid)-\(t.lastTxid) (older than the fine window, restore points only at its ends): restored to its start, txid \(applied)"
+                            }
+                            reachedTarget = true; throw StopStreaming()
                         default: break
                         }
                         if let m = t.truncateFirstTo { try file.truncate(to: Int(m) * pageSize) }

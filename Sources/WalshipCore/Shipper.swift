@@ -32,8 +32,9 @@ final class Shipper {
     private var _lastSuccessUs: Int64 = 0
     private var _failingSinceUs: Int64?
     private var _housekeepingPending = false
-    /// Told about every failed upload (for the error counters).
+    /// Told about every failed upload, and every failed deletion (for the error counters).
     var onError: (() -> Void)?
+    var onHousekeepingError: (() -> Void)?
     private var _running = false
     private var _stopping = false
     private var _uploads = 0
@@ -139,9 +140,15 @@ final class Shipper {
                 }
                 do {
                     if e.key.hasPrefix(Spool.deletionPrefix) {
-                        // Objects replaced by a compacted one shipped just before.
+                        // Objects replaced by a compacted one shipped just before. A failure
+                        // (a bucket that forbids deletes, say) must not hold up the uploads
+                        // behind it: the objects stay, and retention removes them later.
                         let keys = String(decoding: try FS.readAll(e.path), as: UTF8.self).split(separator: "\n").map(String.init)
-                        try replica.delete(keys: keys)
+                        do { try replica.delete(keys: keys) } catch {
+                            onHousekeepingError?()
+                            logger.warning("could not delete segments replaced by a compacted one; they stay until retention removes them",
+                                           metadata: ["replica.url": "\(replica.displayURL)", "error": "\(error)"])
+                        }
                     } else {
                         try replica.put(key: e.key, fromFile: e.path)
                     }

@@ -21,6 +21,9 @@ public struct VerifyReport: Codable, Sendable {
     public var newestTxid: UInt64?
     public var objectsChecked = 0
     public var problems: [String] = []
+    /// Things worth knowing that are not failures (objects of older generations sealed with
+    /// another key, for example).
+    public var notes: [String] = []
     public var seconds: Double = 0
 }
 
@@ -31,7 +34,7 @@ public enum Verifier {
     /// counts rows per table, reads every other object of the replica to check it decodes
     /// (`scrub`), and reports the restorable window. Never throws: problems go in the report.
     public static func run(replica: Replica, target: RestoreTarget, encryptionKey: EncryptionKey?, tempDir: String,
-                           scrub: ScrubScope = .all) -> VerifyReport {
+                           scrub: ScrubScope = .all, allowUnencrypted: Bool = false) -> VerifyReport {
         let start = monotonicMicroseconds()
         var report = VerifyReport(replica: replica.displayURL, target: target.description)
         defer { report.seconds = Double(monotonicMicroseconds() - start) / 1e6 }
@@ -45,7 +48,7 @@ public enum Verifier {
         }
         let withSnapshots = gens.filter { !$0.snapshots.isEmpty }
         if let oldest = withSnapshots.first?.snapshots.first {
-            report.oldestRestorable = Timestamp.format(microseconds: oldest.timeMs * 1000)
+            report.oldestRestorable = Timestamp.format(microseconds: oldest.timeMs * 1000 + 999)   // as the planner rounds
             report.oldestTxid = oldest.txid
         }
         if let newest = withSnapshots.last {
@@ -58,6 +61,7 @@ public enum Verifier {
         options.target = target
         options.integrity = .full
         options.encryptionKey = encryptionKey
+        options.allowUnencrypted = allowUnencrypted
         var restoredSnapshot = ""
         do {
             let r = try Restorer.restore(replica: replica, output: out, options: options)
@@ -84,10 +88,15 @@ public enum Verifier {
                 if scrub == .all { objects += g.snapshots.filter { $0.key != restoredSnapshot }.map { ($0.key, .snapshot) } }
                 for (key, kind) in objects {
                     do {
-                        try checkObject(replica, key: key, kind: kind, encryptionKey: encryptionKey)
+                        try checkObject(replica, key: key, kind: kind, encryptionKey: encryptionKey, allowUnencrypted: allowUnencrypted)
                         report.objectsChecked += 1
                     } catch ReplicaError.missingObject(_, _) {
                         continue   // deleted by retention or compaction since the listing
+                    } catch let e as EncryptionError where g.id != report.generation {
+                        // An older generation written before a key change: not restorable with
+                        // this key, which is worth saying, but the replica is not damaged.
+                        report.notes.append("generation \(g.id): \(e)")
+                        break
                     } catch {
                         report.problems.append("\(error)")
                     }
@@ -100,10 +109,10 @@ public enum Verifier {
 
     /// Reads one object through: metadata, decryption, LZ4 content checksum, and for a
     /// segment its structure and trailer.
-    static func checkObject(_ replica: Replica, key: String, kind: ObjectKind, encryptionKey: EncryptionKey?) throws {
+    static func checkObject(_ replica: Replica, key: String, kind: ObjectKind, encryptionKey: EncryptionKey?, allowUnencrypted: Bool) throws {
         var decoder = SegmentDecoder(name: key)
         var bytes: UInt64 = 0
-        let meta = try streamObject(replica, key: key, expect: kind, encryption: encryptionKey) { chunk in
+        let meta = try streamObject(replica, key: key, expect: kind, encryption: encryptionKey, allowUnencrypted: allowUnencrypted) { chunk in
             bytes += UInt64(chunk.count)
             if kind == .segment { try decoder.feed(chunk) { _ in } }
         }

@@ -122,7 +122,17 @@ struct Replicate: ParsableCommand {
         if let w = webhookUrl, !(w.hasPrefix("http://") || w.hasPrefix("https://")) { throw ValidationError("--webhook-url must be an http:// or https:// URL") }
         if config == nil && database == nil { throw ValidationError("give a database path, or --config FILE") }
         if config != nil && (database != nil || !replicas.isEmpty) { throw ValidationError("with --config, databases and replicas come from the file; give no paths") }
-        if config != nil && encryptionKeyFile != nil { throw ValidationError("with --config, set the key in the file (encryption: key-file: PATH)") }
+        if config != nil {
+            // These have config keys of the same name; silently running with the file's
+            // values (or defaults) instead of what was typed would be worse than an error.
+            let perDatabase = ["--sync-interval", "--snapshot-interval", "--checkpoint-frames", "--read-delay", "--spool-dir",
+                               "--spool-limit", "--encryption-key-file", "--retention", "--compaction", "--fine-window",
+                               "--verify-interval", "--webhook-url", "--alert-lag", "--alert-sync-failure"]
+            let given = CommandLine.arguments.compactMap { a in perDatabase.first { a == $0 || a.hasPrefix($0 + "=") } }
+            if !given.isEmpty {
+                throw ValidationError("with --config, set \(given.joined(separator: ", ")) in the file (under defaults: or per database, without the dashes; encryption: key-file: for the key)")
+            }
+        }
         _ = try parseDuration(syncInterval, "--sync-interval")
         _ = try parseDuration(snapshotInterval, "--snapshot-interval")
         _ = try parseDuration(readDelay, "--read-delay")
@@ -198,6 +208,9 @@ struct Replicate: ParsableCommand {
     }
 }
 
+/// glibc's mallopt (malloc.h is not in the Glibc module).
+@_silgen_name("mallopt") func glibcMallopt(_ param: Int32, _ value: Int32) -> Int32
+
 func oneDecimal(_ v: Double) -> String {
     let tenths = Int64((v * 10).rounded())
     return (tenths < 0 ? "-" : "") + "\(abs(tenths) / 10).\(abs(tenths) % 10)"
@@ -243,6 +256,7 @@ struct Restore: ParsableCommand {
     @Flag(help: "Do nothing (exit 0) if the replica holds nothing yet.") var ifReplicaExists = false
     @Option(help: "Integrity check after restore: full, quick or none.") var integrity: String = "full"
     @Option(help: ArgumentHelp("The key the replica was encrypted with (32-byte file).", valueName: "path")) var encryptionKeyFile: String?
+    @Flag(help: "With a key, also accept objects stored unencrypted (written before encryption was turned on).") var allowUnencrypted = false
     @OptionGroup var log: LogOptions
 
     func validate() throws {
@@ -259,6 +273,7 @@ struct Restore: ParsableCommand {
         if let t = timestamp { o.target = .timeUs(try Timestamp.parseMicroseconds(t)) }
         if let n = txid { o.target = .txid(n) }
         o.force = force; o.ifNotExists = ifNotExists; o.ifReplicaExists = ifReplicaExists
+        o.allowUnencrypted = allowUnencrypted
         o.integrity = IntegrityMode(rawValue: integrity)!
         do {
             var out = output ?? ""
@@ -279,6 +294,7 @@ struct Restore: ParsableCommand {
                 FileHandleStderr.write("walship: \(msg)\n")
             }
             if let s = res.skipped { print("walship: \(s)"); return }
+            if let n = res.note { FileHandleStderr.write("walship: note: \(n)\n") }
             print("restored \(FS.absolute(out)): generation \(res.generation), txid \(res.txid), committed \(Timestamp.format(microseconds: res.commitTimeUs)), \(res.transactionsApplied) transaction(s) from \(res.segmentCount) segment(s) after \(res.snapshotKey), checksum \(hex16(res.checksum)) verified, integrity \(o.integrity.rawValue == "none" ? "not checked" : "ok")")
         } catch { fail(error) }
     }
@@ -381,6 +397,8 @@ struct Snapshot: ParsableCommand {
     @Argument(help: "Replica URLs (default: file://<dir of DB>/<name>-replica).") var replicas: [String] = []
     @Option(help: "Spool directory (default: .<name>-walship beside the database).") var spoolDir: String?
     @Option(help: "How long to wait for a running agent.") var timeout: String = "120s"
+    @Option(help: ArgumentHelp("Encrypt the snapshot with this key (as `replicate --encryption-key-file`), when no agent runs.", valueName: "path"))
+    var encryptionKeyFile: String?
     @OptionGroup var log: LogOptions
 
     func run() throws {
@@ -391,6 +409,7 @@ struct Snapshot: ParsableCommand {
         opts.spoolDirectory = spoolDir.map(FS.absolute)
         opts.oneShotSnapshot = true
         do {
+            opts.encryptionKey = try loadKey(encryptionKeyFile)
             guard FS.exists(db) else { throw AgentError.databaseMissing(db) }
             if let pid = SnapshotRequest.runningAgent(database: db, spoolDirectory: opts.spoolDirectory) {
                 let ok = try SnapshotRequest.ask(database: db, spoolDirectory: opts.spoolDirectory, timeoutUs: try parseDuration(timeout, "--timeout"))
@@ -423,6 +442,7 @@ struct Verify: ParsableCommand {
     @Option(help: "Objects to read through besides the restore: all, segments or none.") var scrub: String = "all"
     @Option(help: "Directory for the temporary restore (default: $TMPDIR or /tmp).") var tempDir: String?
     @Option(help: ArgumentHelp("The key the replica was encrypted with (32-byte file).", valueName: "path")) var encryptionKeyFile: String?
+    @Flag(help: "With a key, also accept objects stored unencrypted (written before encryption was turned on).") var allowUnencrypted = false
     @OptionGroup var log: LogOptions
 
     func validate() throws {
@@ -442,7 +462,8 @@ struct Verify: ParsableCommand {
             let dir = FS.absolute(tempDir ?? ProcessEnvironment.all()["TMPDIR"] ?? "/tmp")
             guard FS.isDirectory(dir) else { throw ValidationError("temporary directory \(dir) does not exist") }
             let r = try ReplicaFactory.open(replica)
-            report = Verifier.run(replica: r, target: target, encryptionKey: key, tempDir: dir, scrub: ScrubScope(rawValue: scrub)!)
+            report = Verifier.run(replica: r, target: target, encryptionKey: key, tempDir: dir, scrub: ScrubScope(rawValue: scrub)!,
+                                  allowUnencrypted: allowUnencrypted)
         } catch { fail(error) }
         if json {
             let enc = JSONEncoder()
@@ -457,6 +478,7 @@ struct Verify: ParsableCommand {
             print("  restorable window: \(report.oldestRestorable ?? "-") (txid \(report.oldestTxid.map { "\($0)" } ?? "-")) .. \(report.newestRestorable ?? "-") (txid \(report.newestTxid.map { "\($0)" } ?? "-"))")
             print("  objects checked: \(report.objectsChecked) in \(oneDecimal(report.seconds)) s")
             for p in report.problems { print("  problem: \(p)") }
+            for n in report.notes { print("  note: \(n)") }
         }
         if !report.ok {
             FileHandleStderr.write("walship: error: verify failed: \(report.problems.first ?? "unknown problem")\n")
@@ -532,6 +554,13 @@ struct Status: ParsableCommand {
 }
 
 // One clear line on every error, exit 1; --help and --version print as usual.
+// A peer that closes early (a metrics scraper, a webhook) must not kill the process.
+signal(SIGPIPE, SIG_IGN)
+// Memory: buffers of 128 KiB and more (LZ4 blocks, read buffers) are mapped and unmapped
+// instead of staying in the heap once freed (glibc otherwise raises this threshold as it
+// goes), and the few threads share two malloc arenas rather than one each.
+_ = glibcMallopt(-3 /* M_MMAP_THRESHOLD */, 128 * 1024)
+_ = glibcMallopt(-8 /* M_ARENA_MAX */, 2)
 do {
     var command = try Walship.parseAsRoot()
     try command.run()

@@ -303,10 +303,15 @@ def test_encryption_hides_plaintext_and_needs_the_key(tmp_path, agent_factory):
     assert len(snaps) >= 2 and len(segs) >= 2, [str(f.relative_to(replica)) for f in files]
     leaked = [str(f.relative_to(replica)) for f in files if secret.encode() in f.read_bytes()]
     assert not leaked, f"plaintext {secret} found in stored objects: {leaked}"
-    # positive control: the same database shipped without a key shows the string in the clear
+    # no silent downgrade: with the agent stopped, a snapshot without the key is refused (the
+    # spool knows the database is replicated encrypted) and nothing is stored
     plain = tmp_path / "plain-replica"
     checkpoint_truncate(db)
     p = run_walship("snapshot", db, furl(plain), timeout=60)
+    assert p.returncode == 1 and "is replicated encrypted" in p.stderr and "--encryption-key-file" in p.stderr, p.stdout + p.stderr
+    assert not any(f.name.endswith(".lz4") for f in replica_files(plain)) if plain.exists() else True
+    # positive control: the same database shipped without a key (its own spool) shows the string in the clear
+    p = run_walship("snapshot", db, furl(plain), "--spool-dir", tmp_path / "plain-spool", timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
     assert any(secret.encode() in f.read_bytes() for f in replica_files(plain)), \
         "positive control failed: the secret is not visible in an unencrypted replica either"

@@ -10,6 +10,7 @@ bytes unchanged (so signatures stay valid) and records every request.
      the bucket from the Host header; replicate and restore are exact
   3. a GET cut in the middle of a snapshot's body resumes with `Range: bytes=N-` at the byte
      where it stopped, and the restore is exact
+  4. compaction and retention delete with DeleteObjects (POST ?delete, Content-MD5), in batches
 """
 import json
 import re
@@ -392,6 +393,56 @@ def test_get_resumes_with_range_after_a_cut(tmp_path):
         assert resumed["body_bytes"] == size - CUT_AT, (resumed["body_bytes"], size - CUT_AT)
         assert len(after) == 1, f"{len(after)} GETs after the cut, expected one: {[r['headers'].get('range') for r in after]}"
         print(f"restore through the cutting proxy: {took:.1f}s, {len(reqs)} requests, resumed with {rng}")
+    finally:
+        proxy.close()
+        srv.stop()
+
+
+# ---------------------------------------------------------------- 4. batch deletes
+
+def test_compaction_and_retention_delete_in_batches(tmp_path):
+    """Level-1 compaction (2 s windows) and retention (snapshots every 2 s kept 4 s) on an S3
+    replica: the objects they replace go in DeleteObjects requests (POST ?delete, Content-MD5,
+    many keys each), not one DELETE per key; afterwards the stored chain is whole and the
+    latest restore exact."""
+    srv = S3Server(tmp_path / "s3", buckets=["walship"]).start()
+    proxy = RecordingProxy(srv.port)
+    try:
+        env = srv.env()
+        url = s3_url("walship", "batch", f"http://127.0.0.1:{proxy.port}", path_style=True)
+        db = tmp_path / "app.db"
+        create_ticket_db(db, rows=10)
+        agent = AgentProcess(db, [url], ["--sync-interval", "100ms", "--compaction", "2s,1h", "--snapshot-interval", "2s",
+                                         "--retention", "4s"], log_path=tmp_path / "agent.log", env=env).start()
+        try:
+            agent.wait_ready()
+            t_end = time.time() + 9
+            while time.time() < t_end:
+                run_writer("mixed", db, "--seed", int(time.time() * 1000) % 10000, "--tx", 40)
+            time.sleep(1.5)
+            agent.stop()
+        finally:
+            if agent.proc.poll() is None:
+                agent.kill9()
+        reqs = list(proxy.requests)
+        batch = [r for r in reqs if r["method"] == "POST" and r["target"].startswith("/walship/?delete")]
+        singles = [r for r in reqs if r["method"] == "DELETE"]
+        assert batch, f"no DeleteObjects request: {sorted({(r['method'], r['target'].split('?')[0][:40]) for r in reqs})[:20]}"
+        assert all(r["status"] == 200 for r in batch), [(r["status"], r["target"]) for r in batch]
+        assert all("content-md5" in r["headers"] for r in batch), [r["headers"] for r in batch][:2]
+        assert not singles, f"{len(singles)} single DELETEs beside {len(batch)} batches"
+        gens = list_json(url, env)
+        assert len(gens) == 1, [g["generation"] for g in gens]
+        levels = {s["level"] for s in gens[0]["segments"]}
+        assert "1" in levels, gens[0]["segments"]
+        assert len(gens[0]["snapshots"]) < 6, "retention kept every snapshot"
+        stored = srv.objects("walship", "batch")
+        assert not chain_problems(gens), chain_problems(gens)
+        covered = [s for s in gens[0]["segments"] if s["level"] == "0" and any(
+            c["level"] == "1" and int(c["first_txid"]) <= int(s["first_txid"]) <= int(c["last_txid"]) for c in gens[0]["segments"])]
+        assert not covered, f"level-0 segments left beside the level-1 segment that replaced them: {covered[:3]}"
+        assert any(k.endswith(".seg.lz4") for k in stored)
+        restore_exact(url, env, db, tmp_path / "restored.db")
     finally:
         proxy.close()
         srv.stop()

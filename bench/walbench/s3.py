@@ -21,7 +21,7 @@ S3_BUCKET = "bench"
 PRICE_TIER1 = 0.005    # PUT, COPY, POST, LIST
 PRICE_TIER2 = 0.0004   # GET and all others (HEAD, DELETE)
 PRICE_STORAGE_GB_MONTH = 0.023   # S3 Standard storage, first 50 TB, USD per GB-month
-TIER1_OPS = ("PUT", "PUT-part", "COPY", "POST-create-multipart", "POST-complete-multipart",
+TIER1_OPS = ("PUT", "PUT-other", "PUT-part", "COPY", "POST-create-multipart", "POST-complete-multipart",
              "POST-delete-multi", "POST", "LIST")
 
 
@@ -133,7 +133,11 @@ def s3_op(method, target, headers):
     if method == "PUT":
         if "x-amz-copy-source" in headers:
             return "COPY"
-        return "PUT-part" if "partNumber" in qs else "PUT"
+        if "partNumber" in qs:
+            return "PUT-part"
+        # Shipping PUTs carry new transactions (level-0 objects: walship's segments/0/,
+        # Litestream's ltx/0/); snapshots, compacted objects and markers are the other PUTs.
+        return "PUT" if ("/segments/0/" in path or "/ltx/0/" in path) else "PUT-other"
     if method == "POST":
         if "delete" in qs:
             return "POST-delete-multi"
@@ -292,14 +296,14 @@ def request_stats(events, t0, t1, interval_s):
     by_op = {}
     for e in win:
         by_op[e["op"]] = by_op.get(e["op"], 0) + 1
-    puts = by_op.get("PUT", 0) + by_op.get("PUT-part", 0)
+    puts = by_op.get("PUT", 0)   # shipping PUTs; PUT-other (snapshots, compaction) count with the others
     others = len(win) - puts
     per_day = {op: n * 86400.0 / secs for op, n in by_op.items()}
     tier1 = sum(v for op, v in per_day.items() if op in TIER1_OPS)
     tier2 = sum(v for op, v in per_day.items() if op not in TIER1_OPS)
     cost_day = tier1 / 1000 * PRICE_TIER1 + tier2 / 1000 * PRICE_TIER2
-    put_durs = sorted(e["dur"] for e in win if e["op"] in ("PUT", "PUT-part"))
-    up_bytes = sum(e["bytes"] for e in win if e["op"] in ("PUT", "PUT-part"))
+    put_durs = sorted(e["dur"] for e in win if e["op"] == "PUT")
+    up_bytes = sum(e["bytes"] for e in win if e["op"] in ("PUT", "PUT-other", "PUT-part"))
     up_day_gb = up_bytes * 86400.0 / secs / 1e9
     return {
         "seconds": secs, "requests": len(win), "by_op": by_op, "puts": puts, "others": others,
@@ -326,7 +330,7 @@ def merge_stats(stats, interval_s):
     for s in stats:
         for op, n in s["by_op"].items():
             by_op[op] = by_op.get(op, 0) + n
-    puts = by_op.get("PUT", 0) + by_op.get("PUT-part", 0)
+    puts = by_op.get("PUT", 0)   # shipping PUTs; PUT-other (snapshots, compaction) count with the others
     n = sum(by_op.values())
     per_day = {op: v * 86400.0 / secs for op, v in by_op.items()}
     tier1 = sum(v for op, v in per_day.items() if op in TIER1_OPS)
