@@ -1,5 +1,6 @@
 """Replicas (directory, S3 prefix), the S3 server (`rclone serve s3` on loopback), the counting proxy
 that records every S3 request, request statistics and the S3 price table."""
+import re
 import os
 import shutil
 import signal
@@ -137,7 +138,9 @@ def s3_op(method, target, headers):
             return "PUT-part"
         # Shipping PUTs carry new transactions (level-0 objects: walship's segments/0/,
         # Litestream's ltx/0/); snapshots, compacted objects and markers are the other PUTs.
-        return "PUT" if ("/segments/0/" in path or "/ltx/0/" in path) else "PUT-other"
+        # (Litestream names its level-0 directory ltx/0/ on a file replica, 0000/ on S3.)
+        level0 = "/segments/0/" in path or "/ltx/0/" in path or re.search(r"/0000/[0-9a-f]{16}-[0-9a-f]{16}\.ltx$", path)
+        return "PUT" if level0 else "PUT-other"
     if method == "POST":
         if "delete" in qs:
             return "POST-delete-multi"
