@@ -598,6 +598,7 @@ public final class Agent {
                                                   generation: state.generation))
             let queued = try spool.enqueue(file: seg.builder.path, key: name.key, sequence: state.nextSequence)
             state.nextSequence += 1
+            status.update { $0.lastCutUnix = Double(nowMicroseconds()) / 1e6 }
             logger.debug("cut segment", metadata: ["segment.key": "\(name.key)", "segment.transactions": "\(seg.count)"])
             try saveState()
             // Only once the state vouches for it: a crash before would cut it again, differently.

@@ -38,6 +38,9 @@ public struct StatusReport: Codable, Sendable {
     public var generation = ""
     public var txid: UInt64 = 0
     public var lastCommitUnix: Double = 0
+    /// When the newest level-0 segment was cut. Cuts run at a fixed rate from the agent's
+    /// start, so this and the sync interval give the whole schedule.
+    public var lastCutUnix: Double = 0
     public var walBytes: UInt64 = 0
     public var spoolBytes: UInt64 = 0
     public var lastSnapshotUnix: Double = 0
@@ -94,6 +97,7 @@ public enum PrometheusText {
         family("walship_last_sync_timestamp_seconds", "gauge", "Unix time of the replica's last successful upload.", perReplica { $0.lastSyncUnix })
         family("walship_txid", "gauge", "Last transaction id captured from the WAL.", perDB { Double($0.txid) })
         family("walship_last_commit_timestamp_seconds", "gauge", "Commit time of the last captured transaction.", perDB { $0.lastCommitUnix })
+        family("walship_last_cut_timestamp_seconds", "gauge", "When the newest segment was cut (cuts run at a fixed rate).", perDB { $0.lastCutUnix })
         family("walship_shipped_bytes_total", "counter", "Bytes uploaded to the replica.", perReplica { Double($0.shippedBytes) })
         family("walship_shipped_objects_total", "counter", "Objects uploaded to the replica.", perReplica { Double($0.shippedObjects) })
         family("walship_requests_total", "counter", "Requests made to the replica, by type.",

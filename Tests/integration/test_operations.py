@@ -814,6 +814,8 @@ def test_status_while_running_and_after_stop(tmp_path, agent_factory):
     [r] = st["replicas"]
     assert r["url"] == furl(replica) and 0 <= r["lagSeconds"] < 2.0, r
     assert r["shippedObjects"] >= 2 and time.time() - r["lastSyncUnix"] < 10, r
+    # the last cut follows the last commit and precedes its acknowledgement
+    assert st["lastCommitUnix"] <= st["lastCutUnix"] <= r["lastSyncUnix"], (st, r)
     agent.stop()
 
     p = run_walship("status", db)

@@ -10,10 +10,13 @@ commit time in the restore; lost transactions = newest sequence in the source - 
 restore. S3 trials go through the counting proxy, so each one also yields its requests (writer
 phase: writer start to kill), pooled per configuration into requests and bytes per day.
 """
+import json
+import math
 import os
 import random
 import shutil
 import signal
+import statistics
 import time
 
 from .common import dir_size, kill_hard, log, suspicious_lines, run_timed
@@ -38,8 +41,45 @@ def trial_waits(cfg, trials, seed):
     return [cfg["settle_s"] + rnd.uniform(0.0, cfg["span_s"]) for _ in range(trials)]
 
 
-def rpo_trial(ctx, tool, cfg, trial, wait_s, seed):
-    tag = f"rpo-{cfg['name']}-{tool.name}-{trial}"
+def phase_offsets(interval_s, trials, seed):
+    """Seeded, stratified kill phases in [0, interval): one in each of `trials` equal slices, in a
+    shuffled order. The same list serves the directory and the S3 trials of an interval."""
+    rnd = random.Random(seed * 7919 + int(round(interval_s * 1000)))
+    phases = [(i + rnd.random()) * interval_s / trials for i in range(trials)]
+    rnd.shuffle(phases)
+    return phases
+
+
+def last_cut_unix(db):
+    """walship's `lastCutUnix` from the status file in its default spool (0 when not there yet)."""
+    path = os.path.join(os.path.dirname(db), "." + os.path.basename(db) + "-walship", "status.json")
+    try:
+        with open(path) as f:
+            return float(json.load(f).get("lastCutUnix") or 0.0)
+    except (OSError, ValueError):
+        return 0.0
+
+
+def phase_locked_kill_time(db, wp, cfg, phase_s):
+    """The next instant `phase_s` after one of walship's cuts, at least 0.2 s away. The agent cuts at a
+    fixed rate from its start, so one recorded cut with writer data gives the whole schedule."""
+    iv = cfg["interval_s"]
+    deadline = time.time() + cfg["settle_s"] + 10
+    while True:
+        cut = last_cut_unix(db)
+        if cut > wp.t0 + 0.05:
+            break
+        if time.time() > deadline:
+            raise RuntimeError("no cut with writer data in the agent's status file")
+        time.sleep(0.05)
+    k = max(0, math.ceil((time.time() + 0.2 - cut - phase_s) / iv))
+    return cut + k * iv + phase_s, cut + k * iv
+
+
+def rpo_trial(ctx, tool, cfg, trial, wait_s, seed, phase_s=None):
+    """One kill-and-restore trial. With phase_s (walship only), the kill lands phase_s after one of the
+    agent's cuts, at least settle seconds after the writer starts, instead of at wait_s."""
+    tag = f"rpo-{cfg['name']}-{tool.name}-{trial}" + ("-phase" if phase_s is not None else "")
     d = ctx.dir(tag)
     db, out = os.path.join(d, "app.db"), os.path.join(d, "restored.db")
     proxy = CountingProxy(ctx.s3.port) if cfg["backend"] == "s3" else None
@@ -55,11 +95,17 @@ def rpo_trial(ctx, tool, cfg, trial, wait_s, seed):
         wp = start_writer(db, cfg["rate"], cfg["size"], wait_s + 120, seed, d, txn_size=cfg["txn_size"])
         res["startup_s"] = wp.t0 - t_start
         time.sleep(max(0.0, wp.t0 + wait_s - time.time()))
+        if phase_s is not None:
+            t_target, t_cut = phase_locked_kill_time(db, wp, cfg, phase_s)
+            res.update(phase_s=round(phase_s, 4), scheduled_cut=t_cut)
+            time.sleep(max(0.0, t_target - time.time()))
         tool_alive = tp.poll() is None
         os.kill(wp.pid, signal.SIGKILL)   # "the same instant": back to back
         os.kill(tp.pid, signal.SIGKILL)
         t_kill = time.time()
         kill_hard(wp, tp)
+        if phase_s is not None:
+            res["kill_phase_s"] = t_kill - res["scheduled_cut"]
         res["tool_alive_at_kill"] = tool_alive
         res["replica_at_kill"] = dir_size(rep.local_dir())
         res["replica_bytes_per_day"] = res["replica_at_kill"]["bytes"] * 86400.0 / (t_kill - t_start)
@@ -70,6 +116,12 @@ def rpo_trial(ctx, tool, cfg, trial, wait_s, seed):
             res["requests_startup"] = request_stats(ev, t_start, wp.t0, cfg["interval_s"])["by_op"]
             res["requests"] = [[round(e["t"] - wp.t0, 3), e["op"], e["bytes"], e["status"]] for e in ev]
             res["proxy_errors"] = proxy.errors[:5]
+            puts = [e for e in ev if e["op"] == "PUT" and "/segments/0/" in e["path"]]
+            done = [e["dur"] for e in puts if e["status"] == 200]
+            res["put_latency_median_s"] = statistics.median(done) if done else None
+            # A level-0 PUT begun before the kill and not answered by then: its segment is lost.
+            res["kill_during_upload"] = any(e["t"] <= t_kill and (e["status"] == 0 or t_kill < e["t"] + e["dur"])
+                                            for e in puts)
         src = ticket_state(db)
         res.update(src_tmax=src["tmax"], src_seq=src["seq"])
         res["writer_rate"] = src["seq"] / (src["tmax"] - wp.t0) if src["seq"] else 0.0
@@ -148,4 +200,58 @@ def summarize_rpo(results, configs):
                                                     cfg["interval_s"])
         if per:
             out[cfg["name"]] = dict(per, config=cfg)
+    return out
+
+
+def run_phase(ctx, intervals, trials):
+    """walship only: RPO over S3 against RPO over a directory with the kill phase held equal.
+    Trial i of both backends kills at the same phase after a cut, so the phase of the cut, which
+    dominates RPO, cancels out of the paired difference; what is left is the cost of the upload."""
+    tool = ctx.tool("walship")
+    results = []
+    for iv, iv_s in intervals:
+        cfgs = {b: c for c in rpo_configs([(iv, iv_s)], ("dir", "s3"), ctx.p["rate"], ctx.p["size"],
+                                          ctx.p["txn_size"]) for b in [c["backend"]]}
+        for i, ph in enumerate(phase_offsets(iv_s, trials, ctx.seed)):
+            for b in (("dir", "s3") if i % 2 == 0 else ("s3", "dir")):
+                cfg = cfgs[b]
+                r = rpo_trial(ctx, tool, cfg, i, cfg["settle_s"], ctx.seed * 1000 + i, phase_s=ph)
+                results.append(r)
+                head = f"s3-phase {iv:5s} {b:3s} trial {i}: phase {ph * 1000:6.1f} ms"
+                if "error" in r:
+                    log(f"{head} ERROR {r['error']}")
+                else:
+                    up = r.get("put_latency_median_s")
+                    log(f"{head} (kill at {r['kill_phase_s'] * 1000:6.1f} ms)  RPO {r['rpo_s']:7.3f}s  "
+                        f"lost {r['lost_tx']:5d} tx" + (f"  PUT median {up * 1000:.1f} ms" if up else "")
+                        + ("  killed during an upload" if r.get("kill_during_upload") else ""))
+                if ctx.progress:
+                    ctx.progress.step()
+    return results
+
+
+def summarize_phase(results):
+    """Per interval: the paired S3 - directory RPO differences and the upload time they are held to."""
+    from .common import median
+    out = {}
+    for iv in dict.fromkeys(r["interval"] for r in results):
+        by = {b: {r["trial"]: r for r in results if r["interval"] == iv and r["backend"] == b and "rpo_s" in r}
+              for b in ("dir", "s3")}
+        trials = sorted(set(by["dir"]) & set(by["s3"]))
+        if not trials:
+            continue
+        diffs = [by["s3"][t]["rpo_s"] - by["dir"][t]["rpo_s"] for t in trials]
+        ups = [by["s3"][t]["put_latency_median_s"] for t in trials if by["s3"][t].get("put_latency_median_s")]
+        out[iv] = {
+            "pairs": len(trials),
+            "failed": sum(1 for r in results if r["interval"] == iv and "rpo_s" not in r),
+            "diffs": diffs, "diff_median": median(diffs), "diff_mean": sum(diffs) / len(diffs),
+            "diff_min": min(diffs), "diff_max": max(diffs),
+            "rpo_dir_median": median([by["dir"][t]["rpo_s"] for t in trials]),
+            "rpo_s3_median": median([by["s3"][t]["rpo_s"] for t in trials]),
+            "put_latency_median_s": median(ups) if ups else None,
+            "killed_during_upload": sum(1 for t in trials if by["s3"][t].get("kill_during_upload")),
+            "phase_spread_s": median([abs(by["s3"][t]["kill_phase_s"] - by["dir"][t]["kill_phase_s"])
+                                      for t in trials]),
+        }
     return out

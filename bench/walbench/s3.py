@@ -235,6 +235,7 @@ class CountingProxy:
 
     def _conn(self, c):
         u = None
+        cur = None  # the request being relayed: (time of its head, method, target, headers)
         try:
             u = socket.create_connection(("127.0.0.1", self.upstream))
             for sk in (c, u):  # no Nagle: relayed head and body must not wait for delayed ACKs
@@ -246,6 +247,7 @@ class CountingProxy:
                     return
                 method, target = line.split(" ")[:2]
                 t0 = time.time()
+                cur = (t0, method, target, hdrs)
                 u.sendall(raw)
                 body = 0
                 if hdrs.get("expect", "").lower() == "100-continue":
@@ -276,11 +278,16 @@ class CountingProxy:
                     self.events.append({"t": t0, "op": s3_op(method, target, hdrs), "status": status,
                                         "path": target.split("?")[0][:160],
                                         "bytes": body, "dur": time.time() - t0})
+                cur = None
                 if "close" in (hdrs.get("connection", "") + rh.get("connection", "")).lower():
                     return
         except Exception as e:  # noqa: BLE001 - recorded, the tool will see a broken connection
             with self.lock:
                 self.errors.append(f"{type(e).__name__}: {e}")
+                if cur is not None:  # cut mid-request (a killed client): status 0, never answered
+                    t0, method, target, hdrs = cur
+                    self.events.append({"t": t0, "op": s3_op(method, target, hdrs), "status": 0,
+                                        "path": target.split("?")[0][:160], "bytes": 0, "dur": time.time() - t0})
         finally:
             for s in (c, u):
                 if s is not None:
@@ -294,7 +301,7 @@ class CountingProxy:
 def request_stats(events, t0, t1, interval_s):
     """Counts by operation in [t0, t1), PUTs per interval, others as % of PUTs, per-day extrapolation,
     request cost, bytes uploaded (request bodies) per day and the storage price of one day's uploads."""
-    win = [e for e in events if t0 <= e["t"] < t1]
+    win = [e for e in events if t0 <= e["t"] < t1 and e["status"]]   # status 0: cut off by a kill
     secs = max(t1 - t0, 1e-9)
     by_op = {}
     for e in win:
