@@ -345,12 +345,14 @@ public final class Agent {
                 try FS.remove(e.path)
                 continue
             }
-            let parts = e.key.split(separator: "/").map(String.init)
-            guard parts.count >= 3, parts[0] == "generations" else { continue }
-            var orphan = parts[1] > state.generation
-            if parts[1] == state.generation {
-                if parts.count == 5, let s = SegmentName.parse(generation: parts[1], level: 0, fileName: parts[4]), s.firstTxid > state.lastTxid { orphan = true }
-                if parts.count == 4, let s = SnapshotName.parse(generation: parts[1], fileName: parts[3]), s.txid > state.lastTxid { orphan = true }
+            guard let object = ObjectKey.parse(e.key) else { continue }
+            var orphan = object.generation > state.generation
+            if object.generation == state.generation {
+                switch object {
+                case .segment(let s): orphan = s.firstTxid > state.lastTxid
+                case .snapshot(let s): orphan = s.txid > state.lastTxid
+                case .generationInfo: break
+                }
             }
             if orphan {
                 logger.notice("dropping an object the saved state does not vouch for", metadata: ["object.key": "\(e.key)"])
@@ -361,9 +363,7 @@ public final class Agent {
         localCompactor?.dropBeyond(txid: state.lastTxid, generation: state.generation)
         if state.tableTxid < state.lastTxid {
             for e in try spool.outboxEntries() {
-                let parts = e.key.split(separator: "/").map(String.init)
-                guard parts.count == 5, parts[1] == state.generation,
-                      let s = SegmentName.parse(generation: parts[1], level: 0, fileName: parts[4]),
+                guard let s = ObjectKey.parse(e.key)?.segment, s.generation == state.generation,
                       s.lastTxid > state.tableTxid, s.lastTxid <= state.lastTxid else { continue }
                 try replayIntoTable(path: e.path, key: e.key)
             }
@@ -662,9 +662,7 @@ public final class Agent {
     private func collectOutbox() throws {
         guard let minAck = shippers.map(\.acked).min() else { return }
         for e in try spool.outboxEntries() where e.sequence <= minAck {
-            let parts = e.key.split(separator: "/").map(String.init)
-            if parts.count == 5, parts[1] == state.generation,
-               let s = SegmentName.parse(generation: parts[1], level: 0, fileName: parts[4]), s.lastTxid > persistedTableTxid {
+            if let s = ObjectKey.parse(e.key)?.segment, s.generation == state.generation, s.lastTxid > persistedTableTxid {
                 continue
             }
             try FS.remove(e.path)
@@ -1010,12 +1008,13 @@ public final class Agent {
 
     /// The commit time an outbox object starts at: segments and snapshots carry it in their names.
     static func firstCommitTimeUs(ofKey key: String) -> Int64? {
-        let parts = key.split(separator: "/").map(String.init)
         // A compacted object starts at its window's first commit, but what it holds was
         // acknowledged already (as level 0): only level-0 segments and snapshots count.
-        if parts.count == 5, parts[3] == "0", let s = SegmentName.parse(generation: parts[1], level: 0, fileName: parts[4]) { return s.firstTimeMs * 1000 }
-        if parts.count == 4, let s = SnapshotName.parse(generation: parts[1], fileName: parts[3]) { return s.timeMs * 1000 }
-        return nil
+        switch ObjectKey.parse(key) {
+        case .segment(let s)? where s.level == 0: return s.firstTimeMs * 1000
+        case .snapshot(let s)?: return s.timeMs * 1000
+        default: return nil
+        }
     }
 
     /// Retention and compaction, on each healthy replica's own queue.

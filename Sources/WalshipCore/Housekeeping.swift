@@ -77,22 +77,8 @@ final class Housekeeper {
         let path = workDir + "/compact-\(hex16(XXH64.hash(Array(replica.displayURL.utf8)))).part"
         let builder = try ObjectBuilder(path: path, key: settings.encryptionKey)
         defer { builder.abandon() }
-        let merger = try SegmentMerger(builder: builder, squash: job.squash, scratch: path + ".pages")
-        defer { merger.close() }
-        for input in job.inputs {
-            var decoder = SegmentDecoder(name: input.key)
-            try streamObject(replica, key: input.key, expect: .segment, encryption: settings.encryptionKey) { chunk in
-                try decoder.feed(chunk) { ev in try merger.handle(ev, object: input.key) }
-            }
-            try decoder.finish()
-        }
-        let m = try merger.finish()
-        guard m.firstTxid == out.firstTxid, m.lastTxid == out.lastTxid else {
-            throw ObjectError(key: out.key, replica: replica.displayURL, problem: "compaction read txids \(m.firstTxid)-\(m.lastTxid), expected \(out.firstTxid)-\(out.lastTxid)")
-        }
-        try builder.finish(ObjectMetadata(kind: .segment, pageSize: m.pageSize, firstTxid: m.firstTxid, lastTxid: m.lastTxid,
-                                          firstTimeUs: m.firstTimeUs, lastTimeUs: m.lastTimeUs, dbPages: m.dbPages,
-                                          transactionCount: m.records, dbChecksum: m.checksum, payloadBytes: 0, generation: out.generation))
+        try SegmentMerger.merge(job.inputs, from: replica, into: builder, output: out, squash: job.squash,
+                                encryption: settings.encryptionKey)
         try replica.put(key: out.key, fromFile: path)
         try replica.delete(keys: (job.inputs + job.covered).map(\.key))
         logger.debug("compacted segments", metadata: ["replica.url": "\(replica.displayURL)", "segment.key": "\(out.key)",
@@ -103,6 +89,31 @@ final class Housekeeper {
 /// Re-encodes a run of segments as one: every transaction as it was, or (squash) one record
 /// holding the last version of each page, applied as a whole.
 final class SegmentMerger {
+    /// Reads `inputs` from `replica` (each under `storedKey(input)`), merges them into `builder`
+    /// and finishes it as `output`, which must span exactly the txids read. Both compaction
+    /// paths go through here: level 1 from the spool's links, later levels from a replica.
+    static func merge(_ inputs: [SegmentName], from replica: Replica, storedKey: (SegmentName) -> String = { $0.key },
+                      into builder: ObjectBuilder, output: SegmentName, squash: Bool, encryption: EncryptionKey?) throws {
+        let merger = try SegmentMerger(builder: builder, squash: squash, scratch: builder.path + ".pages")
+        defer { merger.close() }
+        for input in inputs {
+            var decoder = SegmentDecoder(name: input.key)
+            try streamObject(replica, key: storedKey(input), expect: .segment, encryption: encryption) { chunk in
+                try decoder.feed(chunk) { ev in try merger.handle(ev, object: input.key) }
+            }
+            try decoder.finish()
+        }
+        let m = try merger.finish()
+        guard m.firstTxid == output.firstTxid, m.lastTxid == output.lastTxid else {
+            throw ObjectError(key: output.key, replica: replica.displayURL,
+                              problem: "merged txids \(m.firstTxid)-\(m.lastTxid), expected \(output.firstTxid)-\(output.lastTxid)")
+        }
+        try builder.finish(ObjectMetadata(kind: .segment, pageSize: m.pageSize, firstTxid: m.firstTxid, lastTxid: m.lastTxid,
+                                          firstTimeUs: m.firstTimeUs, lastTimeUs: m.lastTimeUs, dbPages: m.dbPages,
+                                          transactionCount: m.records, dbChecksum: m.checksum, payloadBytes: 0,
+                                          generation: output.generation))
+    }
+
     struct Summary {
         var pageSize = 0, firstTxid: UInt64 = 0, lastTxid: UInt64 = 0, firstTimeUs: Int64 = 0, lastTimeUs: Int64 = 0
         var dbPages: UInt32 = 0, checksum: UInt64 = 0, records: UInt32 = 0

@@ -33,9 +33,7 @@ final class LocalCompactor {
 
     private func entries() -> [(file: String, name: SegmentName)] {
         ((try? FS.list(dir)) ?? []).compactMap { f in
-            let parts = f.replacingAll("~", with: "/").split(separator: "/").map(String.init)
-            guard parts.count == 5, parts[0] == "generations", parts[3] == "0",
-                  let n = SegmentName.parse(generation: parts[1], level: 0, fileName: parts[4]) else { return nil }
+            guard let n = ObjectKey.parse(f.replacingAll("~", with: "/"))?.segment(atLevel: 0) else { return nil }
             return (f, n)
         }.sorted { $0.name.firstTxid < $1.name.firstTxid }
     }
@@ -87,27 +85,12 @@ final class LocalCompactor {
     private func merge(_ inputs: [SegmentName]) throws -> Built {
         let path = workDir + "/level1-\(hex16(inputs[0].firstTxid)).part"
         let builder = try ObjectBuilder(path: path, key: key)
-        let merger = try SegmentMerger(builder: builder, squash: false, scratch: path + ".pages")
-        defer { merger.close() }
-        let local = FileReplica(root: dir)
+        let name = SegmentName(generation: inputs[0].generation, level: 1, firstTxid: inputs[0].firstTxid, lastTxid: inputs.last!.lastTxid,
+                               firstTimeMs: inputs[0].firstTimeMs, lastTimeMs: inputs.last!.lastTimeMs)
         do {
-            for n in inputs {
-                var decoder = SegmentDecoder(name: n.key)
-                try streamObject(local, key: n.key.replacingAll("/", with: "~"), expect: .segment, encryption: key) { chunk in
-                    try decoder.feed(chunk) { ev in try merger.handle(ev, object: n.key) }
-                }
-                try decoder.finish()
-            }
-            let m = try merger.finish()
-            let name = SegmentName(generation: inputs[0].generation, level: 1, firstTxid: m.firstTxid, lastTxid: m.lastTxid,
-                                   firstTimeMs: inputs[0].firstTimeMs, lastTimeMs: inputs.last!.lastTimeMs)
-            guard m.firstTxid == inputs[0].firstTxid, m.lastTxid == inputs.last!.lastTxid else {
-                throw ObjectError(key: name.key, replica: "the spool", problem: "merged txids \(m.firstTxid)-\(m.lastTxid), expected \(inputs[0].firstTxid)-\(inputs.last!.lastTxid)")
-            }
-            try builder.finish(ObjectMetadata(kind: .segment, pageSize: m.pageSize, firstTxid: m.firstTxid, lastTxid: m.lastTxid,
-                                              firstTimeUs: m.firstTimeUs, lastTimeUs: m.lastTimeUs, dbPages: m.dbPages,
-                                              transactionCount: m.records, dbChecksum: m.checksum, payloadBytes: 0,
-                                              generation: name.generation))
+            // The links are named by their keys with "/" as "~", flat in the links directory.
+            try SegmentMerger.merge(inputs, from: FileReplica(root: dir), storedKey: { $0.key.replacingAll("/", with: "~") },
+                                    into: builder, output: name, squash: false, encryption: key)
             return Built(path: path, name: name, replaces: inputs.map(\.key))
         } catch {
             builder.abandon()

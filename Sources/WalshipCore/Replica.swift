@@ -174,19 +174,14 @@ public final class FileReplica: Replica {
 public func listGenerations(_ replica: Replica) throws -> [GenerationListing] {
     var byGen: [String: (snaps: [SnapshotName], segs: [SegmentName], hasMeta: Bool)] = [:]
     for key in try replica.list(prefix: "generations/") {
-        let parts = key.split(separator: "/").map(String.init)
-        guard parts.count >= 3, parts[0] == "generations", GenerationID.isValid(parts[1]) else { continue }
-        let gen = parts[1]
-        var entry = byGen[gen] ?? ([], [], false)
-        if parts.count == 3 && parts[2] == "generation.json" { entry.hasMeta = true }
-        if parts.count == 4, parts[2] == "snapshots", let s = SnapshotName.parse(generation: gen, fileName: parts[3]) {
-            entry.snaps.append(s)
+        guard let object = ObjectKey.parse(key) else { continue }
+        var entry = byGen[object.generation] ?? ([], [], false)
+        switch object {
+        case .generationInfo: entry.hasMeta = true
+        case .snapshot(let s): entry.snaps.append(s)
+        case .segment(let s): entry.segs.append(s)
         }
-        if parts.count == 5, parts[2] == "segments", let lvl = Int(parts[3]),
-           let s = SegmentName.parse(generation: gen, level: lvl, fileName: parts[4]) {
-            entry.segs.append(s)
-        }
-        byGen[gen] = entry
+        byGen[object.generation] = entry
     }
     return byGen.map { GenerationListing(id: $0.key, snapshots: $0.value.snaps, segments: $0.value.segs) }
         .sorted { $0.id < $1.id }

@@ -49,6 +49,50 @@ public struct SegmentName: Equatable, Hashable, Sendable {
     }
 }
 
+/// What a replica key names, read back from the key alone.
+public enum ObjectKey: Equatable, Sendable {
+    case generationInfo(generation: String)
+    case snapshot(SnapshotName)
+    case segment(SegmentName)
+
+    /// nil for anything that is not one of walship's object keys (other files under the
+    /// prefix, deletion lists, temporary names).
+    public static func parse(_ key: String) -> ObjectKey? {
+        let parts = key.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
+        guard parts.count >= 3, parts[0] == "generations", GenerationID.isValid(parts[1]) else { return nil }
+        let gen = parts[1]
+        switch (parts.count, parts[2]) {
+        case (3, "generation.json"):
+            return .generationInfo(generation: gen)
+        case (4, "snapshots"):
+            return SnapshotName.parse(generation: gen, fileName: parts[3]).map(ObjectKey.snapshot)
+        case (5, "segments"):
+            guard let level = Int(parts[3]), level >= 0, String(level) == parts[3] else { return nil }
+            return SegmentName.parse(generation: gen, level: level, fileName: parts[4]).map(ObjectKey.segment)
+        default:
+            return nil
+        }
+    }
+
+    public var generation: String {
+        switch self {
+        case .generationInfo(let g): return g
+        case .snapshot(let s): return s.generation
+        case .segment(let s): return s.generation
+        }
+    }
+
+    /// The segment, when this names a segment of exactly `level`.
+    public func segment(atLevel level: Int) -> SegmentName? {
+        if case .segment(let s) = self, s.level == level { return s }
+        return nil
+    }
+    public var segment: SegmentName? {
+        if case .segment(let s) = self { return s }
+        return nil
+    }
+}
+
 public enum GenerationID {
     /// A new id: 16 hex digits of the creation time in microseconds, then 4 random hex digits,
     /// so that ids sort by creation time.

@@ -249,19 +249,15 @@ struct Restore: ParsableCommand {
     @Argument(help: "Replica URL to restore from; with --config, the database path from the file.") var replica: String
     @Option(name: [.short, .customLong("output")], help: "Path of the restored database (with --config, default: the database path).") var output: String?
     @Option(help: "YAML config file: restore the database named by the argument from its first healthy replica.") var config: String?
-    @Option(help: "Restore to this RFC 3339 time.") var timestamp: String?
-    @Option(help: "Restore to right after this transaction id.") var txid: UInt64?
+    @OptionGroup var point: RestorePointOptions
     @Flag(help: "Overwrite OUT if it exists.") var force = false
     @Flag(help: "Do nothing (exit 0) if OUT already exists.") var ifNotExists = false
     @Flag(help: "Do nothing (exit 0) if the replica holds nothing yet.") var ifReplicaExists = false
     @Option(help: "Integrity check after restore: full, quick or none.") var integrity: String = "full"
-    @Option(help: ArgumentHelp("The key the replica was encrypted with (32-byte file).", valueName: "path")) var encryptionKeyFile: String?
-    @Flag(help: "With a key, also accept objects stored unencrypted (written before encryption was turned on).") var allowUnencrypted = false
+    @OptionGroup var key: ReadKeyOptions
     @OptionGroup var log: LogOptions
 
     func validate() throws {
-        if timestamp != nil && txid != nil { throw ValidationError("give --timestamp or --txid, not both") }
-        if let t = timestamp { do { _ = try Timestamp.parseMicroseconds(t) } catch { throw ValidationError("--timestamp: \(error)") } }
         guard IntegrityMode(rawValue: integrity) != nil else { throw ValidationError("--integrity must be full, quick or none") }
         if force && ifNotExists { throw ValidationError("--force and --if-not-exists contradict each other") }
         if config == nil && output == nil { throw ValidationError("give the output path with -o OUT") }
@@ -270,15 +266,14 @@ struct Restore: ParsableCommand {
     func run() throws {
         log.bootstrap()
         var o = RestoreOptions()
-        if let t = timestamp { o.target = .timeUs(try Timestamp.parseMicroseconds(t)) }
-        if let n = txid { o.target = .txid(n) }
+        o.target = try point.target()
         o.force = force; o.ifNotExists = ifNotExists; o.ifReplicaExists = ifReplicaExists
-        o.allowUnencrypted = allowUnencrypted
+        o.allowUnencrypted = key.allowUnencrypted
         o.integrity = IntegrityMode(rawValue: integrity)!
         do {
             var out = output ?? ""
             let r: Replica
-            o.encryptionKey = try loadKey(encryptionKeyFile)
+            o.encryptionKey = try loadKey(key.encryptionKeyFile)
             if let file = config {
                 let db = FS.absolute(replica)
                 guard let d = try ConfigLoader.load(path: file).databases.first(where: { $0.path == db }) else {
@@ -298,6 +293,36 @@ struct Restore: ParsableCommand {
             print("restored \(FS.absolute(out)): generation \(res.generation), txid \(res.txid), committed \(Timestamp.format(microseconds: res.commitTimeUs)), \(res.transactionsApplied) transaction(s) from \(res.segmentCount) segment(s) after \(res.snapshotKey), checksum \(hex16(res.checksum)) verified, integrity \(o.integrity.rawValue == "none" ? "not checked" : "ok")")
         } catch { fail(error) }
     }
+}
+
+/// The point to restore to, shared by `restore` and `verify`.
+struct RestorePointOptions: ParsableArguments {
+    @Option(help: "Restore to this RFC 3339 time (default: the latest state).") var timestamp: String?
+    @Option(help: "Restore to right after this transaction id (default: the latest state).") var txid: UInt64?
+
+    func validate() throws {
+        if timestamp != nil && txid != nil { throw ValidationError("give --timestamp or --txid, not both") }
+        if let t = timestamp { do { _ = try Timestamp.parseMicroseconds(t) } catch { throw ValidationError("--timestamp: \(error)") } }
+    }
+
+    func target() throws -> RestoreTarget {
+        if let t = timestamp { return .timeUs(try Timestamp.parseMicroseconds(t)) }
+        if let n = txid { return .txid(n) }
+        return .latest
+    }
+}
+
+/// How commands that read a replica get its encryption key.
+struct ReadKeyOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("The key the replica was encrypted with (32-byte file).", valueName: "path")) var encryptionKeyFile: String?
+    @Flag(help: "With a key, also accept objects stored unencrypted (written before encryption was turned on).") var allowUnencrypted = false
+}
+
+/// Pretty, key-sorted JSON on stdout: what `--json` prints.
+func printJSON<T: Encodable>(_ value: T) throws {
+    let enc = JSONEncoder()
+    enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+    print(String(decoding: try enc.encode(value), as: UTF8.self))
 }
 
 /// The first replica, in config order, that answers a LIST and holds a generation.
@@ -363,9 +388,7 @@ struct List: ParsableCommand {
                         "encryption": AnyEncodable(keyNotes[g.id] ?? ""),
                     ])
                 }
-                let enc = JSONEncoder()
-                enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-                print(String(decoding: try enc.encode(out), as: UTF8.self))
+                try printJSON(out)
                 return
             }
             if gens.isEmpty { print("no generations in \(r.displayURL)"); return }
@@ -436,39 +459,31 @@ struct Verify: ParsableCommand {
         reports the restorable window. Nothing is written outside the temporary directory.
         """)
     @Argument(help: "Replica URL.") var replica: String
-    @Option(help: "Restore to this RFC 3339 time instead of the latest state.") var timestamp: String?
-    @Option(help: "Restore to right after this transaction id instead of the latest state.") var txid: UInt64?
+    @OptionGroup var point: RestorePointOptions
     @Flag(help: "Print the report as JSON.") var json = false
     @Option(help: "Objects to read through besides the restore: all, segments or none.") var scrub: String = "all"
     @Option(help: "Directory for the temporary restore (default: $TMPDIR or /tmp).") var tempDir: String?
-    @Option(help: ArgumentHelp("The key the replica was encrypted with (32-byte file).", valueName: "path")) var encryptionKeyFile: String?
-    @Flag(help: "With a key, also accept objects stored unencrypted (written before encryption was turned on).") var allowUnencrypted = false
+    @OptionGroup var key: ReadKeyOptions
     @OptionGroup var log: LogOptions
 
     func validate() throws {
-        if timestamp != nil && txid != nil { throw ValidationError("give --timestamp or --txid, not both") }
-        if let t = timestamp { do { _ = try Timestamp.parseMicroseconds(t) } catch { throw ValidationError("--timestamp: \(error)") } }
         guard ScrubScope(rawValue: scrub) != nil else { throw ValidationError("--scrub must be all, segments or none") }
     }
 
     func run() throws {
         log.bootstrap()
-        var target = RestoreTarget.latest
-        if let t = timestamp { target = .timeUs(try Timestamp.parseMicroseconds(t)) }
-        if let n = txid { target = .txid(n) }
+        let target = try point.target()
         let report: VerifyReport
         do {
-            let key = try loadKey(encryptionKeyFile)
+            let masterKey = try loadKey(key.encryptionKeyFile)
             let dir = FS.absolute(tempDir ?? ProcessEnvironment.all()["TMPDIR"] ?? "/tmp")
             guard FS.isDirectory(dir) else { throw ValidationError("temporary directory \(dir) does not exist") }
             let r = try ReplicaFactory.open(replica)
-            report = Verifier.run(replica: r, target: target, encryptionKey: key, tempDir: dir, scrub: ScrubScope(rawValue: scrub)!,
-                                  allowUnencrypted: allowUnencrypted)
+            report = Verifier.run(replica: r, target: target, encryptionKey: masterKey, tempDir: dir, scrub: ScrubScope(rawValue: scrub)!,
+                                  allowUnencrypted: key.allowUnencrypted)
         } catch { fail(error) }
         if json {
-            let enc = JSONEncoder()
-            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try enc.encode(report), as: UTF8.self))
+            try printJSON(report)
         } else {
             print("verify \(report.replica): \(report.ok ? "OK" : "FAILED")")
             if let t = report.txid {
@@ -523,9 +538,7 @@ struct Status: ParsableCommand {
             }
         } catch { fail(error) }
         if json {
-            let enc = JSONEncoder()
-            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try enc.encode(entries), as: UTF8.self))
+            try printJSON(entries)
         } else {
             let now = Double(nowMicroseconds()) / 1e6
             func ago(_ t: Double) -> String { t <= 0 ? "never" : "\(oneDecimal(max(0, now - t)))s ago" }

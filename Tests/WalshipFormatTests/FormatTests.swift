@@ -159,6 +159,27 @@ final class NamesAndTimeTests: XCTestCase {
         XCTAssertLessThan(GenerationID.make(timeUs: 5, random: 0xffff), GenerationID.make(timeUs: 6, random: 0))
     }
 
+    func testObjectKeysParseBack() {
+        let gen = "0006616277058590abcd"
+        let seg = SegmentName(generation: gen, level: 1, firstTxid: 7, lastTxid: 9, firstTimeMs: 10, lastTimeMs: 20)
+        let squashed = SegmentName(generation: gen, level: 2, firstTxid: 1, lastTxid: 9, firstTimeMs: 1, lastTimeMs: 20, squashed: true)
+        let snap = SnapshotName(generation: gen, txid: 42, timeMs: 99)
+        XCTAssertEqual(ObjectKey.parse(seg.key), .segment(seg))
+        XCTAssertEqual(ObjectKey.parse(squashed.key), .segment(squashed))
+        XCTAssertEqual(ObjectKey.parse(snap.key), .snapshot(snap))
+        XCTAssertEqual(ObjectKey.parse("generations/\(gen)/generation.json"), .generationInfo(generation: gen))
+        XCTAssertEqual(ObjectKey.parse(seg.key)?.segment(atLevel: 1), seg)
+        XCTAssertNil(ObjectKey.parse(seg.key)?.segment(atLevel: 0))
+        XCTAssertEqual(ObjectKey.parse(snap.key)?.generation, gen)
+        for bad in ["", "generations", "generations/\(gen)", "generations/NOTAGEN/generation.json",
+                    "walship-delete/0001", "generations/\(gen)/segments/01/\(seg.fileName)",
+                    "generations/\(gen)/segments/x/\(seg.fileName)", "generations/\(gen)/snapshots/\(seg.fileName)",
+                    "generations/\(gen)/segments/1/\(snap.fileName)", "generations/\(gen)/other.json",
+                    "generations//\(gen)/generation.json", "generations/\(gen)/segments/1/x/\(seg.fileName)"] {
+            XCTAssertNil(ObjectKey.parse(bad), bad)
+        }
+    }
+
     func testDurations() throws {
         XCTAssertEqual(try DurationText.parseMicroseconds("500ms"), 500_000)
         XCTAssertEqual(try DurationText.parseMicroseconds("1s"), 1_000_000)
