@@ -122,6 +122,9 @@ public final class Agent {
     private var segment: OpenSegment?
     private var pageBuffer: [UInt8] = []
     private var lastCheckpointTryUs: Int64 = 0
+    /// Whether the spool is held below --spool-limit by a nearly full disk (warned once).
+    private var lowDiskWarned = false
+    private var lastCompactionDropLogUs: Int64 = 0
     private var lastRepinUs: Int64 = 0
 
     /// Figures for /metrics, `walship status` and alerts.
@@ -683,15 +686,49 @@ public final class Agent {
                 return
             }
         }
-        guard Int64(spool.outboxBytes) > options.spoolLimitBytes else { return }
+        var held = spool.heldBytes
+        let limit = spoolLimitInForce(heldBytes: held)
+        if limit.short != lowDiskWarned {
+            lowDiskWarned = limit.short
+            if limit.short {
+                logger.warning("the spool's filesystem is nearly full: the spool is held to what fits",
+                               metadata: ["spool.dir": "\(spool.dir)", "spool.limit": "\(limit.bytes)"])
+                status.countError("spool-disk-full")
+            }
+        }
+        guard held > limit.bytes else { return }
+        // Compaction is an optimisation: its links go first.
+        if let lc = localCompactor, lc.hasLinks {
+            lc.discardAll()
+            let now = monotonicMicroseconds()
+            if now - lastCompactionDropLogUs >= 600_000_000 || lastCompactionDropLogUs == 0 {
+                lastCompactionDropLogUs = now
+                logger.warning("spool over its limit: segments waiting for level-1 compaction stay at level 0 instead",
+                               metadata: ["spool.bytes": "\(held)", "spool.limit": "\(limit.bytes)"])
+            }
+            held = spool.heldBytes
+            guard held > limit.bytes else { return }
+        }
         let last = shippableSequence - 1
         for s in shippers where s.acked < last && s.lastError != nil && s.droppedGeneration == nil {
             logger.error("spool over its limit while a replica is failing: dropping that replica's backlog; it gets a new generation when it returns",
-                         metadata: ["replica.url": "\(s.replica.displayURL)", "spool.bytes": "\(spool.outboxBytes)",
-                                    "spool.limit": "\(options.spoolLimitBytes)"])
+                         metadata: ["replica.url": "\(s.replica.displayURL)", "spool.bytes": "\(held)",
+                                    "spool.limit": "\(limit.bytes)", "spool.limited.by": "\(limit.diskBound ? "free disk space" : "--spool-limit")"])
             s.dropBacklog(through: last, generation: state.generation)
         }
         try collectOutbox()
+    }
+
+    /// The bound in force: --spool-limit, or less when the spool's filesystem runs short, so
+    /// that a backlog never fills the disk (other files share it). Some room stays free for
+    /// the segment being built and for a snapshot: a quarter of the filesystem, at most 64 MiB.
+    /// `short`: less than the headroom is free now.
+    private func spoolLimitInForce(heldBytes: Int64) -> (bytes: Int64, diskBound: Bool, short: Bool) {
+        guard let fs = FS.space(of: spool.dir) else { return (options.spoolLimitBytes, false, false) }
+        let headroom = min(64 << 20, fs.total / 4)
+        let fits = max(0, heldBytes + fs.available - headroom)
+        let short = fs.available < headroom
+        return fits < options.spoolLimitBytes ? (fits, true, short) : (options.spoolLimitBytes, false, short)
     }
 
     // MARK: generations and snapshots
@@ -965,7 +1002,7 @@ public final class Agent {
     private func refreshStatus(nowUs: Int64) throws {
         let entries = try spool.outboxEntries()
         let walBytes = UInt64(FS.fileSize(walPath) ?? 0)
-        let spoolBytes = entries.reduce(UInt64(0)) { $0 + UInt64(FS.fileSize($1.path) ?? 0) }
+        let spoolBytes = UInt64(spool.heldBytes)
         var reps: [ReplicaStatus] = []
         for s in shippers {
             let acked = s.acked

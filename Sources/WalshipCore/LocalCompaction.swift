@@ -38,6 +38,13 @@ final class LocalCompactor {
         }.sorted { $0.name.firstTxid < $1.name.firstTxid }
     }
 
+    var hasLinks: Bool { !entries().isEmpty }
+
+    /// Gives up merging what is linked now: those segments stay at level 0.
+    func discardAll() {
+        for e in entries() { try? FS.remove(dir + "/" + e.file) }
+    }
+
     /// Drops links of other generations (they can no longer be merged with anything).
     func discard(except generation: String) {
         for e in entries() where e.name.generation != generation { try? FS.remove(dir + "/" + e.file) }

@@ -136,6 +136,13 @@ public enum FS {
         return Int(st.st_size)
     }
 
+    /// Bytes free to unprivileged writers, and the size, of the filesystem holding `path`.
+    public static func space(of path: String) -> (available: Int64, total: Int64)? {
+        var s = statvfs()
+        guard statvfs(path, &s) == 0 else { return nil }
+        return (Int64(s.f_bavail) * Int64(s.f_frsize), Int64(s.f_blocks) * Int64(s.f_frsize))
+    }
+
     public static func makeDirectories(_ path: String, mode: mode_t = 0o755) throws {
         if isDirectory(path) { return }
         let parent = dirname(path)

@@ -145,8 +145,19 @@ final class Spool {
         try FS.writeAtomically(ackPath(replicaID), Array("\(seq)\n".utf8))
     }
 
-    var outboxBytes: Int {
-        ((try? FS.list(outboxDir)) ?? []).reduce(0) { $0 + (FS.fileSize(outboxDir + "/" + $1) ?? 0) }
+    /// Disk the spool's objects hold: the outbox, the segment being built, and the compaction
+    /// links to level-0 segments that have left the outbox (a file linked twice counts once).
+    var heldBytes: Int64 {
+        var seen = Set<UInt64>()
+        var total: Int64 = 0
+        for d in [outboxDir, compactDir, workDir] {
+            for name in (try? FS.list(d)) ?? [] {
+                var st = stat()
+                guard stat(d + "/" + name, &st) == 0, seen.insert(UInt64(st.st_ino)).inserted else { continue }
+                total += Int64(st.st_blocks) * 512
+            }
+        }
+        return total
     }
 }
 

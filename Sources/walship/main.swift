@@ -91,7 +91,7 @@ struct Replicate: ParsableCommand {
     @Option(help: ArgumentHelp("Wait up to this long after a WAL change before reading it, to read bursts of commits in one pass (at most a tenth of the sync interval; commit times stay precise to a few milliseconds).", valueName: "duration"))
     var readDelay: String = "100ms"
     @Option(help: "Spool directory (default: .<name>-walship beside the database).") var spoolDir: String?
-    @Option(help: "Spool size past which a failing replica's backlog is dropped (it gets a new generation when it returns).")
+    @Option(help: "Spool size past which a failing replica's backlog is dropped (it gets a new generation when it returns). Lowered on its own when the spool's filesystem runs short.")
     var spoolLimit: String = "1GB"
     @Option(help: ArgumentHelp("Encrypt every stored object with AES-256-GCM using this key (a file of 32 random bytes, e.g. `head -c 32 /dev/urandom > key`). Keep a copy: without it nothing can be restored.", valueName: "path"))
     var encryptionKeyFile: String?

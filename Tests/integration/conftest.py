@@ -71,6 +71,13 @@ class AgentProcess:
             time.sleep(0.05)
         raise AssertionError(f"agent not ready after {timeout}s:\n{self.read_log()}")
 
+    def wait_for_log(self, text, timeout=30):
+        """Waits until the agent's log contains text."""
+        deadline = time.time() + timeout
+        while text not in self.read_log() and time.time() < deadline:
+            time.sleep(0.1)
+        assert text in self.read_log(), f"agent never logged {text!r}:\n{self.read_log()[-3000:]}"
+
     def read_log(self):
         try:
             return self.log_path.read_text()
@@ -149,6 +156,16 @@ def table_contents(path, tables=("usuarios", "tickets", "interacciones")):
     out = {t: con.execute(f"SELECT * FROM {t} ORDER BY id").fetchall() for t in tables}
     con.close()
     return out
+
+
+def assert_restores_exact(db, replicas, out_dir, env=None):
+    """Restores the latest state from each (url, name) into out_dir; each must equal db byte for
+    byte (checkpoint db first)."""
+    for url, name in replicas:
+        out = out_dir / f"latest-{name}.db"
+        p = run_walship("restore", url, "-o", out, env=env)
+        assert p.returncode == 0, p.stderr
+        assert file_bytes_equal(db, out), f"the {name} replica is not exact"
 
 
 def file_bytes_equal(a, b):

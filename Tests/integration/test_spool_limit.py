@@ -4,8 +4,7 @@ import json
 import os
 import time
 
-from conftest import (AgentProcess, checkpoint_truncate, create_ticket_db, file_bytes_equal,
-                      run_walship)
+from conftest import assert_restores_exact, checkpoint_truncate, create_ticket_db, run_walship
 from s3server import S3Server
 from test_s3 import run_py, WORKLOAD
 
@@ -35,10 +34,7 @@ def test_spool_limit_drops_backlog_of_a_down_replica_then_new_generation(tmp_pat
         # Write well past the limit while S3 is down.
         for seed in range(4):
             run_py(WORKLOAD, "mixed", db, "--seed", seed, "--tx", 150)
-        deadline = time.time() + 30
-        while "dropping that replica's backlog" not in agent.read_log() and time.time() < deadline:
-            time.sleep(0.2)
-        assert "dropping that replica's backlog" in agent.read_log(), agent.read_log()
+        agent.wait_for_log("dropping that replica's backlog")
         time.sleep(1)
         assert outbox_bytes(db) < 2 * 200 * 1024, outbox_bytes(db)   # the disk is not filled
         # The directory replica kept up all along.
@@ -47,20 +43,13 @@ def test_spool_limit_drops_backlog_of_a_down_replica_then_new_generation(tmp_pat
         assert p.returncode == 0, p.stderr
 
         srv.start()   # same port
-        deadline = time.time() + 30
-        while "replica answers again" not in agent.read_log() and time.time() < deadline:
-            time.sleep(0.2)
-        assert "replica answers again" in agent.read_log(), agent.read_log()
+        agent.wait_for_log("replica answers again")
         run_py(WORKLOAD, "mixed", db, "--seed", 99, "--tx", 20)
         time.sleep(1.5)
         agent.stop()
 
         checkpoint_truncate(db)
-        for url, name in [(s3url, "s3"), (fileurl, "file")]:
-            out = tmp_path / f"latest-{name}.db"
-            p = run_walship("restore", url, "-o", out, env=env)
-            assert p.returncode == 0, p.stderr
-            assert file_bytes_equal(db, out), f"{name} replica is not exact"
+        assert_restores_exact(db, [(s3url, "s3"), (fileurl, "file")], tmp_path, env=env)
         # S3 got a new generation; its first one stays a consistent (older) history.
         gens = generations(s3url, env)
         assert len(gens) >= 2, gens

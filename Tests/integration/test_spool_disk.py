@@ -1,0 +1,163 @@
+"""The spool on a small filesystem (G7): a backlog never fills the disk, and a disk filled by
+something else stops the agent cleanly, without touching the application, until it is
+restarted with room. The filesystem is a real tmpfs of a few MiB (mounting it needs root,
+which CI has)."""
+import contextlib
+import json
+import os
+import sqlite3
+import subprocess
+import threading
+import time
+
+from conftest import (AgentProcess, assert_restores_exact, checkpoint_truncate, create_ticket_db,
+                      file_bytes_equal, run_walship)
+from s3server import S3Server
+
+BLOB = 20_000   # bytes per update: random, so LZ4 cannot shrink the backlog
+
+
+@contextlib.contextmanager
+def small_filesystem(path, mib):
+    os.makedirs(path, exist_ok=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=0700", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, ("mounting a small tmpfs for the spool failed; this test needs root "
+                               f"(CI runs as root): {p.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def free_bytes(path):
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+class FreeSpaceWatch:
+    """Samples the free space of a filesystem every 20 ms; keeps the lowest."""
+
+    def __init__(self, path):
+        self.path, self.lowest, self.stop_flag = path, free_bytes(path), False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop_flag:
+            self.lowest = min(self.lowest, free_bytes(self.path))
+            time.sleep(0.02)
+
+    def stop(self):
+        self.stop_flag = True
+        self.thread.join()
+        return self.lowest
+
+
+def make_blob_db(db, rows=16):
+    create_ticket_db(db, rows=5)
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("CREATE TABLE big(id INTEGER PRIMARY KEY, b BLOB NOT NULL)")
+    con.execute("BEGIN")
+    for i in range(rows):
+        con.execute("INSERT INTO big(id, b) VALUES(?, randomblob(?))", (i, BLOB))
+    con.execute("COMMIT")
+    con.close()
+
+
+def churn(db, n, pause=0.01, rows=16):
+    """n autocommit updates of one random row with fresh random bytes; every one must commit."""
+    con = sqlite3.connect(db, isolation_level=None, timeout=5)
+    for i in range(n):
+        con.execute("UPDATE big SET b = randomblob(?) WHERE id = ?", (BLOB, i % rows))
+        time.sleep(pause)
+    con.close()
+
+
+def contents(db):
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    out = {t: con.execute(f"SELECT * FROM {t} ORDER BY id").fetchall() for t in ("usuarios", "big")}
+    con.close()
+    return out
+
+
+def test_backlog_of_a_down_replica_never_fills_the_spool_filesystem(tmp_path, agent_factory):
+    spool = tmp_path / "spool"
+    srv = S3Server(tmp_path / "s3", buckets=["walship"]).start()
+    with small_filesystem(spool, 4):
+        try:
+            env = srv.env()
+            s3url, fileurl = srv.url("walship", "app"), "file://" + str(tmp_path / "file-replica")
+            db = tmp_path / "app.db"
+            make_blob_db(db)
+            # The default --spool-limit (1GB) is far above the 4 MiB filesystem.
+            agent = agent_factory(db, [s3url, fileurl], ["--sync-interval", "200ms", "--spool-dir", spool],
+                                  env=env).start().wait_ready()
+            srv.stop()
+            watch = FreeSpaceWatch(spool)
+            churn(db, 300)   # about 6 MB of incompressible changes while S3 is down
+            time.sleep(1)
+            lowest = watch.stop()
+            assert agent.proc.poll() is None, f"agent died:\n{agent.read_log()[-3000:]}"
+            log = agent.read_log()
+            assert "spool.limited.by=free disk space" in log and "dropping that replica's backlog" in log, log[-3000:]
+            assert "No space left" not in log, log[-3000:]
+            assert lowest > 0, "the spool's filesystem filled up"
+            time.sleep(1)   # the status file is refreshed every second
+            p = run_walship("status", db, "--spool-dir", spool, "--json")
+            assert p.returncode == 0, p.stdout + p.stderr
+            st = json.loads(p.stdout)[0]["status"]
+            assert st["errors"].get("spool-disk-full", 0) >= 1, st
+
+            srv.start()   # same port: S3 gets a new generation
+            agent.wait_for_log("replica answers again")
+            churn(db, 20)
+            time.sleep(1.5)
+            agent.stop()
+            checkpoint_truncate(db)
+            assert_restores_exact(db, [(fileurl, "file"), (s3url, "s3")], tmp_path, env=env)
+        finally:
+            srv.stop()
+
+
+def test_disk_filled_by_another_file_stops_the_agent_cleanly_then_it_resumes(tmp_path, agent_factory):
+    spool = tmp_path / "spool"
+    with small_filesystem(spool, 4):
+        replica = tmp_path / "replica"
+        url = "file://" + str(replica)
+        db = tmp_path / "app.db"
+        make_blob_db(db)
+        agent = agent_factory(db, [url], ["--sync-interval", "200ms", "--spool-dir", spool]).start().wait_ready()
+        churn(db, 10)
+        # Something else fills the spool's filesystem.
+        filler = spool / "filler"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(os.urandom(1 << 16))
+                    f.flush()
+            except OSError:
+                pass
+        churn(db, 40)   # the application keeps committing
+        try:
+            rc = agent.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"agent still running on a full disk:\n{agent.read_log()[-3000:]}")
+        log = agent.read_log()
+        assert rc != 0 and "the disk is full: free space or move the spool" in log, (rc, log[-3000:])
+        half = [f for _, _, fs in os.walk(replica) for f in fs if ".tmp" in f]
+        assert not half, f"half-written objects in the replica: {half}"
+
+        os.remove(filler)
+        resumed = AgentProcess(db, [url], ["--sync-interval", "200ms", "--spool-dir", spool],
+                               log_path=tmp_path / "resumed.log").start().wait_ready()
+        churn(db, 20)
+        time.sleep(1)
+        resumed.stop()
+        checkpoint_truncate(db)
+        out = tmp_path / "latest.db"
+        p = run_walship("restore", url, "-o", out)
+        assert p.returncode == 0, p.stderr
+        assert contents(out) == contents(db) and file_bytes_equal(db, out)
+        p = run_walship("verify", url)
+        assert p.returncode == 0, p.stdout + p.stderr
