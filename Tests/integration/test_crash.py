@@ -6,6 +6,8 @@ import json
 import random
 import time
 
+import pytest
+
 from conftest import (checkpoint_truncate, create_ticket_db, file_bytes_equal, run_walship,
                       table_contents)
 from workload import chain_problems, digest_of, list_generations, rfc3339, start_writer
@@ -18,8 +20,12 @@ AGENT_ARGS = ["--sync-interval", "200ms", "--checkpoint-frames", "300"]
 SHIP_MARGIN = 1.0
 
 
-def test_sigkill_at_random_instants_then_restart(tmp_path, agent_factory, walship_bin):
+# The default compaction window (5 min) never closes in this test; with 1 s windows kills also
+# land while level-1 objects are built in the spool and while they and their deletion lists ship.
+@pytest.mark.parametrize("compaction", [None, "1s,1h"], ids=["default", "level1-every-1s"])
+def test_sigkill_at_random_instants_then_restart(tmp_path, agent_factory, walship_bin, compaction):
     rng = random.Random(SEED)
+    agent_args = AGENT_ARGS + (["--compaction", compaction, "--fine-window", "1h"] if compaction else [])
     db = tmp_path / "tickets.db"
     replica = tmp_path / "replica"
     url = f"file://{replica}"
@@ -35,7 +41,7 @@ def test_sigkill_at_random_instants_then_restart(tmp_path, agent_factory, walshi
     kill_points = []
     try:
         for i in range(KILLS):
-            ag = agent_factory(db, [url], args=AGENT_ARGS, log_path=tmp_path / f"agent-{i:02d}.log")
+            ag = agent_factory(db, [url], args=agent_args, log_path=tmp_path / f"agent-{i:02d}.log")
             logs.append(ag.log_path)
             ag.start()
             if rng.random() < 0.25:
@@ -54,7 +60,7 @@ def test_sigkill_at_random_instants_then_restart(tmp_path, agent_factory, walshi
             assert writer.poll() is None, f"writer died: {(tmp_path / 'writer.log').read_text()}"
             time.sleep(rng.uniform(0.0, 1.2))   # agent down, writer keeps committing
 
-        final = agent_factory(db, [url], args=AGENT_ARGS, log_path=tmp_path / "agent-final.log")
+        final = agent_factory(db, [url], args=agent_args, log_path=tmp_path / "agent-final.log")
         logs.append(final.log_path)
         final.start().wait_ready()
         ready = time.time()
@@ -83,6 +89,7 @@ def test_sigkill_at_random_instants_then_restart(tmp_path, agent_factory, walshi
     # 1. every generation chains with no gap from its snapshot
     gens = list_generations(walship_bin, url)
     problems += chain_problems(gens)
+    level1 = sum(1 for g in gens for s in g["segments"] if s["level"] == "1")
 
     # 2. the latest state restores byte-identically after the final clean stop
     checkpoint_truncate(db)
@@ -119,7 +126,7 @@ def test_sigkill_at_random_instants_then_restart(tmp_path, agent_factory, walshi
         "kills": KILLS, "kill_points": kill_points, "restarts_continued": continued,
         "restarts_new_generation": new_gens, "generations": len(gens),
         "instants": len(instants), "instants_covered": len(covered), "instants_checked": len(checked),
-        "pitr_mismatches": len(pitr_bad),
+        "pitr_mismatches": len(pitr_bad), "level1_objects": level1,
     }
     print("crash summary:", json.dumps(summary))
     (tmp_path / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -129,4 +136,6 @@ def test_sigkill_at_random_instants_then_restart(tmp_path, agent_factory, walshi
         if "replicating" in t:
             assert "continuing generation" in t or "starting a new generation" in t, f"run {n} said neither:\n{t}"
     assert len(checked) >= 10, f"too few PITR instants covered by a running agent: {summary}"
+    if compaction:
+        assert level1 >= 3, f"too few level-1 objects for the kills to have met compaction: {summary}"
     assert not problems, "\n".join(problems[:30]) + f"\n{summary}"
