@@ -203,6 +203,9 @@ def summarize_rpo(results, configs):
     return out
 
 
+NEAR_CUT_PHASES_MS = (1, 2, 4, 6, 8, 12, 20)
+
+
 def run_phase(ctx, intervals, trials):
     """walship only: RPO over S3 against RPO over a directory with the kill phase held equal.
     Trial i of both backends kills at the same phase after a cut, so the phase of the cut, which
@@ -212,12 +215,17 @@ def run_phase(ctx, intervals, trials):
     for iv, iv_s in intervals:
         cfgs = {b: c for c in rpo_configs([(iv, iv_s)], ("dir", "s3"), ctx.p["rate"], ctx.p["size"],
                                           ctx.p["txn_size"]) for b in [c["backend"]]}
-        for i, ph in enumerate(phase_offsets(iv_s, trials, ctx.seed)):
+        # Stratified phases for the paired statistics, then a few fixed phases right after a cut,
+        # where the upload of the new segment may still be running (shown apart, not pooled).
+        phases = [(ph, False) for ph in phase_offsets(iv_s, trials, ctx.seed)]
+        phases += [(ms / 1000.0, True) for ms in NEAR_CUT_PHASES_MS if ms / 1000.0 < iv_s / 2]
+        for i, (ph, near) in enumerate(phases):
             for b in (("dir", "s3") if i % 2 == 0 else ("s3", "dir")):
                 cfg = cfgs[b]
                 r = rpo_trial(ctx, tool, cfg, i, cfg["settle_s"], ctx.seed * 1000 + i, phase_s=ph)
+                r["near_cut"] = near
                 results.append(r)
-                head = f"s3-phase {iv:5s} {b:3s} trial {i}: phase {ph * 1000:6.1f} ms"
+                head = f"s3-phase {iv:5s} {b:3s} trial {i}: phase {ph * 1000:6.1f} ms" + (" (near cut)" if near else "")
                 if "error" in r:
                     log(f"{head} ERROR {r['error']}")
                 else:
@@ -231,27 +239,36 @@ def run_phase(ctx, intervals, trials):
 
 
 def summarize_phase(results):
-    """Per interval: the paired S3 - directory RPO differences and the upload time they are held to."""
+    """Per interval: the paired S3 - directory RPO differences over the stratified phases, the upload
+    time they are held to, and the near-cut pairs one by one."""
     from .common import median
     out = {}
     for iv in dict.fromkeys(r["interval"] for r in results):
-        by = {b: {r["trial"]: r for r in results if r["interval"] == iv and r["backend"] == b and "rpo_s" in r}
-              for b in ("dir", "s3")}
-        trials = sorted(set(by["dir"]) & set(by["s3"]))
+        mine = [r for r in results if r["interval"] == iv]
+        by = {(b, near): {r["trial"]: r for r in mine if r["backend"] == b and r.get("near_cut", False) == near
+                          and "rpo_s" in r}
+              for b in ("dir", "s3") for near in (False, True)}
+        trials = sorted(set(by["dir", False]) & set(by["s3", False]))
         if not trials:
             continue
-        diffs = [by["s3"][t]["rpo_s"] - by["dir"][t]["rpo_s"] for t in trials]
-        ups = [by["s3"][t]["put_latency_median_s"] for t in trials if by["s3"][t].get("put_latency_median_s")]
+        d, s3 = by["dir", False], by["s3", False]
+        diffs = [s3[t]["rpo_s"] - d[t]["rpo_s"] for t in trials]
+        ups = [s3[t]["put_latency_median_s"] for t in trials if s3[t].get("put_latency_median_s")]
+        near = [{"phase_ms": round(by["s3", True][t]["phase_s"] * 1000, 1),
+                 "rpo_dir_s": by["dir", True][t]["rpo_s"], "rpo_s3_s": by["s3", True][t]["rpo_s"],
+                 "s3_killed_during_upload": bool(by["s3", True][t].get("kill_during_upload")),
+                 "put_latency_median_s": by["s3", True][t].get("put_latency_median_s")}
+                for t in sorted(set(by["dir", True]) & set(by["s3", True]))]
         out[iv] = {
             "pairs": len(trials),
-            "failed": sum(1 for r in results if r["interval"] == iv and "rpo_s" not in r),
+            "failed": sum(1 for r in mine if "rpo_s" not in r),
             "diffs": diffs, "diff_median": median(diffs), "diff_mean": sum(diffs) / len(diffs),
             "diff_min": min(diffs), "diff_max": max(diffs),
-            "rpo_dir_median": median([by["dir"][t]["rpo_s"] for t in trials]),
-            "rpo_s3_median": median([by["s3"][t]["rpo_s"] for t in trials]),
+            "rpo_dir_median": median([d[t]["rpo_s"] for t in trials]),
+            "rpo_s3_median": median([s3[t]["rpo_s"] for t in trials]),
             "put_latency_median_s": median(ups) if ups else None,
-            "killed_during_upload": sum(1 for t in trials if by["s3"][t].get("kill_during_upload")),
-            "phase_spread_s": median([abs(by["s3"][t]["kill_phase_s"] - by["dir"][t]["kill_phase_s"])
-                                      for t in trials]),
+            "killed_during_upload": sum(1 for t in trials if s3[t].get("kill_during_upload")),
+            "phase_spread_s": median([abs(s3[t]["kill_phase_s"] - d[t]["kill_phase_s"]) for t in trials]),
+            "near_cut": near,
         }
     return out
