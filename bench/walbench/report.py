@@ -477,8 +477,10 @@ def results_md(results, peer, sec, tgt, plots, rel):
                 "counting proxy, whose PUT times are shown.", "", sec["s3_phase"], ""]
         if "s3_phase_near" in sec:
             out += ["Kills right after a cut (fixed phases, not pooled above): a pair differs only while the "
-                    "new segment is still being cut or uploaded. The directory loses the interval too while "
-                    "the cut itself runs.", "", sec["s3_phase_near"], ""]
+                    "new segment is still being cut, stored or uploaded. The phase counts from the instant the "
+                    "agent recorded the cut, after its spool write; cut instants jitter by a few ms, so the edge "
+                    "is not sharp. A kill inside a PUT can still keep the segment: the server may have stored it "
+                    "before its answer reached the agent.", "", sec["s3_phase_near"], ""]
     if "cost" in sec or "requests" in sec:
         out += ["## Cost (S3)", "",
                 f"Prices (S3 Standard, us-east-1 list prices): PUT, COPY, POST, LIST ${PRICE_TIER1} per 1,000; "
