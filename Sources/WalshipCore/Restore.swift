@@ -160,6 +160,9 @@ public enum Restorer {
             var current: TransactionHeader?
             var skipping = false
             var reachedTarget = false
+            // With a key, the object is read to its end even past the target: only its final
+            // tag authenticates the whole of it, metadata included. Without one, reading stops.
+            let readToEnd = options.encryptionKey != nil
             let meta = try streamObject(source, key: seg.key, expect: .segment, encryption: options.encryptionKey,
                                     allowUnencrypted: options.allowUnencrypted, onMetadata: { m in
                 guard m.pageSize == pageSize, m.generation == plan.generation else {
@@ -168,6 +171,7 @@ public enum Restorer {
             }) { chunk in
                 result.bytesDownloaded += UInt64(chunk.count)
                 try decoder.feed(chunk) { event in
+                    if reachedTarget { return }
                     switch event {
                     case .begin(let ps):
                         guard ps == pageSize else { throw FormatError.corrupt("page size \(ps), expected \(pageSize)") }
@@ -182,12 +186,14 @@ public enum Restorer {
                             if t.txid <= n {
                                 throw RestoreError.chainBroken("transaction \(n) lies inside the compacted range \(t.txid)-\(t.lastTxid) (object '\(seg.key)'), older than the fine window: the nearest restore points are txids \(t.txid - 1) and \(t.lastTxid)")
                             }
-                            reachedTarget = true; throw StopStreaming()
+                            reachedTarget = true
+                            if readToEnd { return } else { throw StopStreaming() }
                         case .timeUs(let ts) where t.commitTimeUs > ts:
                             if t.isSquashed && t.txid > applied {
                                 result.note = "\(Timestamp.format(microseconds: ts)) lies in the compacted range of txids \(t.txid)-\(t.lastTxid) (older than the fine window, restore points only at its ends): restored to its start, txid \(applied)"
                             }
-                            reachedTarget = true; throw StopStreaming()
+                            reachedTarget = true
+                            if readToEnd { return } else { throw StopStreaming() }
                         default: break
                         }
                         if let m = t.truncateFirstTo { try file.truncate(to: Int(m) * pageSize) }
@@ -207,7 +213,7 @@ public enum Restorer {
                     }
                 }
             }
-            if !reachedTarget {
+            if !reachedTarget || readToEnd {
                 do { try decoder.finish() } catch {
                     throw ObjectError(key: seg.key, replica: replica.displayURL, problem: "is truncated (\(error))")
                 }

@@ -165,7 +165,7 @@ public final class S3Replica: Replica {
                 if !err.isRetryable || attempt >= maxAttempts { throw err }
             } catch let e as CurlError {
                 if !e.isTransient || attempt >= maxAttempts {
-                    throw ReplicaError.io(displayURL, "\(describe): \(e.message) (curl error \(e.code)); is the endpoint \(location.endpoint) reachable?")
+                    throw ReplicaError.io(displayURL, "\(describe): \(e.message) (curl error \(e.code)); \(e.hint(endpoint: location.endpoint))")
                 }
             }
             beforeRetry()
@@ -322,7 +322,7 @@ public final class S3Replica: Replica {
                 } catch let e as CurlError {
                     requestCounts.add("GET")
                     if !e.isTransient || attempt >= maxAttempts {
-                        throw ReplicaError.io(displayURL, "\(what): \(e.message); is the endpoint \(location.endpoint) reachable?")
+                        throw ReplicaError.io(displayURL, "\(what): \(e.message) (curl error \(e.code)); \(e.hint(endpoint: location.endpoint))")
                     }
                 }
                 usleep(UInt32(min(200 << attempt, 5000) * 1000))   // then resume from `received`

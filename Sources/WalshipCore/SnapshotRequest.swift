@@ -13,16 +13,24 @@ public enum SnapshotRequest {
         spool(database, spoolDirectory).isLockedByAnotherProcess()
     }
 
-    /// Creates the request and waits until the agent removes it (after the snapshot).
-    public static func ask(database: String, spoolDirectory: String?, timeoutUs: Int64) throws -> Bool {
+    public enum Outcome { case taken, failed, timedOut }
+
+    /// Creates the request and waits until the agent removes it (after the snapshot), or marks
+    /// it failed (the agent logs why).
+    public static func ask(database: String, spoolDirectory: String?, timeoutUs: Int64) throws -> Outcome {
         let s = spool(database, spoolDirectory)
+        try? FS.remove(s.snapshotRequestFailedPath)
         try FS.writeAtomically(s.snapshotRequestPath, Array("requested\n".utf8))
         let deadline = monotonicMicroseconds() + timeoutUs
         while monotonicMicroseconds() < deadline {
-            if !FS.exists(s.snapshotRequestPath) { return true }
+            if FS.exists(s.snapshotRequestFailedPath) {
+                try? FS.remove(s.snapshotRequestFailedPath)
+                return .failed
+            }
+            if !FS.exists(s.snapshotRequestPath) { return .taken }
             usleep(50_000)
         }
         try? FS.remove(s.snapshotRequestPath)
-        return false
+        return .timedOut
     }
 }

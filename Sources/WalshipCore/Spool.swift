@@ -43,6 +43,8 @@ final class Spool {
     /// Hard links to the level-0 segments of the open compaction window (see LocalCompactor).
     var compactDir: String { dir + "/compact" }
     var snapshotRequestPath: String { dir + "/snapshot-request" }
+    /// A request the agent could not carry out, renamed (a rename needs no free space).
+    var snapshotRequestFailedPath: String { dir + "/snapshot-request.failed" }
     private var lockFD: Int32 = -1
 
     init(dir: String) { self.dir = dir }

@@ -27,6 +27,13 @@ public struct CurlError: Error, CustomStringConvertible {
          CURLE_GOT_NOTHING, CURLE_PARTIAL_FILE, CURLE_COULDNT_RESOLVE_HOST, CURLE_SSL_CONNECT_ERROR,
          CURLE_HTTP2, CURLE_HTTP2_STREAM].map { Int32($0.rawValue) }.contains(code)
     }
+    /// What to check: the server's certificate for TLS failures, else whether it can be reached.
+    public func hint(endpoint: String) -> String {
+        let tls = [CURLE_PEER_FAILED_VERIFICATION, CURLE_SSL_CACERT_BADFILE, CURLE_SSL_CERTPROBLEM]
+            .map { Int32($0.rawValue) }.contains(code)
+        return tls ? "the TLS certificate of \(endpoint) is not trusted: point AWS_CA_BUNDLE (or CURL_CA_BUNDLE, SSL_CERT_FILE) at a PEM bundle holding its CA"
+                   : "is the endpoint \(endpoint) reachable?"
+    }
 }
 
 public enum RequestBody {

@@ -435,8 +435,11 @@ struct Snapshot: ParsableCommand {
             opts.encryptionKey = try loadKey(encryptionKeyFile)
             guard FS.exists(db) else { throw AgentError.databaseMissing(db) }
             if let pid = SnapshotRequest.runningAgent(database: db, spoolDirectory: opts.spoolDirectory) {
-                let ok = try SnapshotRequest.ask(database: db, spoolDirectory: opts.spoolDirectory, timeoutUs: try parseDuration(timeout, "--timeout"))
-                guard ok else { throw ValidationError("the running agent (pid \(pid)) did not take the snapshot within \(timeout)") }
+                switch try SnapshotRequest.ask(database: db, spoolDirectory: opts.spoolDirectory, timeoutUs: try parseDuration(timeout, "--timeout")) {
+                case .taken: break
+                case .failed: throw ValidationError("the running agent (pid \(pid)) could not take the snapshot: see its log (replication goes on)")
+                case .timedOut: throw ValidationError("the running agent (pid \(pid)) did not take the snapshot within \(timeout)")
+                }
                 print("snapshot taken by the running agent (pid \(pid))")
                 return
             }

@@ -50,7 +50,8 @@ def port_answers(port):
 
 class S3Server:
     def __init__(self, root, buckets=("walship",), access_key=ACCESS_KEY, secret_key=SECRET_KEY,
-                 log_level="INFO", extra_args=()):
+                 log_level="INFO", extra_args=(), tls=None):
+        """tls: (certificate PEM path, key PEM path) to serve https instead of http."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         for b in buckets:
@@ -58,6 +59,9 @@ class S3Server:
         self.access_key, self.secret_key = access_key, secret_key
         self.log_level = log_level
         self.extra_args = [str(a) for a in extra_args]
+        self.tls = tls
+        if tls:
+            self.extra_args += ["--cert", str(tls[0]), "--key", str(tls[1])]
         self.port = None
         self.proc = None
         self.log_path = self.root.parent / f"rclone-{self.root.name}.log"
@@ -65,7 +69,7 @@ class S3Server:
 
     @property
     def endpoint(self):
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def url(self, bucket, prefix="", **extra):
         q = f"endpoint={self.endpoint}&region={REGION}&path-style=true"

@@ -339,6 +339,42 @@ def test_encryption_hides_plaintext_and_needs_the_key(tmp_path, agent_factory):
     assert p.returncode == 0 and rep["ok"], p.stdout + p.stderr
 
 
+def test_encrypted_point_in_time_restore_authenticates_the_whole_last_object(tmp_path, agent_factory):
+    """A restore that stops inside an encrypted segment still reads it to the end: only the
+    final chunk's tag authenticates the whole object. A segment of about 480 KB (two 256 KiB LZ4
+    blocks, eight 64 KiB sealed chunks) has its final tag altered; a restore to its first
+    transaction, which needs only the first block, must fail."""
+    db, replica, key = tmp_path / "app.db", tmp_path / "replica", tmp_path / "key"
+    write_key(key)
+    create_ticket_db(db, rows=5)
+    agent = agent_factory(db, [furl(replica)], ["--sync-interval", "3s", "--encryption-key-file", key])
+    agent.start().wait_ready()
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("CREATE TABLE blobs(id INTEGER PRIMARY KEY, b BLOB NOT NULL)")
+    for _ in range(16):   # random bytes: LZ4 cannot shrink them
+        con.execute("INSERT INTO blobs(b) VALUES(randomblob(30000))")
+    con.close()
+    time.sleep(3.5)
+    agent.stop()
+    [g] = list_json(furl(replica), "--encryption-key-file", key)
+    big = [s for s in g["segments"] if int(s["last_txid"]) - int(s["first_txid"]) >= 15]
+    assert big, f"no segment holds the 16 inserts: {g['segments']}"
+    seg, first = big[0], int(big[0]["first_txid"])
+    path = replica / seg["key"]
+    assert path.stat().st_size > 256 * 1024 + 2 * 65536, path.stat().st_size
+
+    good = tmp_path / "good.db"
+    restore(furl(replica), good, "--txid", str(first), "--encryption-key-file", key)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01   # the final chunk's tag
+    path.write_bytes(bytes(data))
+    out = tmp_path / "tampered.db"
+    p = run_walship("restore", furl(replica), "-o", out, "--txid", str(first), "--encryption-key-file", key)
+    assert p.returncode != 0, f"a restore through an altered object succeeded:\n{p.stdout}{p.stderr}"
+    assert "fails authentication" in p.stderr and seg["key"] in p.stderr, p.stderr
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- 3. metrics
 
 def test_metrics_lag_rises_during_s3_outage_and_returns_to_zero(tmp_path, agent_factory, s3server):

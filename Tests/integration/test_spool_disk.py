@@ -74,6 +74,16 @@ def churn(db, n, pause=0.01, rows=16):
     con.close()
 
 
+def replicate_to_a_directory(tmp_path, agent_factory, spool, blob_rows=16):
+    """A blob database replicating to a directory replica, its spool in `spool`."""
+    replica = tmp_path / "replica"
+    url = "file://" + str(replica)
+    db = tmp_path / "app.db"
+    make_blob_db(db, rows=blob_rows)
+    agent = agent_factory(db, [url], ["--sync-interval", "200ms", "--spool-dir", spool]).start().wait_ready()
+    return db, replica, url, agent
+
+
 def contents(db):
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     out = {t: con.execute(f"SELECT * FROM {t} ORDER BY id").fetchall() for t in ("usuarios", "big")}
@@ -123,11 +133,7 @@ def test_backlog_of_a_down_replica_never_fills_the_spool_filesystem(tmp_path, ag
 def test_disk_filled_by_another_file_stops_the_agent_cleanly_then_it_resumes(tmp_path, agent_factory):
     spool = tmp_path / "spool"
     with small_filesystem(spool, 4):
-        replica = tmp_path / "replica"
-        url = "file://" + str(replica)
-        db = tmp_path / "app.db"
-        make_blob_db(db)
-        agent = agent_factory(db, [url], ["--sync-interval", "200ms", "--spool-dir", spool]).start().wait_ready()
+        db, replica, url, agent = replicate_to_a_directory(tmp_path, agent_factory, spool)
         churn(db, 10)
         # Something else fills the spool's filesystem.
         filler = spool / "filler"
@@ -161,3 +167,29 @@ def test_disk_filled_by_another_file_stops_the_agent_cleanly_then_it_resumes(tmp
         assert contents(out) == contents(db) and file_bytes_equal(db, out)
         p = run_walship("verify", url)
         assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_snapshot_without_room_is_refused_and_replication_goes_on(tmp_path, agent_factory):
+    spool = tmp_path / "spool"
+    with small_filesystem(spool, 8):
+        # about 3 MB of random bytes: its snapshot needs that much room
+        db, replica, url, agent = replicate_to_a_directory(tmp_path, agent_factory, spool, blob_rows=150)
+        # Something else leaves about 1.5 MB free: too little for a snapshot, enough for segments.
+        filler = spool / "filler"
+        with open(filler, "wb") as f:
+            f.write(os.urandom(max(0, free_bytes(spool) - 1_500_000)))
+        p = run_walship("snapshot", db, "--spool-dir", spool, timeout=60)
+        assert p.returncode != 0 and "could not take the snapshot" in p.stderr, p.stdout + p.stderr
+        assert agent.proc.poll() is None, f"agent died:\n{agent.read_log()[-3000:]}"
+        assert "snapshot failed: no room for it in the spool" in agent.read_log(), agent.read_log()[-3000:]
+        con = sqlite3.connect(db, isolation_level=None)
+        for i in range(50):   # replication goes on
+            con.execute("UPDATE big SET b = randomblob(2000) WHERE id = ?", (i,))
+        con.close()
+        time.sleep(1)
+        agent.stop()
+        os.remove(filler)
+        checkpoint_truncate(db)
+        assert_restores_exact(db, [(url, "file")], tmp_path)
+        [g] = json.loads(run_walship("list", url, "--json").stdout)
+        assert len(g["snapshots"]) == 1, g["snapshots"]   # the refused one left nothing behind
