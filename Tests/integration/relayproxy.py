@@ -90,6 +90,7 @@ class RelayProxy:
         self.cut_rule = cut_rule
         self.requests = []
         self.errors = []
+        self.connections = 0   # accepted from the client: fewer than requests when it reuses them
         self.lock = threading.Lock()
         self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -116,6 +117,8 @@ class RelayProxy:
                 c, _ = self.lsock.accept()
             except OSError:
                 return
+            with self.lock:
+                self.connections += 1
             threading.Thread(target=self._serve, args=(c,), daemon=True).start()
 
     def _serve(self, c):

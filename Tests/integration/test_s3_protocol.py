@@ -10,7 +10,8 @@ bytes unchanged (so signatures stay valid) and records every request.
      the bucket from the Host header; replicate and restore are exact
   3. a GET cut in the middle of a snapshot's body resumes with `Range: bytes=N-` at the byte
      where it stopped, and the restore is exact
-  4. compaction and retention delete with DeleteObjects (POST ?delete, Content-MD5), in batches
+  4. compaction and retention delete with DeleteObjects (POST ?delete, Content-MD5), in batches;
+     the agent's requests reuse a few connections
 """
 import json
 import re
@@ -282,7 +283,9 @@ def test_compaction_and_retention_delete_in_batches(tmp_path):
         finally:
             if agent.proc.poll() is None:
                 agent.kill9()
-        reqs = list(proxy.requests)
+        reqs, conns = list(proxy.requests), proxy.connections
+        # Connections are reused: the agent's requests (a PUT every 200 ms, LISTs, deletes) share a few.
+        assert len(reqs) >= 40 and conns <= max(4, len(reqs) // 10), (len(reqs), conns)
         batch = [r for r in reqs if r["method"] == "POST" and r["target"].startswith("/walship/?delete")]
         singles = [r for r in reqs if r["method"] == "DELETE"]
         assert batch, f"no DeleteObjects request: {sorted({(r['method'], r['target'].split('?')[0][:40]) for r in reqs})[:20]}"
