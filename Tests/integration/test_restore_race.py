@@ -11,11 +11,12 @@ import time
 
 from conftest import AgentProcess, create_ticket_db, run_walship, table_contents
 from s3server import REGION, S3Server
-from test_s3_protocol import RecordingProxy, s3_url
+from relayproxy import RelayProxy, read_head
+from test_s3_protocol import s3_url
 from workload import run_writer
 
 
-class DeletingProxy(RecordingProxy):
+class DeletingProxy(RelayProxy):
     """Deletes the object a GET names (once per key, with a signed S3 DELETE to the same
     server, as a retention pass would) when `should_delete(key)` says so, just before the GET
     reaches the server."""
@@ -25,8 +26,8 @@ class DeletingProxy(RecordingProxy):
         self.deleted = []
         super().__init__(srv.port)
 
-    def _read_head(self, f):
-        raw, line, hdrs = RecordingProxy._read_head(f)
+    def read_request_head(self, f):
+        raw, line, hdrs = read_head(f)
         if line and line.startswith("GET "):
             target = line.split(" ")[1].split("?")[0]
             prefix = f"/{self.bucket}/"

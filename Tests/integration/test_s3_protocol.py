@@ -1,6 +1,6 @@
 """S3 protocol details, against the real `rclone serve s3` with SigV4 authentication (s3server.py)
 and the real walship binary. Nothing is mocked; where a test needs to see or disturb the wire it
-puts a small real TCP proxy (RecordingProxy, below) between walship and rclone, which relays the
+puts a small real TCP proxy (relayproxy.RelayProxy) between walship and rclone, which relays the
 bytes unchanged (so signatures stay valid) and records every request.
 
   1. ListObjectsV2 pagination: a generation of 1100 segments (more than S3's 1000 keys per
@@ -10,15 +10,15 @@ bytes unchanged (so signatures stay valid) and records every request.
      the bucket from the Host header; replicate and restore are exact
   3. a GET cut in the middle of a snapshot's body resumes with `Range: bytes=N-` at the byte
      where it stopped, and the restore is exact
-  4. compaction and retention delete with DeleteObjects (POST ?delete, Content-MD5), in batches
+  4. compaction and retention delete with DeleteObjects (POST ?delete, Content-MD5), in batches;
+     the agent's requests reuse a few connections
 """
 import json
 import re
-import socket
-import threading
 import time
 
 from conftest import (AgentProcess, checkpoint_truncate, create_ticket_db, file_bytes_equal, run_walship, table_contents)
+from relayproxy import RelayProxy
 from s3server import REGION, S3Server
 from workload import chain_problems, run_writer
 
@@ -68,147 +68,6 @@ def run_agent(db, url, env, tmp_path, writer_args, name="agent"):
         if agent.proc.poll() is None:
             agent.kill9()
     return agent.read_log()
-
-
-class RecordingProxy:
-    """HTTP/1.1 pass-through proxy on 127.0.0.1 in front of an upstream port. Every byte is
-    relayed unchanged (the Host header too, so SigV4 signatures stay valid); keep-alive,
-    Content-Length and chunked bodies, and 1xx interim answers are handled. Each request is
-    recorded as a dict: method, target, headers (lower-cased names), status, response_headers,
-    body_bytes (response body bytes relayed to the client), cut (True when the proxy broke the
-    response off).
-
-    cut_rule(request_dict, response_headers) -> int | None: when it returns N for a response,
-    only N bytes of that response's body are relayed, then both connections are closed."""
-
-    def __init__(self, upstream_port, cut_rule=None):
-        self.upstream_port = upstream_port
-        self.cut_rule = cut_rule
-        self.requests = []
-        self.errors = []
-        self.lock = threading.Lock()
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(32)
-        self.port = self.lsock.getsockname()[1]
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self):
-        self.closed = True
-        try:
-            self.lsock.close()
-        except OSError:
-            pass
-
-    def _accept(self):
-        while not self.closed:
-            try:
-                c, _ = self.lsock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
-
-    @staticmethod
-    def _read_head(f):
-        raw = b""
-        while True:
-            line = f.readline(65537)
-            if not line:
-                return None, None, None
-            raw += line
-            if line in (b"\r\n", b"\n"):
-                break
-        lines = raw.decode("latin-1").split("\r\n")
-        headers = {}
-        for h in lines[1:]:
-            if ":" in h:
-                k, v = h.split(":", 1)
-                headers[k.strip().lower()] = v.strip()
-        return raw, lines[0], headers
-
-    @staticmethod
-    def _relay_body(src, dst, headers, limit=None, to_eof=False):
-        """Relays one message body; returns (bytes relayed, complete). With `limit`, stops
-        after that many body bytes (Content-Length bodies only)."""
-        n = 0
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            while True:
-                line = src.readline(65537)
-                dst.sendall(line)
-                size = int(line.split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while True:
-                        t = src.readline(65537)
-                        dst.sendall(t)
-                        if t in (b"\r\n", b"\n", b""):
-                            return n, True
-                data = src.read(size + 2)
-                dst.sendall(data)
-                n += size
-        left = -1 if to_eof else int(headers.get("content-length", "0") or 0)
-        if limit is not None and left >= 0:
-            left = min(left, limit)
-        while left != 0:
-            data = src.read(65536 if left < 0 else min(left, 65536))
-            if not data:
-                return n, to_eof
-            dst.sendall(data)
-            n += len(data)
-            if left > 0:
-                left -= len(data)
-        return n, limit is None
-
-    def _serve(self, c):
-        u = None
-        try:
-            u = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=60)
-            c.settimeout(60)
-            cf, uf = c.makefile("rb"), u.makefile("rb")
-            while True:
-                raw, line, hdrs = self._read_head(cf)
-                if raw is None:
-                    return
-                method, target = line.split(" ")[:2]
-                rec = {"method": method, "target": target, "headers": hdrs, "status": None,
-                       "response_headers": {}, "body_bytes": 0, "cut": False}
-                with self.lock:
-                    self.requests.append(rec)
-                u.sendall(raw)
-                if "content-length" in hdrs or "transfer-encoding" in hdrs:
-                    self._relay_body(cf, u, hdrs)
-                while True:   # interim 1xx answers, then the final one
-                    rraw, rline, rhdrs = self._read_head(uf)
-                    if rraw is None:
-                        return
-                    c.sendall(rraw)
-                    status = int(rline.split(" ")[1])
-                    if status >= 200:
-                        break
-                rec["status"], rec["response_headers"] = status, rhdrs
-                if method == "HEAD" or status in (204, 304):
-                    continue
-                limit = self.cut_rule(rec, rhdrs) if self.cut_rule else None
-                to_eof = "content-length" not in rhdrs and "chunked" not in rhdrs.get("transfer-encoding", "")
-                n, complete = self._relay_body(uf, c, rhdrs, limit=limit, to_eof=to_eof)
-                rec["body_bytes"] = n
-                if limit is not None:
-                    rec["cut"] = True
-                    c.shutdown(socket.SHUT_RDWR)   # FIN after the relayed bytes: the client sees a short body
-                    return
-                if to_eof:
-                    return
-        except Exception as e:   # recorded; the tests look at what the client saw
-            with self.lock:
-                self.errors.append(repr(e))
-        finally:
-            for s in (c, u):
-                if s is not None:
-                    try:
-                        s.close()
-                    except OSError:
-                        pass
 
 
 # ---------------------------------------------------------------- 1. LIST beyond 1000 keys
@@ -285,7 +144,7 @@ def test_virtual_hosted_style_addressing(tmp_path):
     first label of the Host header, so a path-style request cannot reach the bucket there."""
     srv = S3Server(tmp_path / "s3", buckets=["walship"], log_level="DEBUG",
                    extra_args=["--force-path-style=false"]).start()
-    proxy = RecordingProxy(srv.port)   # records Host and request targets
+    proxy = RelayProxy(srv.port)   # records Host and request targets
     try:
         env = srv.env()
         url = s3_url("walship", "vh", f"http://localhost:{proxy.port}", path_style=False)
@@ -354,7 +213,7 @@ def test_get_resumes_with_range_after_a_cut(tmp_path):
         state["done"] = True
         return CUT_AT
 
-    proxy = RecordingProxy(srv.port, cut_rule=cut_rule)
+    proxy = RelayProxy(srv.port, cut_rule=cut_rule)
     try:
         env = srv.env()
         direct = srv.url("walship", "cut")
@@ -406,7 +265,7 @@ def test_compaction_and_retention_delete_in_batches(tmp_path):
     many keys each), not one DELETE per key; afterwards the stored chain is whole and the
     latest restore exact."""
     srv = S3Server(tmp_path / "s3", buckets=["walship"]).start()
-    proxy = RecordingProxy(srv.port)
+    proxy = RelayProxy(srv.port)
     try:
         env = srv.env()
         url = s3_url("walship", "batch", f"http://127.0.0.1:{proxy.port}", path_style=True)
@@ -424,7 +283,9 @@ def test_compaction_and_retention_delete_in_batches(tmp_path):
         finally:
             if agent.proc.poll() is None:
                 agent.kill9()
-        reqs = list(proxy.requests)
+        reqs, conns = list(proxy.requests), proxy.connections
+        # Connections are reused: the agent's requests (a PUT every 200 ms, LISTs, deletes) share a few.
+        assert len(reqs) >= 40 and conns <= max(4, len(reqs) // 10), (len(reqs), conns)
         batch = [r for r in reqs if r["method"] == "POST" and r["target"].startswith("/walship/?delete")]
         singles = [r for r in reqs if r["method"] == "DELETE"]
         assert batch, f"no DeleteObjects request: {sorted({(r['method'], r['target'].split('?')[0][:40]) for r in reqs})[:20]}"

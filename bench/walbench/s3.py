@@ -4,15 +4,16 @@ import re
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from urllib.parse import parse_qs
 
-from .common import tail
+from .common import ROOT, tail
+
+sys.path.insert(0, os.path.join(ROOT, "Tests", "integration"))
+from relayproxy import RelayProxy, free_port, port_answers  # noqa: E402
 
 S3_ACCESS_KEY = "AKIAWALSHIPBENCH0001"          # rclone rejects very short access keys
 S3_SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYBENCHKEY01"  # 40 chars, like a real one
@@ -68,20 +69,6 @@ class S3Replica:
 
     def local_dir(self):  # what rclone stores for this prefix (buckets are top-level dirs)
         return os.path.join(self.server.root, S3_BUCKET, self.prefix)
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_answers(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 class S3Server:
@@ -154,148 +141,17 @@ def s3_op(method, target, headers):
     return method  # HEAD, OPTIONS, ...
 
 
-class CountingProxy:
-    """HTTP/1.1 pass-through proxy on loopback that records every request (time, S3 operation, status,
-    request body bytes, duration from the request head to the end of the response). Bytes are relayed
-    unchanged (signatures stay valid); keep-alive, chunked bodies and Expect: 100-continue are handled."""
+class CountingProxy(RelayProxy):
+    """The tests' relay proxy (Tests/integration/relayproxy.py), read as S3 operations: each
+    answered or cut-off request is an event (time, S3 operation, status, path, request body
+    bytes, duration from the request head to the end of the answer; status 0: the client went
+    away before the answer, e.g. killed)."""
 
-    def __init__(self, upstream_port):
-        self.upstream = upstream_port
-        self.events = []
-        self.errors = []
-        self.lock = threading.Lock()
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(64)
-        self.port = self.lsock.getsockname()[1]
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self):
-        self.closed = True
-        try:
-            self.lsock.close()
-        except OSError:
-            pass
-
-    def _accept(self):
-        while not self.closed:
-            try:
-                c, _ = self.lsock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._conn, args=(c,), daemon=True).start()
-
-    @staticmethod
-    def _head(f):
-        raw = b""
-        while True:
-            line = f.readline(65537)
-            if not line:
-                return None, None, None
-            raw += line
-            if line in (b"\r\n", b"\n"):
-                break
-        lines = raw.decode("latin-1").split("\r\n")
-        hdrs = {}
-        for h in lines[1:]:
-            if ":" in h:
-                k, v = h.split(":", 1)
-                hdrs[k.strip().lower()] = v.strip()
-        return raw, lines[0], hdrs
-
-    @staticmethod
-    def _body(src, dst, hdrs, to_eof=False):
-        n = 0
-        if "chunked" in hdrs.get("transfer-encoding", "").lower():
-            while True:
-                line = src.readline(65537)
-                dst.sendall(line)
-                size = int(line.split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while True:  # trailers up to the blank line
-                        t = src.readline(65537)
-                        dst.sendall(t)
-                        if t in (b"\r\n", b"\n", b""):
-                            return n
-                data = src.read(size + 2)
-                dst.sendall(data)
-                n += size
-        left = int(hdrs.get("content-length", "0") or 0) if not to_eof else -1
-        while left != 0:
-            data = src.read(65536 if left < 0 else min(left, 65536))
-            if not data:
-                break
-            dst.sendall(data)
-            n += len(data)
-            if left > 0:
-                left -= len(data)
-        return n
-
-    def _conn(self, c):
-        u = None
-        cur = None  # the request being relayed: (time of its head, method, target, headers)
-        try:
-            u = socket.create_connection(("127.0.0.1", self.upstream))
-            for sk in (c, u):  # no Nagle: relayed head and body must not wait for delayed ACKs
-                sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            cf, uf = c.makefile("rb"), u.makefile("rb")
-            while True:
-                raw, line, hdrs = self._head(cf)
-                if raw is None:
-                    return
-                method, target = line.split(" ")[:2]
-                t0 = time.time()
-                cur = (t0, method, target, hdrs)
-                u.sendall(raw)
-                body = 0
-                if hdrs.get("expect", "").lower() == "100-continue":
-                    rraw, rline, rh = self._head(uf)
-                    c.sendall(rraw)
-                    if int(rline.split(" ")[1]) == 100:
-                        body = self._body(cf, u, hdrs)
-                        rraw = None
-                    else:
-                        hdrs["connection"] = "close"  # body state unknown: end this connection after
-                else:
-                    body = self._body(cf, u, hdrs)
-                    rraw = None
-                while rraw is None or int(rline.split(" ")[1]) // 100 == 1:
-                    rraw, rline, rh = self._head(uf)
-                    if rraw is None:
-                        raise ConnectionError("upstream closed")
-                    if int(rline.split(" ")[1]) // 100 == 1:
-                        c.sendall(rraw)
-                        rraw = None
-                        continue
-                    c.sendall(rraw)
-                status = int(rline.split(" ")[1])
-                if method != "HEAD" and status not in (204, 304):
-                    to_eof = "content-length" not in rh and "chunked" not in rh.get("transfer-encoding", "")
-                    self._body(uf, c, rh, to_eof=to_eof)
-                with self.lock:
-                    self.events.append({"t": t0, "op": s3_op(method, target, hdrs), "status": status,
-                                        "path": target.split("?")[0][:160],
-                                        "bytes": body, "dur": time.time() - t0})
-                cur = None
-                if "close" in (hdrs.get("connection", "") + rh.get("connection", "")).lower():
-                    return
-        except Exception as e:  # noqa: BLE001 - recorded, the tool will see a broken connection
-            with self.lock:
-                self.errors.append(f"{type(e).__name__}: {e}")
-                if cur is not None:  # cut mid-request (a killed client): status 0, never answered
-                    t0, method, target, hdrs = cur
-                    self.events.append({"t": t0, "op": s3_op(method, target, hdrs), "status": 0,
-                                        "path": target.split("?")[0][:160], "bytes": 0, "dur": time.time() - t0})
-        finally:
-            for s in (c, u):
-                if s is not None:
-                    try:
-                        s.close()
-                    except OSError:
-                        pass
-
+    @property
+    def events(self):
+        return [{"t": r["t"], "op": s3_op(r["method"], r["target"], r["headers"]), "status": r["status"],
+                 "path": r["target"].split("?")[0][:160], "bytes": r["request_bytes"], "dur": r["dur"]}
+                for r in self.requests if r["status"] is not None]
 
 
 def request_stats(events, t0, t1, interval_s):
