@@ -1016,7 +1016,8 @@ public final class Agent {
     private func refreshStatus(nowUs: Int64) throws {
         let entries = try spool.outboxEntries()
         let walBytes = UInt64(FS.fileSize(walPath) ?? 0)
-        let spoolBytes = UInt64(spool.heldBytes)
+        // What waits to ship; the bound counts more (Spool.heldBytes), as the disk sees it.
+        let spoolBytes = entries.reduce(UInt64(0)) { $0 + UInt64(FS.fileSize($1.path) ?? 0) }
         var reps: [ReplicaStatus] = []
         for s in shippers {
             let acked = s.acked
