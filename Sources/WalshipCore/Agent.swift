@@ -125,6 +125,7 @@ public final class Agent {
     /// Whether the spool is held below --spool-limit by a nearly full disk (warned once).
     private var lowDiskWarned = false
     private var lastCompactionDropLogUs: Int64 = 0
+    private var linkFailureLogged = false
     /// After a snapshot failed for lack of room, when the schedule may try again.
     private var snapshotRetryAtUs: Int64 = 0
     private var lastRepinUs: Int64 = 0
@@ -607,7 +608,11 @@ public final class Agent {
             logger.debug("cut segment", metadata: ["segment.key": "\(name.key)", "segment.transactions": "\(seg.count)"])
             try saveState()
             // Only once the state vouches for it: a crash before would cut it again, differently.
-            localCompactor?.remember(outboxPath: queued, key: name.key)
+            if let e = localCompactor?.remember(outboxPath: queued, key: name.key), !linkFailureLogged {
+                linkFailureLogged = true
+                logger.warning("level-1 compaction in the spool needs hard links; segments stay at level 0 until the last level merges them",
+                               metadata: meta.merging(["error": "\(e)"]) { a, _ in a })
+            }
             return
         }
         try saveState()

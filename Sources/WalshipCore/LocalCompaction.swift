@@ -23,12 +23,13 @@ final class LocalCompactor {
         self.dir = dir; self.workDir = workDir; self.windowUs = windowUs; self.settleUs = settleUs; self.key = key
     }
 
-    /// Keeps a level-0 segment just put in the outbox for the next merge.
-    func remember(outboxPath: String, key: String) {
+    /// Keeps a level-0 segment just put in the outbox for the next merge. Returns the error
+    /// when the link cannot be made (the segment then simply stays at level 0).
+    @discardableResult
+    func remember(outboxPath: String, key: String) -> SystemError? {
         let target = dir + "/" + key.replacingAll("/", with: "~")
-        if link(outboxPath, target) != 0 && errno != EEXIST {
-            // Without the link the segment simply stays uncompacted at level 0.
-        }
+        if link(outboxPath, target) != 0 && errno != EEXIST { return SystemError.last("link \(target)") }
+        return nil
     }
 
     private func entries() -> [(file: String, name: SegmentName)] {

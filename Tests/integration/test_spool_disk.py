@@ -193,3 +193,28 @@ def test_snapshot_without_room_is_refused_and_replication_goes_on(tmp_path, agen
         assert_restores_exact(db, [(url, "file")], tmp_path)
         [g] = json.loads(run_walship("list", url, "--json").stdout)
         assert len(g["snapshots"]) == 1, g["snapshots"]   # the refused one left nothing behind
+
+
+def test_without_hard_links_level1_compaction_is_skipped_with_one_warning(tmp_path, agent_factory):
+    """Level 1 is built from hard links in the spool. Where they cannot be made (here the links
+    directory is on another filesystem, so link() fails with EXDEV), segments stay at level 0,
+    the agent says so once, and replication is unaffected."""
+    spool, elsewhere = tmp_path / "spool", tmp_path / "elsewhere"
+    with small_filesystem(elsewhere, 4):
+        spool.mkdir(mode=0o700)
+        (spool / "compact").symlink_to(elsewhere)
+        replica = tmp_path / "replica"
+        url = "file://" + str(replica)
+        db = tmp_path / "app.db"
+        make_blob_db(db)
+        agent = agent_factory(db, [url], ["--sync-interval", "200ms", "--spool-dir", spool, "--compaction", "1s,1h",
+                                          "--fine-window", "1h"]).start().wait_ready()
+        churn(db, 200, pause=0.02)   # about 4 s: several 1 s windows close
+        time.sleep(3)
+        agent.stop()
+        log = agent.read_log()
+        assert log.count("level-1 compaction in the spool needs hard links") == 1, log[-3000:]
+        [g] = json.loads(run_walship("list", url, "--json").stdout)
+        assert {s["level"] for s in g["segments"]} == {"0"}, g["segments"]
+        checkpoint_truncate(db)
+        assert_restores_exact(db, [(url, "file")], tmp_path)
