@@ -126,6 +126,7 @@ public final class Agent {
     private var lowDiskWarned = false
     private var lastCompactionDropLogUs: Int64 = 0
     private var linkFailureLogged = false
+    private var waitingForSnapshotRoom = false
     /// After a snapshot failed for lack of room, when the schedule may try again.
     private var snapshotRetryAtUs: Int64 = 0
     private var lastRepinUs: Int64 = 0
@@ -685,6 +686,17 @@ public final class Agent {
         for s in shippers where s.droppedGeneration != nil {
             s.probe()
             if s.reachableAgain && s.droppedGeneration == state.generation {
+                // The new generation starts with a snapshot: wait until one can fit.
+                let need = Int64(dbPages) * Int64(state.pageSize)
+                if let fs = FS.space(of: spool.dir), fs.available < need {
+                    if !waitingForSnapshotRoom {
+                        waitingForSnapshotRoom = true
+                        logger.warning("replica answers again, but the spool has no room for the snapshot its new generation needs; waiting",
+                                       metadata: ["replica.url": "\(s.replica.displayURL)", "spool.free": "\(fs.available)", "snapshot.bytes": "\(need)"])
+                    }
+                    continue
+                }
+                waitingForSnapshotRoom = false
                 logger.notice("replica answers again after its backlog was dropped; starting a new generation",
                               metadata: ["replica.url": "\(s.replica.displayURL)"])
                 try movePinToEnd(patient: true)
@@ -695,7 +707,8 @@ public final class Agent {
         }
         var held = spool.heldBytes
         let limit = spoolLimitInForce(heldBytes: held)
-        if limit.short != lowDiskWarned {
+        // Warned once per episode: the episode ends only when half the headroom again is free.
+        if limit.short && !lowDiskWarned || limit.ample && lowDiskWarned {
             lowDiskWarned = limit.short
             if limit.short {
                 logger.warning("the spool's filesystem is nearly full: the spool is held to what fits",
@@ -704,38 +717,52 @@ public final class Agent {
             }
         }
         guard held > limit.bytes else { return }
-        // Compaction is an optimisation: its links go first.
-        if let lc = localCompactor, lc.hasLinks {
-            lc.discardAll()
-            let now = monotonicMicroseconds()
-            if now - lastCompactionDropLogUs >= 600_000_000 || lastCompactionDropLogUs == 0 {
-                lastCompactionDropLogUs = now
-                logger.warning("spool over its limit: segments waiting for level-1 compaction stay at level 0 instead",
-                               metadata: ["spool.bytes": "\(held)", "spool.limit": "\(limit.bytes)"])
-            }
-            held = spool.heldBytes
-            guard held > limit.bytes else { return }
-        }
+        // Compaction is an optimisation: its links go first (those that alone hold a segment).
+        dropCompactionLinks(held: held, limit: limit.bytes)
+        held = spool.heldBytes
+        guard held > limit.bytes else { return }
         let last = shippableSequence - 1
+        // Over --spool-limit, or with half the headroom gone, a failing replica's backlog goes
+        // now; otherwise only after it has failed for a while (not for one transient error).
+        let urgent = !limit.diskBound || limit.critical
+        let wallNow = nowMicroseconds()   // failingSinceUs is wall-clock time
+        var dropped = false
         for s in shippers where s.acked < last && s.lastError != nil && s.droppedGeneration == nil {
+            if !urgent, let since = s.failingSinceUs, wallNow - since < 10_000_000 { continue }
             logger.error("spool over its limit while a replica is failing: dropping that replica's backlog; it gets a new generation when it returns",
                          metadata: ["replica.url": "\(s.replica.displayURL)", "spool.bytes": "\(held)",
                                     "spool.limit": "\(limit.bytes)", "spool.limited.by": "\(limit.diskBound ? "free disk space" : "--spool-limit")"])
             s.dropBacklog(through: last, generation: state.generation)
+            dropped = true
         }
         try collectOutbox()
+        // The segments that just left the outbox may still be held by their links.
+        if dropped { dropCompactionLinks(held: held, limit: limit.bytes) }
+    }
+
+    /// Removes the compaction links that alone hold a segment (logged at most every 10 minutes).
+    private func dropCompactionLinks(held: Int64, limit: Int64) {
+        guard let lc = localCompactor, lc.discardSoleLinks() > 0 else { return }
+        let now = monotonicMicroseconds()
+        if now - lastCompactionDropLogUs >= 600_000_000 || lastCompactionDropLogUs == 0 {
+            lastCompactionDropLogUs = now
+            logger.warning("spool over its limit: segments waiting for level-1 compaction stay at level 0 instead",
+                           metadata: ["spool.bytes": "\(held)", "spool.limit": "\(limit)"])
+        }
     }
 
     /// The bound in force: --spool-limit, or less when the spool's filesystem runs short, so
     /// that a backlog never fills the disk (other files share it). Some room stays free for
     /// the segment being built and for a snapshot: a quarter of the filesystem, at most 64 MiB.
-    /// `short`: less than the headroom is free now.
-    private func spoolLimitInForce(heldBytes: Int64) -> (bytes: Int64, diskBound: Bool, short: Bool) {
-        guard let fs = FS.space(of: spool.dir) else { return (options.spoolLimitBytes, false, false) }
+    /// `short`: less than the headroom is free; `critical`: less than half of it; `ample`: at
+    /// least one and a half times it.
+    private func spoolLimitInForce(heldBytes: Int64) -> (bytes: Int64, diskBound: Bool, short: Bool, critical: Bool, ample: Bool) {
+        guard let fs = FS.space(of: spool.dir) else { return (options.spoolLimitBytes, false, false, false, true) }
         let headroom = min(64 << 20, fs.total / 4)
         let fits = max(0, heldBytes + fs.available - headroom)
-        let short = fs.available < headroom
-        return fits < options.spoolLimitBytes ? (fits, true, short) : (options.spoolLimitBytes, false, short)
+        let bound = fits < options.spoolLimitBytes
+        return (bound ? fits : options.spoolLimitBytes, bound, fs.available < headroom, fs.available < headroom / 2,
+                fs.available >= headroom + headroom / 2)
     }
 
     // MARK: generations and snapshots
@@ -959,10 +986,11 @@ public final class Agent {
                 let changed = state.lastSnapshotTxid != lastTxid || segment != nil
                 if requested || (changed && nowMicroseconds() - state.lastSnapshotTimeUs >= options.snapshotIntervalUs
                                  && t >= snapshotRetryAtUs) {
+                    let generationBefore = state.generation
                     do {
                         try snapshotNow()
                         if requested { try? FS.remove(spool.snapshotRequestPath) }
-                    } catch let e as SnapshotNoRoom {
+                    } catch let e as SnapshotNoRoom where state.generation == generationBefore {
                         // The generation has its base already: a later snapshot only shortens
                         // restores, so a disk too full for one must not stop replication.
                         snapshotRetryAtUs = monotonicMicroseconds() + 600_000_000

@@ -39,11 +39,16 @@ final class LocalCompactor {
         }.sorted { $0.name.firstTxid < $1.name.firstTxid }
     }
 
-    var hasLinks: Bool { !entries().isEmpty }
-
-    /// Gives up merging what is linked now: those segments stay at level 0.
-    func discardAll() {
-        for e in entries() { try? FS.remove(dir + "/" + e.file) }
+    /// Gives up merging the segments whose link is their only copy (they left the outbox):
+    /// removing those frees disk, the others would free nothing. They stay at level 0.
+    /// Returns how many links went.
+    func discardSoleLinks() -> Int {
+        var n = 0
+        for e in entries() {
+            var st = stat()
+            if stat(dir + "/" + e.file, &st) == 0, st.st_nlink == 1, (try? FS.remove(dir + "/" + e.file)) != nil { n += 1 }
+        }
+        return n
     }
 
     /// Drops links of other generations (they can no longer be merged with anything).

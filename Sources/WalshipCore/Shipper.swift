@@ -51,6 +51,7 @@ final class Shipper {
         self.logger = logger
         self.queue = DispatchQueue(label: "walship.ship.\(id)")
         self._acked = spool.loadAck(id)
+        self._droppedGeneration = spool.loadDropped(id)
     }
 
     var acked: UInt64 { mutex.locked { _acked } }
@@ -66,6 +67,7 @@ final class Shipper {
             _reachableAgain = false
         }
         try? spool.saveAck(id, sequence)
+        spool.saveDropped(id, generation)
     }
 
     /// While the backlog is dropped: checks whether the replica answers again.
@@ -136,7 +138,10 @@ final class Shipper {
                         try? spool.saveAck(id, e.sequence)
                         continue
                     }
-                    if e.key.hasPrefix("generations/") { mutex.locked { _droppedGeneration = nil; _reachableAgain = false } }
+                    if e.key.hasPrefix("generations/") {
+                        mutex.locked { _droppedGeneration = nil; _reachableAgain = false }
+                        spool.saveDropped(id, nil)
+                    }
                 }
                 do {
                     if e.key.hasPrefix(Spool.deletionPrefix) {

@@ -23,11 +23,14 @@ public enum SnapshotRequest {
         try FS.writeAtomically(s.snapshotRequestPath, Array("requested\n".utf8))
         let deadline = monotonicMicroseconds() + timeoutUs
         while monotonicMicroseconds() < deadline {
-            if FS.exists(s.snapshotRequestFailedPath) {
-                try? FS.remove(s.snapshotRequestFailedPath)
-                return .failed
+            if !FS.exists(s.snapshotRequestPath) {
+                // Gone: taken, or renamed to mark a failure (checked after, so no race).
+                if FS.exists(s.snapshotRequestFailedPath) {
+                    try? FS.remove(s.snapshotRequestFailedPath)
+                    return .failed
+                }
+                return .taken
             }
-            if !FS.exists(s.snapshotRequestPath) { return .taken }
             usleep(50_000)
         }
         try? FS.remove(s.snapshotRequestPath)

@@ -137,6 +137,18 @@ final class Spool {
     static let deletionPrefix = "walship-delete/"
 
     func ackPath(_ replicaID: String) -> String { acksDir + "/" + replicaID }
+    /// The generation whose backlog was dropped for a replica, kept across restarts so that the
+    /// replica still gets a new generation (not a chain with a hole) when it answers again.
+    func droppedPath(_ replicaID: String) -> String { acksDir + "/" + replicaID + ".dropped" }
+    func loadDropped(_ replicaID: String) -> String? {
+        guard let b = try? FS.readAll(droppedPath(replicaID)) else { return nil }
+        let g = String(decoding: b, as: UTF8.self).trimmingCharacters()
+        return GenerationID.isValid(g) ? g : nil
+    }
+    func saveDropped(_ replicaID: String, _ generation: String?) {
+        if let g = generation { try? FS.writeAtomically(droppedPath(replicaID), Array("\(g)\n".utf8)) }
+        else { try? FS.remove(droppedPath(replicaID)) }
+    }
 
     func loadAck(_ replicaID: String) -> UInt64 {
         guard let b = try? FS.readAll(ackPath(replicaID)) else { return 0 }
@@ -150,12 +162,12 @@ final class Spool {
     /// Disk the spool's objects hold: the outbox, the segment being built, and the compaction
     /// links to level-0 segments that have left the outbox (a file linked twice counts once).
     var heldBytes: Int64 {
-        var seen = Set<UInt64>()
+        var seen = Set<[UInt64]>()
         var total: Int64 = 0
         for d in [outboxDir, compactDir, workDir] {
             for name in (try? FS.list(d)) ?? [] {
                 var st = stat()
-                guard stat(d + "/" + name, &st) == 0, seen.insert(UInt64(st.st_ino)).inserted else { continue }
+                guard stat(d + "/" + name, &st) == 0, seen.insert([UInt64(st.st_dev), UInt64(st.st_ino)]).inserted else { continue }
                 total += Int64(st.st_blocks) * 512
             }
         }

@@ -51,6 +51,8 @@ def relay_body(src, dst, headers, limit=None, to_eof=False):
     if "chunked" in headers.get("transfer-encoding", "").lower():
         while True:
             line = src.readline(65537)
+            if not line:
+                return n, False   # the sender went away mid-body
             dst.sendall(line)
             size = int(line.split(b";")[0].strip() or b"0", 16)
             if size == 0:
@@ -85,9 +87,11 @@ class RelayProxy:
     cut_rule(record, response_headers) -> int | None: when it returns N for a response, only N
     bytes of that response's body are relayed, then both connections are closed."""
 
-    def __init__(self, upstream_port, cut_rule=None):
+    def __init__(self, upstream_port, cut_rule=None, timeout=60):
+        """timeout: seconds a relayed connection may wait on either side (None: no limit)."""
         self.upstream_port = upstream_port
         self.cut_rule = cut_rule
+        self.timeout = timeout
         self.requests = []
         self.errors = []
         self.connections = 0   # accepted from the client: fewer than requests when it reuses them
@@ -124,8 +128,8 @@ class RelayProxy:
     def _serve(self, c):
         u = rec = None
         try:
-            u = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=60)
-            c.settimeout(60)
+            u = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=self.timeout)
+            c.settimeout(self.timeout)
             for sk in (c, u):   # no Nagle: relayed heads and bodies must not wait for delayed ACKs
                 sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             cf, uf = c.makefile("rb"), u.makefile("rb")
@@ -147,12 +151,16 @@ class RelayProxy:
                         raise ConnectionError("upstream closed")
                     c.sendall(rraw)
                     if int(rline.split(" ")[1]) == 100:
-                        rec["request_bytes"], _ = relay_body(cf, u, hdrs)
+                        rec["request_bytes"], complete = relay_body(cf, u, hdrs)
+                        if not complete:
+                            raise ConnectionError("client went away mid-body")
                         rraw = None
                     else:
                         hdrs["connection"] = "close"   # body state unknown: end this connection after
                 elif "content-length" in hdrs or "transfer-encoding" in hdrs:
-                    rec["request_bytes"], _ = relay_body(cf, u, hdrs)
+                    rec["request_bytes"], complete = relay_body(cf, u, hdrs)
+                    if not complete:
+                        raise ConnectionError("client went away mid-body")
                 while rraw is None or int(rline.split(" ")[1]) < 200:   # interim answers, then the final one
                     rraw, rline, rhdrs = read_head(uf)
                     if rraw is None:

@@ -7,6 +7,7 @@ import time
 from conftest import assert_restores_exact, checkpoint_truncate, create_ticket_db, run_walship
 from s3server import S3Server
 from test_s3 import run_py, WORKLOAD
+from workload import chain_problems
 
 
 def outbox_bytes(db):
@@ -54,5 +55,42 @@ def test_spool_limit_drops_backlog_of_a_down_replica_then_new_generation(tmp_pat
         gens = generations(s3url, env)
         assert len(gens) >= 2, gens
         assert gens[-1]["snapshots"], gens[-1]
+    finally:
+        srv.stop()
+
+
+def test_dropped_backlog_survives_an_agent_restart(tmp_path, agent_factory):
+    """The agent is killed after it dropped a replica's backlog: restarted, it still gives that
+    replica a new generation instead of going on in the old one past a hole."""
+    srv = S3Server(tmp_path / "s3", buckets=["walship"]).start()
+    try:
+        env = srv.env()
+        s3url = srv.url("walship", "app")
+        db = tmp_path / "app.db"
+        create_ticket_db(db, rows=10)
+        args = ["--sync-interval", "200ms", "--spool-limit", "200KB"]
+        agent = agent_factory(db, [s3url], args, env=env).start().wait_ready()
+        srv.stop()
+        for seed in range(4):
+            run_py(WORKLOAD, "mixed", db, "--seed", seed, "--tx", 150)
+        agent.wait_for_log("dropping that replica's backlog")
+        run_py(WORKLOAD, "mixed", db, "--seed", 50, "--tx", 20)   # shipped after the hole, if nothing remembers it
+        time.sleep(0.5)
+        agent.kill9()
+
+        srv.start()
+        again = agent_factory(db, [s3url], args, env=env, log_path=tmp_path / "again.log").start().wait_ready()
+        again.wait_for_log("replica answers again")
+        run_py(WORKLOAD, "mixed", db, "--seed", 99, "--tx", 20)
+        time.sleep(1.5)
+        again.stop()
+
+        gens = generations(s3url, env)
+        assert len(gens) >= 2 and gens[-1]["snapshots"], gens
+        # Within each generation, no hole (between them there is one: the dropped backlog).
+        inside = [p for p in chain_problems(gens) if "previous generation ended" not in p]
+        assert not inside, inside
+        checkpoint_truncate(db)
+        assert_restores_exact(db, [(s3url, "s3")], tmp_path, env=env)
     finally:
         srv.stop()

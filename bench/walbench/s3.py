@@ -145,7 +145,11 @@ class CountingProxy(RelayProxy):
     """The tests' relay proxy (Tests/integration/relayproxy.py), read as S3 operations: each
     answered or cut-off request is an event (time, S3 operation, status, path, request body
     bytes, duration from the request head to the end of the answer; status 0: the client went
-    away before the answer, e.g. killed)."""
+    away before the answer, e.g. killed). Connections have no time limit, as a tool's idle
+    keep-alive connection must not count as an error."""
+
+    def __init__(self, upstream_port):
+        super().__init__(upstream_port, timeout=None)
 
     @property
     def events(self):
