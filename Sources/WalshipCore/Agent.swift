@@ -122,7 +122,7 @@ public final class Agent {
     private var segment: OpenSegment?
     private var pageBuffer: [UInt8] = []
     private var lastCheckpointTryUs: Int64 = 0
-    /// Whether the spool is held below --spool-limit by a nearly full disk (warned once).
+    /// Inside a low-disk episode of the spool's filesystem (warned once per episode).
     private var lowDiskWarned = false
     private var lastCompactionDropLogUs: Int64 = 0
     private var linkFailureLogged = false
@@ -683,16 +683,17 @@ public final class Agent {
     /// Keeps the spool under its limit: a replica that keeps failing loses its backlog and
     /// gets a new generation when it answers again. Replicas that keep up are not affected.
     private func enforceSpoolLimit() throws {
+        let room = SpoolRoom(of: spool.dir)
         for s in shippers where s.droppedGeneration != nil {
             s.probe()
             if s.reachableAgain && s.droppedGeneration == state.generation {
                 // The new generation starts with a snapshot: wait until one can fit.
                 let need = Int64(dbPages) * Int64(state.pageSize)
-                if let fs = FS.space(of: spool.dir), fs.available < need {
+                if room.available < need {
                     if !waitingForSnapshotRoom {
                         waitingForSnapshotRoom = true
                         logger.warning("replica answers again, but the spool has no room for the snapshot its new generation needs; waiting",
-                                       metadata: ["replica.url": "\(s.replica.displayURL)", "spool.free": "\(fs.available)", "snapshot.bytes": "\(need)"])
+                                       metadata: ["replica.url": "\(s.replica.displayURL)", "spool.free": "\(room.available)", "snapshot.bytes": "\(need)"])
                     }
                     continue
                 }
@@ -705,17 +706,17 @@ public final class Agent {
                 return
             }
         }
-        var held = spool.heldBytes
-        let limit = spoolLimitInForce(heldBytes: held)
         // Warned once per episode: the episode ends only when half the headroom again is free.
-        if limit.short && !lowDiskWarned || limit.ample && lowDiskWarned {
-            lowDiskWarned = limit.short
-            if limit.short {
+        if room.short && !lowDiskWarned || room.ample && lowDiskWarned {
+            lowDiskWarned = room.short
+            if room.short {
                 logger.warning("the spool's filesystem is nearly full: the spool is held to what fits",
-                               metadata: ["spool.dir": "\(spool.dir)", "spool.limit": "\(limit.bytes)"])
+                               metadata: ["spool.dir": "\(spool.dir)", "spool.free": "\(room.available)", "spool.headroom": "\(room.headroom)"])
                 status.countError("spool-disk-full")
             }
         }
+        var held = spool.heldBytes
+        let limit = room.limit(held: held, configured: options.spoolLimitBytes)
         guard held > limit.bytes else { return }
         // Compaction is an optimisation: its links go first (those that alone hold a segment).
         dropCompactionLinks(held: held, limit: limit.bytes)
@@ -724,7 +725,7 @@ public final class Agent {
         let last = shippableSequence - 1
         // Over --spool-limit, or with half the headroom gone, a failing replica's backlog goes
         // now; otherwise only after it has failed for a while (not for one transient error).
-        let urgent = !limit.diskBound || limit.critical
+        let urgent = !limit.diskBound || room.critical
         let wallNow = nowMicroseconds()   // failingSinceUs is wall-clock time
         var dropped = false
         for s in shippers where s.acked < last && s.lastError != nil && s.droppedGeneration == nil {
@@ -749,20 +750,6 @@ public final class Agent {
             logger.warning("spool over its limit: segments waiting for level-1 compaction stay at level 0 instead",
                            metadata: ["spool.bytes": "\(held)", "spool.limit": "\(limit)"])
         }
-    }
-
-    /// The bound in force: --spool-limit, or less when the spool's filesystem runs short, so
-    /// that a backlog never fills the disk (other files share it). Some room stays free for
-    /// the segment being built and for a snapshot: a quarter of the filesystem, at most 64 MiB.
-    /// `short`: less than the headroom is free; `critical`: less than half of it; `ample`: at
-    /// least one and a half times it.
-    private func spoolLimitInForce(heldBytes: Int64) -> (bytes: Int64, diskBound: Bool, short: Bool, critical: Bool, ample: Bool) {
-        guard let fs = FS.space(of: spool.dir) else { return (options.spoolLimitBytes, false, false, false, true) }
-        let headroom = min(64 << 20, fs.total / 4)
-        let fits = max(0, heldBytes + fs.available - headroom)
-        let bound = fits < options.spoolLimitBytes
-        return (bound ? fits : options.spoolLimitBytes, bound, fs.available < headroom, fs.available < headroom / 2,
-                fs.available >= headroom + headroom / 2)
     }
 
     // MARK: generations and snapshots
@@ -1282,4 +1269,36 @@ enum SignalBridge {
 struct SnapshotNoRoom: Error, CustomStringConvertible {
     let cause: SystemError
     var description: String { cause.description }
+}
+
+/// Free space of the spool's filesystem against the headroom kept free there for the segment
+/// being built and a snapshot: a quarter of the filesystem, at most 64 MiB.
+struct SpoolRoom {
+    let available: Int64
+    let headroom: Int64
+
+    init(of dir: String) {
+        if let fs = FS.space(of: dir) {
+            available = fs.available
+            headroom = min(64 << 20, fs.total / 4)
+        } else {   // unknown: the disk never sets the bound
+            available = Int64.max / 4
+            headroom = 0
+        }
+    }
+
+    /// Less than the headroom is free: only then can the disk set the bound.
+    var short: Bool { available < headroom }
+    /// Less than half of it.
+    var critical: Bool { available < headroom / 2 }
+    /// At least one and a half times it: a low-disk episode is over.
+    var ample: Bool { available >= headroom + headroom / 2 }
+
+    /// The bound in force for a spool holding `held` bytes: `configured` (--spool-limit), or
+    /// what fits, held plus free less the headroom, when that is less (`diskBound`), so that a
+    /// backlog never fills the disk that other files share.
+    func limit(held: Int64, configured: Int64) -> (bytes: Int64, diskBound: Bool) {
+        let fits = max(0, held + available - headroom)
+        return fits < configured ? (fits, true) : (configured, false)
+    }
 }

@@ -25,7 +25,6 @@ final class LocalCompactor {
 
     /// Keeps a level-0 segment just put in the outbox for the next merge. Returns the error
     /// when the link cannot be made (the segment then simply stays at level 0).
-    @discardableResult
     func remember(outboxPath: String, key: String) -> SystemError? {
         let target = dir + "/" + key.replacingAll("/", with: "~")
         if link(outboxPath, target) != 0 && errno != EEXIST { return SystemError.last("link \(target)") }

@@ -18,8 +18,6 @@ import os
 import re
 import sqlite3
 import stat
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -31,6 +29,7 @@ from pathlib import Path
 from conftest import (HERE, checkpoint_truncate, create_ticket_db, file_bytes_equal, run_walship,
                       table_contents)
 from s3server import s3server  # noqa: F401  (fixture)
+from test_s3 import run_py
 from workload import chain_problems, digest_of, rfc3339, start_writer
 
 WRITER = HERE / "writer.py"
@@ -44,13 +43,6 @@ META_BYTES = 136   # LZ4 skippable frame header (8) + walship metadata body (128
 
 def furl(path):
     return "file://" + str(path)
-
-
-def run_py(script, *args, timeout=120):
-    p = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
-                       timeout=timeout)
-    assert p.returncode == 0, f"{script.name} {args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
-    return p.stdout
 
 
 def restore(url, out, *args, env=None):

@@ -11,10 +11,11 @@ import threading
 import time
 
 from conftest import (AgentProcess, assert_restores_exact, checkpoint_truncate, create_ticket_db,
-                      file_bytes_equal, run_walship)
+                      file_bytes_equal, run_walship, table_contents)
 from s3server import S3Server
 
 BLOB = 20_000   # bytes per update: random, so LZ4 cannot shrink the backlog
+BLOB_TABLES = ("usuarios", "big")
 
 
 @contextlib.contextmanager
@@ -74,21 +75,14 @@ def churn(db, n, pause=0.01, rows=16):
     con.close()
 
 
-def replicate_to_a_directory(tmp_path, agent_factory, spool, blob_rows=16):
+def replicate_to_a_directory(tmp_path, agent_factory, spool, blob_rows=16, extra_args=()):
     """A blob database replicating to a directory replica, its spool in `spool`."""
     replica = tmp_path / "replica"
     url = "file://" + str(replica)
     db = tmp_path / "app.db"
     make_blob_db(db, rows=blob_rows)
-    agent = agent_factory(db, [url], ["--sync-interval", "200ms", "--spool-dir", spool]).start().wait_ready()
+    agent = agent_factory(db, [url], ["--sync-interval", "200ms", "--spool-dir", spool, *extra_args]).start().wait_ready()
     return db, replica, url, agent
-
-
-def contents(db):
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    out = {t: con.execute(f"SELECT * FROM {t} ORDER BY id").fetchall() for t in ("usuarios", "big")}
-    con.close()
-    return out
 
 
 def test_backlog_of_a_down_replica_never_fills_the_spool_filesystem(tmp_path, agent_factory):
@@ -164,7 +158,7 @@ def test_disk_filled_by_another_file_stops_the_agent_cleanly_then_it_resumes(tmp
         out = tmp_path / "latest.db"
         p = run_walship("restore", url, "-o", out)
         assert p.returncode == 0, p.stderr
-        assert contents(out) == contents(db) and file_bytes_equal(db, out)
+        assert table_contents(out, BLOB_TABLES) == table_contents(db, BLOB_TABLES) and file_bytes_equal(db, out)
         p = run_walship("verify", url)
         assert p.returncode == 0, p.stdout + p.stderr
 
@@ -203,12 +197,8 @@ def test_without_hard_links_level1_compaction_is_skipped_with_one_warning(tmp_pa
     with small_filesystem(elsewhere, 4):
         spool.mkdir(mode=0o700)
         (spool / "compact").symlink_to(elsewhere)
-        replica = tmp_path / "replica"
-        url = "file://" + str(replica)
-        db = tmp_path / "app.db"
-        make_blob_db(db)
-        agent = agent_factory(db, [url], ["--sync-interval", "200ms", "--spool-dir", spool, "--compaction", "1s,1h",
-                                          "--fine-window", "1h"]).start().wait_ready()
+        db, _, url, agent = replicate_to_a_directory(tmp_path, agent_factory, spool,
+                                                     extra_args=["--compaction", "1s,1h", "--fine-window", "1h"])
         churn(db, 200, pause=0.02)   # about 4 s: several 1 s windows close
         time.sleep(3)
         agent.stop()
