@@ -157,9 +157,10 @@ public final class Agent {
     public init(options: AgentOptions, logger: Logger) {
         self.options = options
         self.logger = logger
-        self.dbPath = FS.absolute(options.databasePath)
+        // SQLite names the WAL after the real file: follow symlinks before watching anything.
+        self.dbPath = FS.resolved(options.databasePath)
         self.walPath = dbPath + "-wal"
-        self.spool = Spool(dir: options.spoolDirectory ?? Spool.defaultDirectory(forDatabase: FS.absolute(options.databasePath)))
+        self.spool = Spool(dir: options.spoolDirectory ?? Spool.defaultDirectory(forDatabase: dbPath))
         self.tailer = WalTailer(walPath: dbPath + "-wal")
         self.status = AgentStatus(database: dbPath)
         if let url = options.webhookURL {
@@ -199,6 +200,7 @@ public final class Agent {
         try spool.clearWork()
         dbFile = try RawFile(path: dbPath, flags: O_RDONLY)
         shmFile = try? RawFile.openIfExists(dbPath + "-shm")
+        tailer.walIndex = { [weak self] in self?.readWalIndex() }
         table = try PageHashTable(path: spool.tablePath)
         for (i, r) in replicas.enumerated() {
             let s = Shipper(replica: r, spool: spool, logger: logger)
@@ -433,7 +435,45 @@ public final class Agent {
     /// lock was busy (only when not `patient`).
     @discardableResult
     private func movePinToEnd(patient: Bool = false, waitMs: Int32 = 0) throws -> Bool {
-        try withWriteLock(patient: patient, waitMs: waitMs) { try pollAndAppend(); try repin() }
+        var diverged: String?
+        let moved = try withWriteLock(patient: patient, waitMs: waitMs) {
+            try pollAndAppend()
+            diverged = divergenceFromWalIndex()
+            try repin()
+        }
+        if let why = diverged { try recoverFromDivergence(why) }
+        return moved
+    }
+
+    /// Self-check, only under the write lock (when no commit can be under way): the tailer
+    /// must stand exactly at SQLite's last commit as the wal-index records it. Returns what
+    /// differs, or nil.
+    private func divergenceFromWalIndex() -> String? {
+        guard let index = readWalIndex() else { return nil }
+        guard let h = tailer.header else {
+            return index.mxFrame == 0 ? nil : "the wal-index has \(index.mxFrame) committed frames but the tailer has no WAL header"
+        }
+        if index.describes(h) {
+            return Int(index.mxFrame) == tailer.framesInLog ? nil
+                : "the wal-index's last commit is frame \(index.mxFrame), the tailer's is \(tailer.framesInLog)"
+        }
+        // Other salts: a writer restarted the log but wrote no commit (it rolled back).
+        return index.mxFrame == 0 ? nil : "the wal-index describes another log (salts differ) with \(index.mxFrame) committed frames"
+    }
+
+    /// What the tailer read and what SQLite committed differ: nothing read since the last
+    /// proven point can be trusted, so a new generation starts from a snapshot (G2).
+    private func recoverFromDivergence(_ why: String) throws {
+        logger.error("capture self-check failed: the WAL as read differs from what SQLite committed; starting a new generation",
+                     metadata: meta.merging(["reason": "\(why)"]) { a, _ in a })
+        status.countError("capture-divergence")
+        try withWriteLock(patient: true) {
+            tailer.adopt(try tailer.readHeader())
+            try consumeWithoutShipping()
+            try repin()
+        }
+        try cutSegment()
+        try startGeneration(reason: "capture self-check failed: \(why)", previous: state)
     }
 
     // MARK: tailing
@@ -565,17 +605,18 @@ public final class Agent {
     private var samples: [VisibilitySample] = []
     private var shmFile: RawFile?
 
-    /// Reads the wal-index header from the -shm file (both copies must agree). Kept open for
-    /// the agent's lifetime: closing a descriptor would drop SQLite's locks on the file.
+    /// Reads the wal-index header from the -shm file (nil while it is being written). The file
+    /// is kept open for the agent's lifetime: closing a descriptor would drop SQLite's locks on it.
+    private func readWalIndex() -> WalIndexHeader? {
+        guard let f = shmFile else { return nil }
+        var b = [UInt8](repeating: 0, count: WalIndexHeader.size)
+        guard let n = try? b.withUnsafeMutableBytes({ try f.read(at: 0, into: $0) }), n == b.count else { return nil }
+        return b.withUnsafeBytes { WalIndexHeader.parse($0) }
+    }
+
     private func sampleVisibility() {
-        guard let f = shmFile else { return }
-        var b = [UInt8](repeating: 0, count: 96)
-        guard (try? b.withUnsafeMutableBytes({ try f.read(at: 0, into: $0) })) == 96,
-              b[0..<48] == b[48..<96], b[12] != 0 else { return }
-        let sample = b.withUnsafeBytes { p in
-            VisibilitySample(timeUs: nowMicroseconds(), salt1: bigEndian32(p, at: 32), salt2: bigEndian32(p, at: 36),
-                             mxFrame: littleEndian32(p, at: 16))
-        }
+        guard let h = readWalIndex() else { return }
+        let sample = VisibilitySample(timeUs: nowMicroseconds(), salt1: h.salt1, salt2: h.salt2, mxFrame: h.mxFrame)
         if let last = samples.last, last.salt1 == sample.salt1, last.salt2 == sample.salt2, last.mxFrame == sample.mxFrame { return }
         if samples.count < 4096 { samples.append(sample) }
     }
@@ -758,15 +799,22 @@ public final class Agent {
         let ino = try dbFile.inode()
         let filePageSize = try databasePageSize()
         let pageSize = tailer.header?.pageSize ?? filePageSize
-        let gen = GenerationID.make(timeUs: nowMicroseconds(), random: UInt16.random(in: 0...UInt16.max))
         // Txids never name two states: continue after the last txid this agent or any replica
-        // knows (a new host has no spool, but its replicas remember).
+        // knows (a new host has no spool, but its replicas remember). A new generation's id
+        // sorts after every generation known, even when the wall clock went back since.
         var known = previous.map { max($0.lastTxid, lastTxid) }
-        if previous == nil {
-            for r in replicas {
-                if let last = (try? listGenerations(r))?.compactMap(\.lastTxid).max() { known = max(known ?? 0, last) }
+        var newestUs = previous.flatMap { GenerationID.creationTimeUs($0.generation) } ?? 0
+        for r in replicas {
+            do {
+                let gens = try listGenerations(r)
+                if previous == nil, let last = gens.compactMap(\.lastTxid).max() { known = max(known ?? 0, last) }
+                for g in gens { newestUs = max(newestUs, GenerationID.creationTimeUs(g.id) ?? 0) }
+            } catch {
+                logger.warning("could not list a replica's generations before starting a new one; its id and txids follow what else is known",
+                               metadata: meta.merging(["replica.url": "\(r.displayURL)", "error": "\(error)"]) { a, _ in a })
             }
         }
+        let gen = GenerationID.make(timeUs: max(nowMicroseconds(), newestUs + 1), random: UInt16.random(in: 0...UInt16.max))
         let baseTxid = known.map { $0 + 1 } ?? 0
         var nextSeq = previous?.nextSequence ?? 1
         for e in try spool.outboxEntries() { nextSeq = max(nextSeq, e.sequence + 1) }
@@ -898,12 +946,18 @@ public final class Agent {
         }
         let bulk = try checkpointer.checkpoint(.passive)
         var final: (busy: Bool, log: Int32, checkpointed: Int32)?
+        var diverged: String?
         try withWriteLock(waitMs: 20) {
             try pollAndAppend()
+            // Never copy back a commit the tailer has not read: after the next restart it
+            // would be gone from the WAL without having been shipped.
+            diverged = divergenceFromWalIndex()
+            if diverged != nil { return }
             try pin.execute("COMMIT")
             defer { try? repin() }
             final = try checkpointer.checkpoint(.passive)
         }
+        if let why = diverged { try recoverFromDivergence(why); return }
         if pin.isAutocommit { _ = try movePinToEnd(patient: true) }
         let seconds = Double(monotonicMicroseconds() - start) / 1e6
         let result = final.map { !$0.busy && $0.checkpointed == $0.log ? "complete" : "partial" } ?? "partial"

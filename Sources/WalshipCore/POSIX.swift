@@ -117,6 +117,8 @@ public final class RawFile {
     }
 }
 
+private let direntNameOffset = MemoryLayout<dirent>.offset(of: \dirent.d_name)!
+
 public enum FS {
     public static func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
 
@@ -158,9 +160,10 @@ public enum FS {
         defer { closedir(d) }
         var names: [String] = []
         while let e = readdir(d) {
-            let name = withUnsafeBytes(of: e.pointee.d_name) { raw in
-                String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
-            }
+            // A dirent is variable-length: its name is NUL-terminated inside the record, which
+            // can be shorter than the declared 256-byte `d_name`. Read the name in place, up to
+            // its NUL, never copying the declared field (that reads past glibc's buffer).
+            let name = String(cString: UnsafeRawPointer(e).advanced(by: direntNameOffset).assumingMemoryBound(to: CChar.self))
             if name != "." && name != ".." { names.append(name) }
         }
         return names.sorted()
@@ -170,8 +173,12 @@ public enum FS {
         if unlink(path) != 0 && Glibc.errno != ENOENT { throw SystemError.last("remove \(path)") }
     }
 
+    /// Removes a file, or a directory and everything in it. A symlink is removed itself, never
+    /// followed: a link planted in the tree cannot point the removal elsewhere.
     public static func removeTree(_ path: String) {
-        if isDirectory(path) {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return }
+        if (st.st_mode & S_IFMT) == S_IFDIR {
             for n in (try? list(path)) ?? [] { removeTree(path + "/" + n) }
             rmdir(path)
         } else { unlink(path) }
@@ -221,6 +228,15 @@ public enum FS {
         var buf = [CChar](repeating: 0, count: 4096)
         guard getcwd(&buf, buf.count) != nil else { return path }
         return normalize(String(cString: buf) + "/" + path)
+    }
+
+    /// The absolute path with every symlink resolved, as SQLite's unix VFS resolves a
+    /// database's path before naming its `-wal` and `-shm` files. Falls back to `absolute`
+    /// when the file does not exist.
+    public static func resolved(_ path: String) -> String {
+        guard let p = realpath(path, nil) else { return absolute(path) }
+        defer { free(p) }
+        return String(cString: p)
     }
 
     static func normalize(_ path: String) -> String {

@@ -49,8 +49,11 @@ final class Spool {
 
     init(dir: String) { self.dir = dir }
 
+    /// `.<name>-walship` beside the database's real file (symlinks resolved), so that every
+    /// path naming the same database finds the same spool.
     static func defaultDirectory(forDatabase db: String) -> String {
-        FS.dirname(db) + "/." + FS.basename(db) + "-walship"
+        let real = FS.resolved(db)
+        return FS.dirname(real) + "/." + FS.basename(real) + "-walship"
     }
 
     func prepare() throws {

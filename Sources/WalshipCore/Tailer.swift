@@ -82,6 +82,9 @@ final class WalTailer {
         lastCommitSize = 0
     }
 
+    /// SQLite's wal-index header, when it can be read (set by the owner of the -shm file).
+    var walIndex: (() -> WalIndexHeader?)?
+
     /// Reads what is new. Call repeatedly; returns at most one header change per call, before
     /// any transaction of the new log.
     func poll() throws -> Observation {
@@ -90,18 +93,41 @@ final class WalTailer {
             if let fresh = try readHeader() { return .headerChanged(old: nil, new: fresh) }
             return .transactions([])
         }
+        var out: [CommittedTransaction] = []
+        hasMore = false
+        let startFrames = validator!.validFrames
+        defer { lastPollFrames = min(1024, validator.map { $0.validFrames - startFrames } ?? 0) }
+        try readFrames(f, header: h, into: &out)
+        // Frames past the last commit belong to a transaction still open, or to one rolled
+        // back. After a rollback SQLite writes the next transaction over them from the frame
+        // after the last commit, with the same salts: a commit can then appear inside frames
+        // already taken as uncommitted, and nothing new ever appears where the chain stopped.
+        // The wal-index tells: a commit at or before the frames read means they were rewritten.
+        if !hasMore, let v = validator, v.validFrames > committedFrames, let index = walIndex?(), index.describes(h),
+           Int(index.mxFrame) > committedFrames, Int(index.mxFrame) <= v.validFrames {
+            validator = WalFrameValidator(header: h, resumeAfter: committedFrames, checksum: committedChecksum)
+            clearPending()
+            try readFrames(f, header: h, into: &out)
+        }
+        // A restart rewrites the header and then frames from 1 with new salts, so it shows as
+        // no new commit at our position: only then is the header read again.
+        if out.isEmpty, let current = try readHeader(), current != h {
+            return .headerChanged(old: h, new: current)
+        }
+        return .transactions(out)
+    }
+
+    /// Validates frames from where the chain stands, appending each transaction as its commit
+    /// frame is found, until the valid log ends or enough is in hand (`hasMore`).
+    private func readFrames(_ f: RawFile, header h: WalHeader, into out: inout [CommittedTransaction]) throws {
         var v = validator!
         let frameSize = h.frameSize
         let fileSize = try f.size()
-        var out: [CommittedTransaction] = []
         var invalid = false
-        var keptBytes = 0
-        hasMore = false
+        var keptBytes = out.reduce(0) { $0 + ($1.pages?.count ?? 0) * frameSize + 64 }
         // Start with about as many frames as the last poll found: the file often holds stale
         // frames past the valid end (the WAL is reused after a restart), not worth copying.
         var batchFrames = max(2, lastPollFrames + 2)
-        let startFrames = v.validFrames
-        defer { lastPollFrames = min(1024, validator.map { $0.validFrames - startFrames } ?? 0) }
         while !invalid {
             let offset = h.frameOffset(v.validFrames + 1)
             let available = (fileSize - offset) / frameSize
@@ -141,12 +167,6 @@ final class WalTailer {
         }
         validator = v
         if readBuffer.count > (8 << 20) { readBuffer = [] }
-        // A restart rewrites the header and then frames from 1 with new salts, so it shows as
-        // no new commit at our position: only then is the header read again.
-        if out.isEmpty, let current = try readHeader(), current != h {
-            return .headerChanged(old: h, new: current)
-        }
-        return .transactions(out)
     }
 
     /// Adds a validated frame to the transaction in progress. On its commit frame, closes the

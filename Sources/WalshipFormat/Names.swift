@@ -103,7 +103,8 @@ public enum GenerationID {
         s.utf8.count == 20 && s.utf8.allSatisfy { ($0 >= 48 && $0 <= 57) || ($0 >= 97 && $0 <= 102) }
     }
     public static func creationTimeUs(_ s: String) -> Int64? {
-        guard isValid(s), let v = UInt64(s.prefix(16), radix: 16) else { return nil }
+        // Names are read from replicas: one past the range of a time must not trap.
+        guard isValid(s), let v = UInt64(s.prefix(16), radix: 16), v < UInt64(Int64.max) else { return nil }
         return Int64(v)
     }
 }

@@ -244,3 +244,28 @@ public func committedTransactions(ofWal bytes: [UInt8], chunkSize: Int = .max) -
     }
     return (header, txns)
 }
+
+/// The header of SQLite's wal-index (the `-shm` file): how far the log is committed
+/// (`mxFrame`) and for which salts. SQLite keeps two copies of the 48-byte header, written in
+/// host byte order except the salts, which are copied from the WAL header as they are. A
+/// reader without SQLite's locks accepts the header only when both copies agree and it is
+/// initialised; otherwise it is being written and must be read again later.
+public struct WalIndexHeader: Equatable, Sendable {
+    public static let size = 96
+    public var mxFrame: UInt32
+    public var salt1: UInt32
+    public var salt2: UInt32
+
+    public init(mxFrame: UInt32, salt1: UInt32, salt2: UInt32) {
+        self.mxFrame = mxFrame; self.salt1 = salt1; self.salt2 = salt2
+    }
+
+    public static func parse(_ b: UnsafeRawBufferPointer) -> WalIndexHeader? {
+        guard b.count >= size, b[12] != 0 else { return nil }
+        for i in 0..<48 where b[i] != b[48 + i] { return nil }
+        return WalIndexHeader(mxFrame: littleEndian32(b, at: 16), salt1: bigEndian32(b, at: 32), salt2: bigEndian32(b, at: 36))
+    }
+
+    /// True when this index describes the log that `header` starts.
+    public func describes(_ header: WalHeader) -> Bool { salt1 == header.salt1 && salt2 == header.salt2 }
+}

@@ -176,3 +176,22 @@ def file_bytes_equal(a, b):
                 return False
             if not x:
                 return True
+
+
+@pytest.fixture(scope="session")
+def clock_shift_lib(tmp_path_factory):
+    """Builds the preload shim that shifts a process's wall clock (WALSHIP_CLOCK_SHIFT_US)."""
+    cc = require_tool("cc", "install gcc (build-essential)")
+    out = tmp_path_factory.mktemp("shims") / "clockshift.so"
+    p = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(out), str(HERE / "shims" / "clockshift.c"), "-ldl"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    return str(out)
+
+
+def shifted_clock_env(lib, shift_us, base=None):
+    """An environment whose processes see the wall clock moved by shift_us microseconds."""
+    e = dict(base or os.environ)
+    e["LD_PRELOAD"] = lib
+    e["WALSHIP_CLOCK_SHIFT_US"] = str(int(shift_us))
+    return e

@@ -245,10 +245,14 @@ def steps(blocks):
 TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:?\d\d)?")
 HEX = re.compile(r"\b(?=[0-9a-f]*\d)[0-9a-f]{8,}\b")
 NUM = re.compile(r"\d+")
+# `ls -l` prints a file's time as "Nov 29 05:15" (or "Nov 29  2025"); the scripts run with
+# LC_ALL=C so the month is English, and any month masks alike.
+LS_TIME = re.compile(r"\b(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) +\d{1,2} +(?:\d\d:\d\d|\d{4})\b")
 
 
 def mask(line):
     line = TS.sub("<T>", line)
+    line = LS_TIME.sub("<LS-TIME>", line)
     line = HEX.sub("<H>", line)
     line = NUM.sub("<N>", line)
     return " ".join(line.split())
@@ -358,6 +362,7 @@ class Host:
             e.pop(k, None)
         e["PATH"] = f"{self.bin}:{e['PATH']}"
         e["DRILL_STATE"] = str(self.state)
+        e["LC_ALL"], e["TZ"] = "C", "UTC"   # the expected output must not depend on locale or zone
         return e
 
     def populate(self):

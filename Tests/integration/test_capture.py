@@ -1,0 +1,147 @@
+"""Capture correctness under ordinary SQLite behaviour and operator mistakes: each test here
+is a failure once found by trying to break the agent, kept so it cannot come back.
+
+  - a commit right after a rolled-back transaction that spilled into the WAL is shipped    (G1/G2)
+  - ...and is not lost when the agent's checkpoint cycle runs before anything else        (G2)
+  - a database named through a symlink is replicated                                       (G2)
+  - a new generation sorts after the old one even when the clock went back                 (G2/G3)
+"""
+import os
+import sqlite3
+import subprocess
+import time
+
+from conftest import (checkpoint_truncate, create_ticket_db, file_bytes_equal, run_walship,
+                      shifted_clock_env, table_contents)
+
+
+def url(path):
+    return "file://" + str(path)
+
+
+def restore_latest(replica, out):
+    p = run_walship("restore", url(replica), "-o", out, "--force")
+    assert p.returncode == 0, p.stdout + p.stderr
+    return out
+
+
+def wal_frames(db):
+    size = os.path.getsize(str(db) + "-wal")
+    con = sqlite3.connect(str(db))
+    ps = con.execute("PRAGMA page_size").fetchone()[0]
+    con.close()
+    return (size - 32) // (ps + 24) if size >= 32 else 0
+
+
+def spill_then_roll_back(con, how):
+    """A transaction big enough to spill dirty pages into the WAL, rolled back; `how` is
+    'rollback' or 'savepoint' (ROLLBACK TO, then COMMIT of an empty transaction)."""
+    con.execute("PRAGMA cache_size=5")
+    con.execute("BEGIN")
+    if how == "savepoint":
+        con.execute("SAVEPOINT big")
+    for i in range(400):
+        con.execute("INSERT INTO interacciones(ticket_id, texto, creado) VALUES(1, ?, 0)", ("x" * 900,))
+    if how == "savepoint":
+        con.execute("ROLLBACK TO big")
+        con.execute("RELEASE big")
+        con.execute("COMMIT")
+    else:
+        con.execute("ROLLBACK")
+    con.execute("PRAGMA cache_size=-2000")
+    time.sleep(0.5)   # the agent reads the spilled frames before the next commit
+
+
+def test_commit_after_a_rolled_back_spill_is_shipped(tmp_path, agent_factory):
+    for how in ("rollback", "savepoint"):
+        d = tmp_path / how
+        d.mkdir()
+        db, replica = d / "app.db", d / "replica"
+        create_ticket_db(db, rows=3)
+        agent = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"]).start().wait_ready()
+        con = sqlite3.connect(str(db), isolation_level=None, timeout=10)
+        for i in range(5):   # committed frames in the log, so the spill cannot restart it
+            con.execute("INSERT INTO tickets(usuario_id, titulo, estado, prioridad, creado) VALUES(1, 't', 'a', 1, 0)")
+        time.sleep(0.3)
+        before = wal_frames(db)
+        spill_then_roll_back(con, how)
+        assert wal_frames(db) > before + 20, "the rolled-back transaction did not spill into the WAL"
+        con.execute("INSERT INTO usuarios(nombre, email) VALUES('B', 'b@example.com')")
+        con.close()
+        time.sleep(1.5)   # fifteen sync intervals
+        out = restore_latest(replica, d / "out.db")
+        names = [r[1] for r in table_contents(out)["usuarios"]]
+        assert "B" in names, f"{how}: the commit after the rolled-back spill was not shipped: {names}"
+        agent.stop()
+        checkpoint_truncate(db)
+        restore_latest(replica, d / "out.db")
+        assert file_bytes_equal(db, d / "out.db"), how
+
+
+def test_commit_after_a_rolled_back_spill_survives_the_checkpoint_cycle(tmp_path, agent_factory):
+    """The agent's checkpoint cycle must not copy into the database a commit it has not
+    shipped: after the next writer restarts the WAL it would be gone from the replica."""
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=3)
+    agent = agent_factory(db, [url(replica)], ["--sync-interval", "100ms", "--checkpoint-frames", "10"]).start().wait_ready()
+    con = sqlite3.connect(str(db), isolation_level=None, timeout=10)
+    for i in range(30):   # past the checkpoint threshold
+        con.execute("INSERT INTO tickets(usuario_id, titulo, estado, prioridad, creado) VALUES(1, 't', 'a', 1, 0)")
+    time.sleep(0.5)
+    spill_then_roll_back(con, "rollback")
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('B', 'b@example.com')")
+    time.sleep(3)   # room for checkpoint cycles (at most one a second)
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('C', 'c@example.com')")
+    con.close()
+    time.sleep(1)
+    agent.stop()
+    out = restore_latest(replica, tmp_path / "out.db")
+    names = [r[1] for r in table_contents(out)["usuarios"]]
+    assert "B" in names and "C" in names, f"a commit was lost: {names}\n{agent.read_log()[-2000:]}"
+    checkpoint_truncate(db)
+    assert file_bytes_equal(db, out)
+
+
+def test_database_through_a_symlink_is_replicated(tmp_path, agent_factory):
+    real_dir = tmp_path / "data"
+    real_dir.mkdir()
+    real, link = real_dir / "real.db", tmp_path / "link.db"
+    create_ticket_db(real, rows=2)
+    link.symlink_to(real)
+    replica = tmp_path / "replica"
+    agent = agent_factory(link, [url(replica)], ["--sync-interval", "100ms"]).start().wait_ready()
+    con = sqlite3.connect(str(link), isolation_level=None, timeout=10)
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('after', 'a@example.com')")
+    con.close()
+    time.sleep(1.5)
+    out = restore_latest(replica, tmp_path / "out.db")
+    names = [r[1] for r in table_contents(out)["usuarios"]]
+    assert "after" in names, f"a commit through the symlink was not replicated: {names}\n{agent.read_log()[-2000:]}"
+    agent.stop()
+    assert not (tmp_path / "link.db-wal").exists()
+
+
+def test_new_generation_sorts_last_when_the_clock_went_back(tmp_path, agent_factory, clock_shift_lib):
+    """A clock stepped back a day (NTP, a restored VM) when a new generation starts: the
+    latest restore must still be the newest generation's state."""
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=2)
+    agent = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"]).start().wait_ready()
+    time.sleep(0.3)
+    agent.stop()
+    # The spool is lost (a new host, say): the next start begins a new generation.
+    spool = tmp_path / ".app.db-walship"
+    assert spool.is_dir()
+    subprocess.run(["rm", "-rf", str(spool)], check=True)
+    env = shifted_clock_env(clock_shift_lib, -86_400_000_000)
+    agent2 = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"], env=env,
+                           log_path=tmp_path / "agent2.log").start().wait_ready()
+    con = sqlite3.connect(str(db), isolation_level=None, timeout=10)
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('after the step', 'x@example.com')")
+    con.close()
+    time.sleep(1)
+    agent2.stop()
+    assert "starting a new generation" in agent2.read_log()
+    out = restore_latest(replica, tmp_path / "out.db")
+    names = [r[1] for r in table_contents(out)["usuarios"]]
+    assert "after the step" in names, f"latest restore returned an older generation: {names}"
