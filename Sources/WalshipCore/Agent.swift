@@ -74,6 +74,7 @@ public enum AgentError: Error, CustomStringConvertible {
     case notADatabase(String)
     case notWAL(String, String)
     case alreadyRunning(String, Int32)
+    case databaseLocked(String, Int32?)
     case writeLockUnavailable(String)
     case notShipped([String])
     case keyRequired(String, String, String)
@@ -84,6 +85,8 @@ public enum AgentError: Error, CustomStringConvertible {
         case .notADatabase(let p): return "\(p) is not a SQLite database (file is not a database)"
         case .notWAL(let p, let mode): return "could not switch \(p) to WAL mode (journal_mode is \(mode)); close other connections and retry"
         case .alreadyRunning(let p, let pid): return "another walship agent (pid \(pid)) is already replicating \(p); stop it first, or use `walship snapshot` to ask it for a snapshot"
+        case .databaseLocked(let p, let pid):
+            return "another walship agent\(pid.map { " (pid \($0))" } ?? "") is already replicating \(p) (with another spool directory): two agents would give one txid two states; stop it first"
         case .writeLockUnavailable(let p): return "could not take the write lock on \(p) for a moment: the application holds long write transactions; retry later"
         case .keyRequired(let p, let id, let spool):
             return "\(p) is replicated encrypted (key id \(id)): give the key with --encryption-key-file (or encryption: key-file: in the config); to stop encrypting on purpose, remove the spool \(spool) first"
@@ -143,6 +146,8 @@ public final class Agent {
     private let verifyBusy = Flag()
 
     private var stopRequested = false
+    private var bytesSinceRoomCheck = 0
+    private var restartRequested = false
     private var inotifyFD: Int32 = -1
     private var wakePipe: [Int32] = [-1, -1]
 
@@ -199,6 +204,11 @@ public final class Agent {
         }
         try spool.clearWork()
         dbFile = try RawFile(path: dbPath, flags: O_RDONLY)
+        // One agent per database, whatever its spool: an flock on the database file itself
+        // (flock and SQLite's POSIX locks do not interact; this descriptor stays open).
+        if flock(dbFile.fd, LOCK_EX | LOCK_NB) != 0 {
+            throw AgentError.databaseLocked(dbPath, flockHolder(of: dbFile))
+        }
         shmFile = try? RawFile.openIfExists(dbPath + "-shm")
         tailer.walIndex = { [weak self] in self?.readWalIndex() }
         table = try PageHashTable(path: spool.tablePath)
@@ -535,6 +545,7 @@ public final class Agent {
         var hashes: [(UInt32, UInt64)] = []
         hashes.reserveCapacity(t.frames.count)
         for (i, (pg, frame)) in t.frames.enumerated() {
+            try checkRoomWhileWriting(pageSize)
             try segment!.builder.write(SegmentCodec.pageRecordPrefix(pg))
             if let kept = t.pages?[i] {
                 try kept.withUnsafeBytes { b in
@@ -557,6 +568,17 @@ public final class Agent {
         lastCommitTimeUs = now
         segment!.count += 1
         segment!.pages += t.frames.count
+    }
+
+    /// The main loop checks the spool's room four times a second, but a fast writer can
+    /// fill a small filesystem's headroom between two checks: every 64 KiB written into a
+    /// segment, one statvfs, and when the disk runs short the spool is shed right away.
+    private func checkRoomWhileWriting(_ bytes: Int) throws {
+        bytesSinceRoomCheck += bytes
+        guard bytesSinceRoomCheck >= 64 << 10 else { return }
+        bytesSinceRoomCheck = 0
+        let room = SpoolRoom(of: spool.dir)
+        if room.short { try shedSpool(room: room) }
     }
 
     /// Applies one transaction to the page-hash table and returns the XOR to apply to the
@@ -756,6 +778,12 @@ public final class Agent {
                 status.countError("spool-disk-full")
             }
         }
+        try shedSpool(room: room)
+    }
+
+    /// Brings the spool back under its bound: compaction links first, then the backlog of a
+    /// replica that keeps failing. Safe between any two writes of a segment.
+    private func shedSpool(room: SpoolRoom) throws {
         var held = spool.heldBytes
         let limit = room.limit(held: held, configured: options.spoolLimitBytes)
         guard held > limit.bytes else { return }
@@ -1041,7 +1069,7 @@ public final class Agent {
                         if requested { try? FS.rename(spool.snapshotRequestPath, spool.snapshotRequestFailedPath) }
                     }
                 }
-                try checkDatabaseIdentity()
+                if databaseWasReplaced() { restartRequested = true; break }
                 try enforceSpoolLimit()
                 if segment == nil && persistedTableTxid < state.tableTxid {
                     try saveState()   // records the flushed table, so the last segment can leave the spool
@@ -1052,6 +1080,7 @@ public final class Agent {
             }
         }
         try shutdown()
+        if restartRequested { throw AgentRestart() }
     }
 
     // MARK: operations: status, alerts, housekeeping, drills
@@ -1150,8 +1179,10 @@ public final class Agent {
                                             settleUs: 2 * options.syncIntervalUs + 2_000_000, encryptionKey: options.encryptionKey)
         for (i, s) in shippers.enumerated() where s.lastError == nil && s.droppedGeneration == nil {
             let keeper = Housekeeper(replica: s.replica, workDir: spool.workDir, settings: settings, logger: logger)
+            keeper.shouldStop = { [weak s] in s?.isStopping ?? true }
             let status = self.status, logger = self.logger
             s.housekeeping {
+                if s.isStopping { return }
                 do {
                     let o = try keeper.run()
                     if o.deleted > 0 || o.compacted > 0 {
@@ -1161,6 +1192,8 @@ public final class Agent {
                             $0.replicas[i].compactedObjects += UInt64(o.compacted)
                         }
                     }
+                } catch is Housekeeper.Stopped {
+                    return
                 } catch {
                     status.countError("housekeeping", replica: i)
                     logger.error("retention or compaction failed; retrying later", metadata: ["replica.url": "\(s.replica.displayURL)", "error": "\(error)"])
@@ -1208,13 +1241,14 @@ public final class Agent {
     /// Notices a database file replaced underneath (restored, copied over). Uses stat on the
     /// path: opening and closing another descriptor on the database would drop the POSIX
     /// locks SQLite holds through the agent's own connections.
-    private func checkDatabaseIdentity() throws {
+    private func databaseWasReplaced() -> Bool {
         var st = stat()
-        guard stat(dbPath, &st) == 0 else { return }
+        guard stat(dbPath, &st) == 0 else { return false }
         if UInt64(st.st_dev) != state.dbDevice || UInt64(st.st_ino) != state.dbInode {
-            logger.warning("the database file was replaced; restarting replication, which starts a new generation", metadata: meta)
-            throw AgentRestart()
+            logger.warning("the database file was replaced; shipping what was read, then restarting replication, which starts a new generation", metadata: meta)
+            return true
         }
+        return false
     }
 
     /// Ships what is committed and stops; returns the replicas that still lack something
@@ -1232,8 +1266,14 @@ public final class Agent {
                          metadata: ["replica.url": "\(s.replica.displayURL)"])
         }
         try collectOutbox()
-        for s in shippers { s.stop() }
+        // Every job started must end before the agent does: uploads and housekeeping on the
+        // replicas' queues (housekeeping stops between jobs), and a restore drill under way.
+        for s in shippers { s.stopAndWait() }
+        verifyQueue.sync {}
         if !pin.isAutocommit { try? pin.execute("COMMIT") }
+        // Released now, not when the object goes: a restart takes them again at once.
+        flock(dbFile.fd, LOCK_UN)
+        spool.unlock()
         logger.info("stopped", metadata: meta.merging(["txid": "\(lastTxid)"]) { a, _ in a })
         return pending
     }
@@ -1288,6 +1328,20 @@ public final class Agent {
 
     public var currentGeneration: String { state.generation }
     public var currentTxid: UInt64 { lastTxid }
+}
+
+/// The pid holding an flock on `file`, from /proc/locks (nil when it cannot be told).
+func flockHolder(of file: RawFile) -> Int32? {
+    guard let ino = try? file.inode(), let locks = try? RawFile(path: "/proc/locks", flags: O_RDONLY) else { return nil }
+    var text: [UInt8] = []
+    while text.count < 4 << 20, let chunk = try? locks.read(at: text.count, count: 65536), !chunk.isEmpty { text += chunk }
+    for line in String(decoding: text, as: UTF8.self).split(separator: "\n") {
+        // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF": the pid, then major:minor:inode.
+        let f = line.split(separator: " ", omittingEmptySubsequences: true)
+        guard f.count >= 6, f[1] == "FLOCK", let pid = Int32(f[4]) else { continue }
+        if let last = f[5].split(separator: ":").last, UInt64(last) == ino.ino { return pid }
+    }
+    return nil
 }
 
 func hostName() -> String {

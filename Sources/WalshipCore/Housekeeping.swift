@@ -31,6 +31,11 @@ final class Housekeeper {
     let workDir: String
     let settings: Settings
     let logger: Logger
+    /// Asked between jobs: true once shutdown has begun (the work left is done next time).
+    var shouldStop: () -> Bool = { false }
+
+    /// Housekeeping stopped early because the agent is shutting down.
+    struct Stopped: Error {}
 
     init(replica: Replica, workDir: String, settings: Settings, logger: Logger) {
         self.replica = replica; self.workDir = workDir; self.settings = settings; self.logger = logger
@@ -49,6 +54,7 @@ final class Housekeeper {
                                                   settleMs: settings.settleUs / 1000, afterTxid: firstSnapshot,
                                                   fromLevel: settings.compactionLevelsUs.count == 1 ? 1 : settings.fromLevel)
                 for job in jobs {
+                    if shouldStop() { throw Stopped() }
                     do {
                         try compact(job, pageSize: nil)
                         outcome.compacted += job.inputs.count + job.covered.count
@@ -60,6 +66,7 @@ final class Housekeeper {
                 }
             }
         }
+        if shouldStop() { throw Stopped() }
         let plan = RetentionPlanner.plan(try listGenerations(replica), cutoffMs: (nowUs - settings.retentionUs) / 1000)
         if !plan.deleteKeys.isEmpty {
             try replica.delete(keys: plan.deleteKeys)

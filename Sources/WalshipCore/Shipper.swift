@@ -112,6 +112,14 @@ final class Shipper {
     }
 
     func stop() { mutex.locked { _stopping = true } }
+    var isStopping: Bool { mutex.locked { _stopping } }
+
+    /// Stops, then waits until nothing runs on this replica's queue: neither an upload nor
+    /// housekeeping (which notices the stop between jobs). Nothing may outlive shutdown.
+    func stopAndWait() {
+        stop()
+        queue.sync {}
+    }
 
     private func drain() {
         var backoffMs = 250
@@ -184,7 +192,10 @@ final class Shipper {
             if failed {
                 if stopping { mutex.locked { _running = false }; return }
                 let jitter = Int.random(in: 0...(backoffMs / 2))
-                usleep(UInt32((backoffMs + jitter) * 1000))
+                // Slept in slices, so that shutdown never waits out a long backoff.
+                let until = monotonicMicroseconds() + Int64(backoffMs + jitter) * 1000
+                while monotonicMicroseconds() < until && !isStopping { usleep(20_000) }
+                if isStopping { mutex.locked { _running = false }; return }
                 backoffMs = min(backoffMs * 2, 30_000)
             }
         }

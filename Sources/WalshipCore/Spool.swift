@@ -83,6 +83,14 @@ final class Spool {
         return nil
     }
 
+    /// Gives up the lock (at shutdown, so that a restart in the same process can take it).
+    func unlock() {
+        guard lockFD >= 0 else { return }
+        flock(lockFD, LOCK_UN)
+        close(lockFD)
+        lockFD = -1
+    }
+
     func isLockedByAnotherProcess() -> Int32? {
         let fd = open(dir + "/agent.lock", O_RDWR | O_CLOEXEC)
         guard fd >= 0 else { return nil }

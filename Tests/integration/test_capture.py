@@ -145,3 +145,52 @@ def test_new_generation_sorts_last_when_the_clock_went_back(tmp_path, agent_fact
     out = restore_latest(replica, tmp_path / "out.db")
     names = [r[1] for r in table_contents(out)["usuarios"]]
     assert "after the step" in names, f"latest restore returned an older generation: {names}"
+
+
+def test_database_file_replaced_while_running_starts_a_new_generation(tmp_path, agent_factory):
+    """`mv new.db app.db` under a running agent: it ships what it read, then replicates the
+    new file in a new generation, without stopping."""
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=2)
+    agent = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"]).start().wait_ready()
+    other = tmp_path / "new.db"
+    create_ticket_db(other, rows=7)
+    checkpoint_truncate(other)
+    for sidecar in ("-wal", "-shm"):
+        if os.path.exists(str(other) + sidecar):
+            os.remove(str(other) + sidecar)
+    os.rename(other, db)
+    deadline = time.time() + 10
+    while agent.read_log().count("starting a new generation") < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    assert agent.proc.poll() is None, f"the agent stopped:\n{agent.read_log()[-2000:]}"
+    assert agent.read_log().count("starting a new generation") >= 2, agent.read_log()[-2000:]
+    con = sqlite3.connect(str(db), isolation_level=None, timeout=10)
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('new file', 'n@example.com')")
+    con.close()
+    time.sleep(1)
+    assert agent.proc.poll() is None, f"the agent stopped:\n{agent.read_log()[-2000:]}"
+    agent.stop()
+    out = restore_latest(replica, tmp_path / "out.db")
+    names = [r[1] for r in table_contents(out)["usuarios"]]
+    assert len(names) == 8 and "new file" in names, names
+
+
+def test_second_agent_with_another_spool_is_refused(tmp_path, agent_factory):
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=2)
+    first = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"]).start().wait_ready()
+    second = agent_factory(db, [url(replica)], ["--sync-interval", "100ms", "--spool-dir", tmp_path / "other-spool"],
+                           log_path=tmp_path / "second.log").start()
+    rc = second.proc.wait(timeout=30)
+    assert rc != 0, "a second agent with another spool directory was not refused"
+    log = second.read_log()
+    assert "already replicating" in log and f"pid {first.proc.pid}" in log, log
+    # ...and through a symlink, with the default spool.
+    link = tmp_path / "link.db"
+    link.symlink_to(db)
+    third = agent_factory(link, [url(tmp_path / "replica3")], log_path=tmp_path / "third.log").start()
+    assert third.proc.wait(timeout=30) != 0
+    assert "already replicating" in third.read_log()
+    assert first.proc.poll() is None
+    first.stop()
