@@ -257,7 +257,11 @@ public final class Agent {
                 }
             }
             if !continued {
-                if previous != nil { logger.warning("cannot prove continuity with the last shipped position; starting a new generation", metadata: meta) }
+                if let p = previous {
+                    logger.warning("cannot prove continuity with the last shipped position; starting a new generation", metadata: meta)
+                    try dropUnvouched(by: p)
+                    localCompactor?.dropBeyond(txid: p.lastTxid, generation: p.generation)
+                }
                 tailer.adopt(try tailer.readHeader())
                 try consumeWithoutShipping()
             }
@@ -353,9 +357,28 @@ public final class Agent {
     /// After a crash: drop outbox objects the state does not vouch for, and bring the page-hash
     /// table up to the state's txid from the segments still in the outbox.
     private func recoverSpool() throws {
-        var maxSeq: UInt64 = 0
+        try dropUnvouched(by: state)
+        // Links to segments cut after the saved state will be cut again, differently.
+        localCompactor?.dropBeyond(txid: state.lastTxid, generation: state.generation)
+        if state.tableTxid < state.lastTxid {
+            for e in try spool.outboxEntries() {
+                guard let s = ObjectKey.parse(e.key)?.segment, s.generation == state.generation,
+                      s.lastTxid > state.tableTxid, s.lastTxid <= state.lastTxid else { continue }
+                try replayIntoTable(path: e.path, key: e.key)
+            }
+            try table.flush()
+            state.tableTxid = state.lastTxid
+            persistedTableTxid = state.tableTxid
+            try spool.saveState(state)
+        }
+    }
+
+    /// Removes from the outbox what a killed agent queued after its last saved state: nothing
+    /// the state does not vouch for may ship, whether the generation continues or not (a
+    /// segment cut just before the kill would otherwise reach the replicas with txids that
+    /// the next generation gives again).
+    private func dropUnvouched(by state: AgentState) throws {
         for e in try spool.outboxEntries() {
-            maxSeq = max(maxSeq, e.sequence)
             if e.sequence >= state.nextSequence {
                 // Queued after the last saved state (a compacted object, its deletion list, a
                 // segment): not vouched for. Deletion lists above all must never outlive the
@@ -378,20 +401,6 @@ public final class Agent {
                 try FS.remove(e.path)
             }
         }
-        // Links to segments cut after the saved state will be cut again, differently.
-        localCompactor?.dropBeyond(txid: state.lastTxid, generation: state.generation)
-        if state.tableTxid < state.lastTxid {
-            for e in try spool.outboxEntries() {
-                guard let s = ObjectKey.parse(e.key)?.segment, s.generation == state.generation,
-                      s.lastTxid > state.tableTxid, s.lastTxid <= state.lastTxid else { continue }
-                try replayIntoTable(path: e.path, key: e.key)
-            }
-            try table.flush()
-            state.tableTxid = state.lastTxid
-            persistedTableTxid = state.tableTxid
-            try spool.saveState(state)
-        }
-        _ = maxSeq
     }
 
     private func replayIntoTable(path: String, key: String) throws {
@@ -961,20 +970,35 @@ public final class Agent {
 
     // MARK: checkpoints
 
-    /// DESIGN §4 step 4: (a) move the pin to the end under the write lock; (b) PASSIVE
+    /// The checkpoint cycle (docs/ARCHITECTURE.md): (a) move the pin to the end under the write lock; (b) PASSIVE
     /// checkpoint with no lock; (c) under the write lock, release the pin, PASSIVE checkpoint
     /// the few new frames, pin again. The next writer then restarts the WAL, which the tailer
     /// follows as continuity. Skipped whenever the write lock is busy.
     private func checkpointCycle() throws {
         let start = monotonicMicroseconds()
-        guard try movePinToEnd(waitMs: 20) else {
+        // Step (b) runs without the write lock, so it must never be a checkpoint that races a
+        // WAL restart (SQLite before 3.51.3 can then record a wrong backfill count). A writer
+        // restarts the log only when every frame was copied back and no reader holds a read
+        // mark past frame 0. So (b) runs only when frames remain to copy: the pin, taken at
+        // the end under the write lock, then holds a read mark that forbids any restart
+        // until (c), which runs under the write lock.
+        var fullyCopied = false
+        var diverged: String?
+        let locked = try withWriteLock(waitMs: 20) {
+            try pollAndAppend()
+            diverged = divergenceFromWalIndex()
+            if let index = readWalIndex(), index.nBackfill >= index.mxFrame { fullyCopied = true }
+            try repin()
+        }
+        if let why = diverged { try recoverFromDivergence(why); return }
+        guard locked else {
             logger.debug("checkpoint skipped: write lock busy", metadata: meta)
             status.update { $0.checkpoints["skipped", default: 0] += 1 }
             return
         }
+        if fullyCopied { return }   // nothing to copy: the next writer restarts the log
         let bulk = try checkpointer.checkpoint(.passive)
         var final: (busy: Bool, log: Int32, checkpointed: Int32)?
-        var diverged: String?
         try withWriteLock(waitMs: 20) {
             try pollAndAppend()
             // Never copy back a commit the tailer has not read: after the next restart it
@@ -1013,6 +1037,7 @@ public final class Agent {
         var nextCutUs = monotonicMicroseconds() + options.syncIntervalUs
         var lastSnapshotCheckUs = monotonicMicroseconds()
         logger.info("replicating", metadata: meta.merging(["replicas": "\(replicas.map(\.displayURL).joined(separator: ", "))",
+                                                           "sqlite.version": "\(SQLiteConnection.libraryVersion)",
                                                            "sync.interval": "\(DurationText.format(microseconds: options.syncIntervalUs))"]) { a, _ in a })
         while !stopRequested {
             let now = monotonicMicroseconds()

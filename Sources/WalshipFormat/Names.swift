@@ -1,5 +1,5 @@
 // Object names in a replica. They carry txid and commit-time ranges so that a restore plan
-// needs LIST only (DESIGN §5):
+// needs LIST only (docs/FORMAT.md):
 //   generations/<gen>/generation.json
 //   generations/<gen>/snapshots/<txid:016x>-<unixMs>.snap.lz4
 //   generations/<gen>/segments/<level>/<first:016x>-<last:016x>-<firstUnixMs>-<lastUnixMs>.seg.lz4

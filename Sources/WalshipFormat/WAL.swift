@@ -251,19 +251,24 @@ public func committedTransactions(ofWal bytes: [UInt8], chunkSize: Int = .max) -
 /// reader without SQLite's locks accepts the header only when both copies agree and it is
 /// initialised; otherwise it is being written and must be read again later.
 public struct WalIndexHeader: Equatable, Sendable {
-    public static let size = 96
+    /// The two header copies and the first field after them: the checkpoint's `nBackfill`.
+    public static let size = 100
     public var mxFrame: UInt32
     public var salt1: UInt32
     public var salt2: UInt32
+    /// Frames already copied back into the database. Checkpoints change it without the
+    /// header's protection: only a hint, unless the caller holds the writer lock.
+    public var nBackfill: UInt32
 
-    public init(mxFrame: UInt32, salt1: UInt32, salt2: UInt32) {
-        self.mxFrame = mxFrame; self.salt1 = salt1; self.salt2 = salt2
+    public init(mxFrame: UInt32, salt1: UInt32, salt2: UInt32, nBackfill: UInt32 = 0) {
+        self.mxFrame = mxFrame; self.salt1 = salt1; self.salt2 = salt2; self.nBackfill = nBackfill
     }
 
     public static func parse(_ b: UnsafeRawBufferPointer) -> WalIndexHeader? {
         guard b.count >= size, b[12] != 0 else { return nil }
         for i in 0..<48 where b[i] != b[48 + i] { return nil }
-        return WalIndexHeader(mxFrame: littleEndian32(b, at: 16), salt1: bigEndian32(b, at: 32), salt2: bigEndian32(b, at: 36))
+        return WalIndexHeader(mxFrame: littleEndian32(b, at: 16), salt1: bigEndian32(b, at: 32), salt2: bigEndian32(b, at: 36),
+                              nBackfill: littleEndian32(b, at: 96))
     }
 
     /// True when this index describes the log that `header` starts.

@@ -1,5 +1,5 @@
 """A real S3-compatible server for walship's integration tests: `rclone serve s3` on loopback
-with authentication on (DESIGN.md section 7). Buckets are the top-level directories of the
+with authentication on. Buckets are the top-level directories of the
 served directory. Nothing is mocked: requests are signed SigV4 and checked by rclone.
 
     srv = S3Server(tmp_path / "s3", buckets=["walship"]).start()

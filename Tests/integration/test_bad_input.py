@@ -1,4 +1,4 @@
-"""Bad input gets one clear error (DESIGN.md G4, G8): corrupt, truncated and missing
+"""Bad input gets one clear error (docs/GUARANTEES.md, G4 and G8): corrupt, truncated and missing
 objects, foreign replica directories, bad databases, an existing OUT, bad timestamps.
 
 Each case: exactly one "walship: error: ..." line on stderr, exit code 1, OUT untouched

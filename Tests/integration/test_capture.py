@@ -194,3 +194,32 @@ def test_second_agent_with_another_spool_is_refused(tmp_path, agent_factory):
     assert "already replicating" in third.read_log()
     assert first.proc.poll() is None
     first.stop()
+
+
+def test_segment_queued_after_the_last_saved_state_never_ships(tmp_path, agent_factory):
+    """A kill between queueing a segment and saving the state leaves a segment the state does
+    not vouch for. Whether the next start continues the generation or not, it must not ship:
+    its txids are given again to other transactions."""
+    import json
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=2)
+    agent = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"]).start().wait_ready()
+    con = sqlite3.connect(str(db), isolation_level=None, timeout=10)
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('a', 'a@example.com')")
+    time.sleep(0.5)
+    agent.stop()
+    spool = tmp_path / ".app.db-walship"
+    st = json.loads((spool / "state.json").read_text())
+    gen, last, seq = st["generation"], st["lastTxid"], st["nextSequence"]
+    key = f"generations/{gen}/segments/0/{last + 1:016x}-{last + 5:016x}-1-2.seg.lz4"
+    (spool / "outbox" / (f"{seq:016x}~" + key.replace("/", "~"))).write_bytes(b"not vouched for")
+    # While the agent is away the log restarts and the database moves on: no continuity.
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('b', 'b@example.com')")
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('c', 'c@example.com')")
+    con.close()
+    agent2 = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"], log_path=tmp_path / "agent2.log").start().wait_ready()
+    time.sleep(0.5)
+    agent2.stop()
+    assert "cannot prove continuity" in agent2.read_log()
+    assert not (replica / key).exists(), "a segment the saved state did not vouch for was shipped"

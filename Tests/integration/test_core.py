@@ -1,5 +1,5 @@
 """Core guarantees of walship with real SQLite, separate writer processes and a real
-directory replica (DESIGN.md sections 2, 4, 6, 7).
+directory replica (docs/GUARANTEES.md).
 
   - latest restore is byte-identical to the source after wal_checkpoint(TRUNCATE)  (G3/G4)
   - --timestamp / --txid restore exactly the state at recorded instants           (G3)
