@@ -245,6 +245,17 @@ public final class Agent {
                         state = s
                         continued = true
                     }
+                } else if s.wal.header == nil, let h = try tailer.readHeader() {
+                    // The saved position had no WAL at all, so every frame in it now came
+                    // after what was shipped, provided nothing was copied back meanwhile:
+                    // the database file is still exactly what was shipped.
+                    let (pages, sum) = try checksumOfDatabaseFile(pageSize: pageSize)
+                    if pages == s.dbPages && sum == s.dbChecksum {
+                        tailer.adopt(h)
+                        s.wal = tailer.position
+                        state = s
+                        continued = true
+                    }
                 }
                 if continued {
                     state = state ?? s

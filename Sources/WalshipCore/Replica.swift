@@ -10,6 +10,7 @@ public enum ReplicaError: Error, CustomStringConvertible {
     case missingObject(String, String)
     case unsupported(String)
     case io(String, String)
+    case generationVanished(String, String)
 
     public var description: String {
         switch self {
@@ -18,6 +19,8 @@ public enum ReplicaError: Error, CustomStringConvertible {
         case .missingObject(let replica, let key): return "object '\(key)' is missing from replica \(replica)"
         case .unsupported(let s): return s
         case .io(let replica, let s): return "replica \(replica): \(s)"
+        case .generationVanished(let replica, let g):
+            return "replica \(replica) no longer holds generation \(g) (its directory was deleted?): nothing more can be added to it"
         }
     }
 }
@@ -116,9 +119,21 @@ public final class FileReplica: Replica {
 
     private func path(_ key: String) -> String { root + "/" + key }
 
+    /// A snapshot or segment goes only into a generation whose `generation.json` is there
+    /// (it is always stored first): a replica directory deleted or wiped under the agent must
+    /// not be recreated piece by piece into a chain without its base.
+    private func requireGeneration(of key: String) throws {
+        guard let object = ObjectKey.parse(key) else { return }
+        if case .generationInfo = object { return }
+        guard FS.exists(path("generations/\(object.generation)/generation.json")) else {
+            throw ReplicaError.generationVanished(displayURL, object.generation)
+        }
+    }
+
     public func put(key: String, fromFile src: String) throws {
         let dst = path(key)
         requestCounts.add("PUT")
+        try requireGeneration(of: key)
         try FS.makeDirectories(FS.dirname(dst))
         try FS.copyAtomically(from: src, to: dst)
     }
@@ -126,6 +141,7 @@ public final class FileReplica: Replica {
     public func put(key: String, bytes: [UInt8]) throws {
         let dst = path(key)
         requestCounts.add("PUT")
+        try requireGeneration(of: key)
         try FS.makeDirectories(FS.dirname(dst))
         try FS.writeAtomically(dst, bytes, mode: 0o644)
     }

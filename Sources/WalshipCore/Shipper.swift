@@ -173,6 +173,18 @@ final class Shipper {
                         if uploaded { _uploads += 1; _bytes += size }
                     }
                     backoffMs = 250
+                } catch ReplicaError.generationVanished(_, let gen) {
+                    // The replica lost the base of the chain: what follows would be
+                    // unrestorable. Its backlog of that generation goes, and the agent starts
+                    // a new generation (a snapshot first), as for a replica that returns
+                    // after its backlog was dropped.
+                    onError?()
+                    logger.error("the replica lost the current generation (deleted under the agent?); a new generation with a snapshot follows",
+                                 metadata: ["replica.url": "\(replica.displayURL)", "generation": "\(gen)"])
+                    dropBacklog(through: e.sequence, generation: gen)   // the rest of it is skipped as it comes
+                    mutex.locked { _reachableAgain = true; _lastError = "generation \(gen) vanished from the replica"; if _failingSinceUs == nil { _failingSinceUs = nowMicroseconds() } }
+                    failed = true
+                    break
                 } catch {
                     let msg = "\(error)"
                     let first = mutex.locked { () -> Bool in

@@ -223,3 +223,56 @@ def test_segment_queued_after_the_last_saved_state_never_ships(tmp_path, agent_f
     agent2.stop()
     assert "cannot prove continuity" in agent2.read_log()
     assert not (replica / key).exists(), "a segment the saved state did not vouch for was shipped"
+
+
+def test_replica_directory_deleted_mid_run_gets_a_new_generation(tmp_path, agent_factory):
+    """The replica's directory deleted under a running agent: segments must not be shipped
+    into a chain that lost its snapshot; the agent says so and starts a new generation."""
+    import shutil
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=2)
+    agent = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"]).start().wait_ready()
+    con = sqlite3.connect(str(db), isolation_level=None, timeout=10)
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('before', 'b@example.com')")
+    time.sleep(0.5)
+    shutil.rmtree(replica)
+    for i in range(5):
+        con.execute("INSERT INTO usuarios(nombre, email) VALUES(?, 'x@example.com')", (f"after {i}",))
+        time.sleep(0.2)
+    con.close()
+    time.sleep(1.5)
+    agent.stop()
+    log = agent.read_log()
+    assert "lost the current generation" in log, log[-2000:]
+    checkpoint_truncate(db)
+    out = restore_latest(replica, tmp_path / "out.db")
+    assert file_bytes_equal(db, out)
+
+
+def test_restart_after_a_first_run_without_wal_continues_the_generation(tmp_path, agent_factory):
+    """First run on a database that had no WAL (the agent switches it to WAL mode), no writes;
+    the application writes while the agent is stopped. The restart can prove continuity (the
+    database file is what was shipped, and every WAL frame came after): no new snapshot."""
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    con = sqlite3.connect(str(db))
+    con.execute("CREATE TABLE usuarios(id INTEGER PRIMARY KEY, nombre TEXT NOT NULL, email TEXT NOT NULL)")
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('first', 'f@example.com')")
+    con.commit()
+    con.close()
+    assert not os.path.exists(str(db) + "-wal")
+    agent = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"]).start().wait_ready()
+    # The application keeps a connection open, as applications do (so no connection's close
+    # checkpoints the WAL away while the agent is stopped).
+    con = sqlite3.connect(str(db), isolation_level=None, timeout=10)
+    con.execute("SELECT count(*) FROM usuarios").fetchall()
+    time.sleep(0.5)
+    agent.stop()
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('while away', 'w@example.com')")
+    agent2 = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"], log_path=tmp_path / "agent2.log").start().wait_ready()
+    time.sleep(0.5)
+    agent2.stop()
+    con.close()
+    log = agent2.read_log()
+    assert "continuing generation" in log and "starting a new generation" not in log, log[-2000:]
+    out = restore_latest(replica, tmp_path / "out.db")
+    assert [r[1] for r in table_contents(out, ("usuarios",))["usuarios"]] == ["first", "while away"]
