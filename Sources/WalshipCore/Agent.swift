@@ -75,6 +75,7 @@ public enum AgentError: Error, CustomStringConvertible {
     case notWAL(String, String)
     case alreadyRunning(String, Int32)
     case databaseLocked(String, Int32?)
+    case unreadableWAL(String, String)
     case writeLockUnavailable(String)
     case notShipped([String])
     case keyRequired(String, String, String)
@@ -85,6 +86,8 @@ public enum AgentError: Error, CustomStringConvertible {
         case .notADatabase(let p): return "\(p) is not a SQLite database (file is not a database)"
         case .notWAL(let p, let mode): return "could not switch \(p) to WAL mode (journal_mode is \(mode)); close other connections and retry"
         case .alreadyRunning(let p, let pid): return "another walship agent (pid \(pid)) is already replicating \(p); stop it first, or use `walship snapshot` to ask it for a snapshot"
+        case .unreadableWAL(let p, let why):
+            return "the WAL of \(p) cannot be read consistently with SQLite's wal-index (\(why)); nothing more is shipped from it, so that no wrong snapshot or segment reaches a replica. Run `PRAGMA wal_checkpoint(TRUNCATE)` from the application, then start the agent again"
         case .databaseLocked(let p, let pid):
             return "another walship agent\(pid.map { " (pid \($0))" } ?? "") is already replicating \(p) (with another spool directory): two agents would give one txid two states; stop it first"
         case .writeLockUnavailable(let p): return "could not take the write lock on \(p) for a moment: the application holds long write transactions; retry later"
@@ -276,6 +279,9 @@ public final class Agent {
                 tailer.adopt(try tailer.readHeader())
                 try consumeWithoutShipping()
             }
+            // The snapshot of a new generation, and every segment after, rest on the tailer's
+            // reading of the WAL: it must agree with SQLite's wal-index before anything ships.
+            if let why = divergenceFromWalIndex() { throw AgentError.unreadableWAL(dbPath, why) }
             try repin()
         }
         if !continued {
@@ -500,6 +506,9 @@ public final class Agent {
         try withWriteLock(patient: true) {
             tailer.adopt(try tailer.readHeader())
             try consumeWithoutShipping()
+            // A snapshot is built from the tailer's map of the WAL: if reading the log afresh
+            // still disagrees with SQLite, that snapshot would be wrong. Stop, loudly.
+            if let still = divergenceFromWalIndex() { throw AgentError.unreadableWAL(dbPath, still) }
             try repin()
         }
         try cutSegment()

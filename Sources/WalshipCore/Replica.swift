@@ -125,6 +125,9 @@ public final class FileReplica: Replica {
     private func requireGeneration(of key: String) throws {
         guard let object = ObjectKey.parse(key) else { return }
         if case .generationInfo = object { return }
+        if FS.exists(root) && !FS.isDirectory(root) {   // something stands in the way: an error, retried
+            throw ReplicaError.io(displayURL, "\(root) is not a directory")
+        }
         guard FS.exists(path("generations/\(object.generation)/generation.json")) else {
             throw ReplicaError.generationVanished(displayURL, object.generation)
         }

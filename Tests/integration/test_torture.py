@@ -1,0 +1,36 @@
+"""A short slice of the torture harness (Tests/integration/torture/torture.py) in the normal
+suite: a few fixed seeds, each a randomized run of application steps (large blobs, rolled-back
+transactions that spilled into the WAL, savepoints, VACUUM, application checkpoints, WITHOUT
+ROWID tables, two connections) and operator events (SIGKILL, SIGSTOP, SIGTERM, replica
+outage, snapshot requests) against a real `walship replicate`, checked against the
+application's own record of every commit. Longer soaks: `make torture DURATION=2h`."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import HERE
+
+TORTURE = HERE / "torture" / "torture.py"
+STEPS = 45
+# Chosen for variety: page sizes 512 / 4096 / 1024, auto_vacuum NONE / FULL / INCREMENTAL,
+# SIGSTOP and SIGTERM restarts, SIGKILL and a replica outage, snapshot requests, and runs that
+# end with a rolled-back spill followed by one small commit.
+# Seeds 2 and 6 reach a WAL that the agent cannot read consistently with SQLite's wal-index
+# (frame 1 carries other salts than the header while the index counts committed frames): the
+# agent now refuses to ship from it, loudly, instead of snapshotting a wrong view. Open bug;
+# they are kept here as expected failures so that the day they pass is seen.
+KNOWN_OPEN = {2, 6}
+SEEDS = [pytest.param(s, marks=pytest.mark.xfail(reason="open capture bug: WAL unreadable against the wal-index", strict=False))
+         if s in KNOWN_OPEN else s for s in (2, 4, 6)]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_torture_seed(seed, walship_bin, tmp_path):
+    cmd = [sys.executable, str(TORTURE), "--seed", str(seed), "--steps", str(STEPS),
+           "--walship", walship_bin, "--workdir", str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    if p.returncode != 0:
+        repro = f"python3 Tests/integration/torture/torture.py --seed {seed} --steps {STEPS}"
+        pytest.fail(f"torture seed {seed} failed; reproduce with: {repro}\n{p.stdout[-5000:]}\n{p.stderr[-3000:]}",
+                    pytrace=False)
