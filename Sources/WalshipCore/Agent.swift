@@ -515,6 +515,71 @@ public final class Agent {
         try startGeneration(reason: "capture self-check failed: \(why)", previous: state)
     }
 
+    // MARK: application checkpoints
+
+    /// How often, while nothing changes, the agent looks for an application checkpoint that
+    /// waits for its pin.
+    private let checkpointerCheckUs: Int64 = 4_000
+
+    /// Another process holds both the WAL's writer lock and its checkpointer lock: a FULL,
+    /// RESTART or TRUNCATE checkpoint is running (a writer holds only the first, a PASSIVE
+    /// checkpoint only the second). It waits for readers behind the end of the log, and
+    /// RESTART and TRUNCATE wait for every reader of the log: the agent's pin among them.
+    private func blockingCheckpointRunning() -> Bool {
+        guard let f = shmFile else { return false }
+        return byteLockedByAnotherProcess(f.fd, at: WalIndexHeader.writeLockByte)
+            && byteLockedByAnotherProcess(f.fd, at: WalIndexHeader.checkpointLockByte)
+    }
+
+    /// Lets a waiting checkpoint finish within milliseconds: the pin moves to the end of the
+    /// log (nothing can commit while the checkpoint holds the writer lock), and once the log
+    /// is all copied back, a new pin reads the database file only, which holds back nothing.
+    private func makeWayForCheckpoint() throws {
+        guard let index = readWalIndex() else { return }
+        let now = monotonicMicroseconds()
+        // Once per state of the log: the first move puts the pin at the end, the second (when
+        // everything is copied back) lets a RESTART or TRUNCATE go.
+        let key = (index.salt1, index.mxFrame, index.nBackfill >= index.mxFrame)
+        if let last = lastCourtesy, last.key == key, now - last.atUs < 50_000 { return }
+        if try movePinWithoutLock() {
+            lastCourtesy = (key, now)
+            status.update { $0.checkpoints["application-waited", default: 0] += 1 }
+        }
+    }
+    private var lastCourtesy: (key: (UInt32, UInt32, Bool), atUs: Int64)?
+
+    /// Moves the pin to the end of the WAL without the write lock. A pin is safe when, at the
+    /// instant its read transaction starts, the agent has read every committed frame: then no
+    /// frame it has not read can be copied back and overwritten by a restart while it holds
+    /// the pin. The wal-index is read just before and just after the read transaction starts;
+    /// any commit or restart in between changes its last frame or its salts.
+    private func movePinWithoutLock() throws -> Bool {
+        try pollAndAppend()
+        guard let before = readWalIndex(), let h = tailer.header, before.describes(h), Int(before.mxFrame) == tailer.framesInLog else {
+            return false
+        }
+        if !pin.isAutocommit { try pin.execute("COMMIT") }
+        try pin.execute("BEGIN")
+        _ = try pin.query("SELECT count(*) FROM sqlite_master")
+        lastRepinUs = monotonicMicroseconds()
+        guard let after = readWalIndex(), after.samePosition(as: before) else {
+            // Something committed meanwhile, so the pin may stand past frames not read yet.
+            // Those cannot be overwritten before a restart of this log, and a restart is
+            // accepted as continuity only once they are read.
+            if let after = readWalIndex(), after.describes(h) {
+                restartGuard = after
+            } else {
+                // The log restarted in between: whether it dropped unread frames cannot be told.
+                restartGuard = WalIndexHeader(mxFrame: UInt32.max, salt1: h.salt1, salt2: h.salt2)
+            }
+            return false
+        }
+        return true
+    }
+
+    /// A log position the tailer must reach before a restart of that log counts as continuity.
+    private var restartGuard: WalIndexHeader?
+
     // MARK: tailing
 
     /// Reads the WAL and appends every new committed transaction to the open segment.
@@ -526,6 +591,20 @@ public final class Agent {
                 // been copied back, and the pin (always taken where the agent had read to)
                 // stops any frame it has not read from being copied back. So a restart never
                 // drops an unread frame: a new header with the same page size continues the chain.
+                if let g = restartGuard, let o = old, g.salt1 == o.salt1, g.salt2 == o.salt2, tailer.framesInLog < Int(g.mxFrame) {
+                    restartGuard = nil
+                    logger.warning("the WAL restarted before every frame of the previous log was read; starting a new generation",
+                                   metadata: meta.merging(["wal.frames.read": "\(tailer.framesInLog)", "wal.frames.committed": "\(g.mxFrame)"]) { a, _ in a })
+                    try withWriteLock(patient: true) {
+                        tailer.adopt(try tailer.readHeader())
+                        try consumeWithoutShipping()
+                        try repin()
+                    }
+                    try cutSegment()
+                    try startGeneration(reason: "WAL restarted before it was read to its end", previous: state)
+                    return
+                }
+                restartGuard = nil
                 if old == nil || old!.couldRestart(to: new) {
                     logger.debug("WAL restarted", metadata: ["wal.salt1": "\(new.salt1)", "wal.checkpoint_seq": "\(new.checkpointSequence)"])
                     tailer.adopt(new)
@@ -1059,10 +1138,19 @@ public final class Agent {
         logger.info("replicating", metadata: meta.merging(["replicas": "\(replicas.map(\.displayURL).joined(separator: ", "))",
                                                            "sqlite.version": "\(SQLiteConnection.libraryVersion)",
                                                            "sync.interval": "\(DurationText.format(microseconds: options.syncIntervalUs))"]) { a, _ in a })
+        var lastWatchdogUs = monotonicMicroseconds()
         while !stopRequested {
             let now = monotonicMicroseconds()
-            let timeout = max(0, min(nextCutUs - now, options.pollIntervalUs))
-            if waitForChange(timeoutUs: timeout) && debounceUs > 0 {
+            let timeout = max(0, min(nextCutUs - now, options.pollIntervalUs - (now - lastWatchdogUs), checkpointerCheckUs))
+            let changed = waitForChange(timeoutUs: timeout)
+            if !changed && !stopRequested {
+                // Nothing new: the moment to notice an application checkpoint waiting for the pin.
+                if blockingCheckpointRunning() { try makeWayForCheckpoint() }
+                let t = monotonicMicroseconds()
+                if t < nextCutUs && t - lastWatchdogUs < options.pollIntervalUs { continue }
+            }
+            lastWatchdogUs = monotonicMicroseconds()
+            if changed && debounceUs > 0 {
                 // Let a burst of commits land, then read them in one pass: far fewer WAL reads.
                 // Meanwhile the wal-index is sampled every few milliseconds, so each commit is
                 // still stamped with when it became visible. Never past the next cut.

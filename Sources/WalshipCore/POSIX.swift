@@ -117,6 +117,18 @@ public final class RawFile {
     }
 }
 
+/// Whether another process holds a POSIX record lock on one byte of an open file (F_GETLK:
+/// asks without taking anything, and never reports this process's own locks).
+public func byteLockedByAnotherProcess(_ fd: Int32, at offset: Int) -> Bool {
+    var fl = flock()
+    fl.l_type = Int16(F_WRLCK)
+    fl.l_whence = Int16(SEEK_SET)
+    fl.l_start = off_t(offset)
+    fl.l_len = 1
+    let rc = withUnsafeMutablePointer(to: &fl) { fcntl(fd, F_GETLK, UnsafeMutableRawPointer($0)) }
+    return rc == 0 && fl.l_type != Int16(F_UNLCK)
+}
+
 private let direntNameOffset = MemoryLayout<dirent>.offset(of: \dirent.d_name)!
 
 public enum FS {

@@ -271,6 +271,16 @@ public struct WalIndexHeader: Equatable, Sendable {
                               nBackfill: littleEndian32(b, at: 96))
     }
 
+    /// The same log at the same last commit (the backfill count aside).
+    public func samePosition(as other: WalIndexHeader) -> Bool {
+        mxFrame == other.mxFrame && salt1 == other.salt1 && salt2 == other.salt2
+    }
+
+    /// Byte offsets in the `-shm` file of SQLite's WAL locks (POSIX record locks, one byte
+    /// each): the writer lock, the checkpointer lock, then the read locks.
+    public static let writeLockByte: Int = 120
+    public static let checkpointLockByte: Int = 121
+
     /// True when this index describes the log that `header` starts.
     public func describes(_ header: WalHeader) -> Bool { salt1 == header.salt1 && salt2 == header.salt2 }
 }

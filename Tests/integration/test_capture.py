@@ -276,3 +276,52 @@ def test_restart_after_a_first_run_without_wal_continues_the_generation(tmp_path
     assert "continuing generation" in log and "starting a new generation" not in log, log[-2000:]
     out = restore_latest(replica, tmp_path / "out.db")
     assert [r[1] for r in table_contents(out, ("usuarios",))["usuarios"]] == ["first", "while away"]
+
+
+def test_application_truncate_checkpoints_complete_beside_the_agent(tmp_path, agent_factory):
+    """An application that runs PRAGMA wal_checkpoint(TRUNCATE) beside a writer: with the
+    agent's pin in the way each one used to wait out its whole busy timeout and then give up,
+    and the writer behind it got "database is locked". The agent must make way: every
+    checkpoint completes, the writer never fails, and nothing is lost."""
+    import threading
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=2)
+    agent = agent_factory(db, [url(replica)]).start().wait_ready()   # default 1 s sync interval
+    errors, results, done = [], [], threading.Event()
+
+    def write():
+        con = sqlite3.connect(str(db), isolation_level=None, timeout=5)
+        try:
+            for i in range(150):
+                con.execute("INSERT INTO tickets(usuario_id, titulo, estado, prioridad, creado) VALUES(1, ?, 'a', 1, 0)", (f"t{i}",))
+                time.sleep(0.01)
+        except sqlite3.Error as e:
+            errors.append(f"writer: {e}")
+        finally:
+            con.close()
+            done.set()
+
+    def checkpoint():
+        con = sqlite3.connect(str(db), isolation_level=None, timeout=5)
+        try:
+            for _ in range(8):
+                results.append(con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+                time.sleep(0.1)
+        except sqlite3.Error as e:
+            errors.append(f"checkpointer: {e}")
+        finally:
+            con.close()
+
+    threads = [threading.Thread(target=write), threading.Thread(target=checkpoint)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert len(results) == 8 and all(r[0] == 0 for r in results), \
+        f"application checkpoints did not complete (busy, log, checkpointed): {results}\n{agent.read_log()[-2000:]}"
+    time.sleep(1.5)
+    agent.stop()
+    checkpoint_truncate(db)
+    out = restore_latest(replica, tmp_path / "out.db")
+    assert file_bytes_equal(db, out), "a transaction was lost"
