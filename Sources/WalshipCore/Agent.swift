@@ -266,8 +266,9 @@ public final class Agent {
                     restoreRunningValues()
                     try recoverSpool()
                     logger.info("continuing generation", metadata: meta.merging(["generation": "\(state.generation)", "txid": "\(state.lastTxid)"]) { a, _ in a })
-                    // Transactions committed while the agent was away.
-                    try pollAndAppend()
+                    // What was committed while the agent was away is read once the lock is
+                    // released (below); a restart of the log before then is caught.
+                    if let index = readWalIndex(), let h = tailer.header, index.describes(h) { restartGuard = index }
                 }
             }
             if !continued {
@@ -278,15 +279,20 @@ public final class Agent {
                 }
                 tailer.adopt(try tailer.readHeader())
                 try consumeWithoutShipping()
+                // The snapshot of a new generation, and every segment after, rest on the
+                // tailer's reading of the WAL: it must agree with SQLite's wal-index.
+                if let why = divergenceFromWalIndex() { throw AgentError.unreadableWAL(dbPath, why) }
             }
-            // The snapshot of a new generation, and every segment after, rest on the tailer's
-            // reading of the WAL: it must agree with SQLite's wal-index before anything ships.
-            if let why = divergenceFromWalIndex() { throw AgentError.unreadableWAL(dbPath, why) }
             try repin()
         }
         if !continued {
             try startGeneration(reason: previous == nil ? "first run" : "continuity lost while the agent was stopped", previous: previous)
         } else {
+            // The backlog, read without the write lock: gigabytes committed while the agent
+            // was away must not hold up the application. The pin taken above keeps those
+            // frames in the log (a read mark forbids a restart), unless they were all copied
+            // back already; then a restart before they are read starts a new generation.
+            try pollAndAppend()
             try cutSegment()
         }
         kickShippers()

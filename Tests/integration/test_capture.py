@@ -325,3 +325,70 @@ def test_application_truncate_checkpoints_complete_beside_the_agent(tmp_path, ag
     checkpoint_truncate(db)
     out = restore_latest(replica, tmp_path / "out.db")
     assert file_bytes_equal(db, out), "a transaction was lost"
+
+
+def test_restart_after_a_large_backlog_is_exact_while_the_application_writes(tmp_path, agent_factory):
+    """About 40 MB committed while the agent was stopped (the application keeps its connection,
+    so nothing is checkpointed away), and the application goes on writing while the agent
+    starts and reads that backlog (without the write lock): the chain continues and the
+    latest restore is exact. Some seconds, the application checkpoints everything just
+    before the start, so a restart can race the backlog read: then a new generation is fine,
+    a silent loss is not."""
+    import threading
+    for variant in ("plain", "backfilled"):
+        d = tmp_path / variant
+        d.mkdir()
+        db, replica = d / "app.db", d / "replica"
+        create_ticket_db(db, rows=2)
+        agent = agent_factory(db, [url(replica)], ["--sync-interval", "200ms"], log_path=d / "agent1.log").start().wait_ready()
+        con = sqlite3.connect(str(db), isolation_level=None, timeout=10)
+        if variant == "plain":   # nothing is copied back while the agent is away
+            con.execute("PRAGMA wal_autocheckpoint=0")
+        con.execute("INSERT INTO usuarios(nombre, email) VALUES('seen', 's@example.com')")
+        time.sleep(0.5)
+        agent.stop()
+        con.execute("BEGIN")
+        for i in range(400):
+            con.execute("INSERT INTO interacciones(ticket_id, texto, creado) VALUES(1, ?, 0)", ("y" * 100_000,))
+            if i % 40 == 39:
+                con.execute("COMMIT")
+                con.execute("BEGIN")
+        con.execute("COMMIT")
+        if variant == "backfilled":
+            con.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        stop = threading.Event()
+        errors = []
+
+        def write():
+            w = sqlite3.connect(str(db), isolation_level=None, timeout=10)
+            if variant == "plain":
+                w.execute("PRAGMA wal_autocheckpoint=0")
+            try:
+                i = 0
+                while not stop.is_set():
+                    w.execute("INSERT INTO usuarios(nombre, email) VALUES(?, 'w@example.com')", (f"w{i}",))
+                    i += 1
+                    time.sleep(0.005)
+            except sqlite3.Error as e:
+                errors.append(str(e))
+            finally:
+                w.close()
+
+        t = threading.Thread(target=write)
+        t.start()
+        agent2 = agent_factory(db, [url(replica)], ["--sync-interval", "200ms"], log_path=d / "agent2.log").start().wait_ready(timeout=60)
+        time.sleep(1)
+        stop.set()
+        t.join()
+        con.close()
+        assert not errors, errors
+        time.sleep(0.6)
+        agent2.stop()
+        log = agent2.read_log()
+        if variant == "plain":
+            assert "continuing generation" in log and "starting a new generation" not in log, log[-2000:]
+        checkpoint_truncate(db)
+        out = restore_latest(replica, d / "out.db")
+        assert file_bytes_equal(db, out), f"{variant}: the latest restore is not exact\n{log[-2000:]}"
+        p = run_walship("verify", url(replica))
+        assert p.returncode == 0, p.stdout + p.stderr
