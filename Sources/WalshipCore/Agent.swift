@@ -208,9 +208,12 @@ public final class Agent {
         try spool.clearWork()
         dbFile = try RawFile(path: dbPath, flags: O_RDONLY)
         // One agent per database, whatever its spool: an flock on the database file itself
-        // (flock and SQLite's POSIX locks do not interact; this descriptor stays open).
+        // (flock and SQLite's POSIX record locks do not interact on local filesystems; this
+        // descriptor stays open for the agent's life).
         if flock(dbFile.fd, LOCK_EX | LOCK_NB) != 0 {
-            throw AgentError.databaseLocked(dbPath, flockHolder(of: dbFile))
+            let err = Glibc.errno
+            if err == EWOULDBLOCK { throw AgentError.databaseLocked(dbPath, flockHolder(of: dbFile)) }
+            throw SystemError(errno: err, context: "lock \(dbPath) (flock; the database must be on a local filesystem)")
         }
         shmFile = try? RawFile.openIfExists(dbPath + "-shm")
         tailer.walIndex = { [weak self] in self?.readWalIndex() }
@@ -454,15 +457,33 @@ public final class Agent {
     /// Returns false without running it when the lock is busy and `patient` is false.
     @discardableResult
     private func withWriteLock(patient: Bool = false, waitMs: Int32 = 0, _ body: () throws -> Void) throws -> Bool {
-        writer.setBusyTimeout(milliseconds: patient ? 10_000 : waitMs)
-        do { try writer.execute("BEGIN IMMEDIATE") } catch let e as SQLiteError where e.isBusy {
-            if patient { throw AgentError.writeLockUnavailable(dbPath) }
-            return false
+        // Re-entrant: a step that needs the lock may run inside one that holds it already.
+        if holdingWriteLock { try body(); return true }
+        let deadline = monotonicMicroseconds() + (patient ? 10_000_000 : 0)
+        while true {
+            writer.setBusyTimeout(milliseconds: patient ? 50 : waitMs)
+            do {
+                try writer.execute("BEGIN IMMEDIATE")
+                break
+            } catch let e as SQLiteError where e.isBusy {
+                if !writer.isAutocommit { try? writer.execute("ROLLBACK") }
+                guard patient else { return false }
+                if monotonicMicroseconds() >= deadline { throw AgentError.writeLockUnavailable(dbPath) }
+                // An application checkpoint may hold the lock while it waits for the pin.
+                if !makingWay && blockingCheckpointRunning() {
+                    makingWay = true
+                    defer { makingWay = false }
+                    try makeWayForCheckpoint()
+                }
+            }
         }
-        defer { try? writer.execute("ROLLBACK") }
+        holdingWriteLock = true
+        defer { holdingWriteLock = false; try? writer.execute("ROLLBACK") }
         try body()
         return true
     }
+    private var holdingWriteLock = false
+    private var makingWay = false
 
     /// Replaces the pin with a read transaction at the current end of the WAL. Only call while
     /// holding the write lock, after reading the WAL to its end.
@@ -550,6 +571,14 @@ public final class Agent {
         if try movePinWithoutLock() {
             lastCourtesy = (key, now)
             status.update { $0.checkpoints["application-waited", default: 0] += 1 }
+            var marks = [UInt8](repeating: 0, count: 24)
+            if let f = shmFile { _ = try? marks.withUnsafeMutableBytes { try f.read(at: 100, into: $0) } }
+            let m = marks.withUnsafeBytes { b in (0..<5).map { littleEndian32(b, at: $0 * 4) } }
+            logger.debug("pin moved for an application checkpoint", metadata: ["wal.mxFrame": "\(index.mxFrame)", "wal.backfilled": "\(index.nBackfill)", "marks": "\(m)"])
+        } else {
+            logger.debug("could not move the pin for an application checkpoint yet", metadata: [
+                "wal.mxFrame": "\(index.mxFrame)", "tailer.frames": "\(tailer.framesInLog)",
+                "same.log": "\(tailer.header.map { index.describes($0) } ?? false)"])
         }
     }
     private var lastCourtesy: (key: (UInt32, UInt32, Bool), atUs: Int64)?
@@ -574,6 +603,10 @@ public final class Agent {
             // accepted as continuity only once they are read.
             if let after = readWalIndex(), after.describes(h) {
                 restartGuard = after
+            } else if let after = readWalIndex(), after.mxFrame == 0, blockingCheckpointRunning() {
+                // A RESTART or TRUNCATE checkpoint restarted the log while holding the writer
+                // lock throughout: nothing committed after `before`, which was read to its end.
+                restartGuard = before
             } else {
                 // The log restarted in between: whether it dropped unread frames cannot be told.
                 restartGuard = WalIndexHeader(mxFrame: UInt32.max, salt1: h.salt1, salt2: h.salt2)
@@ -692,7 +725,9 @@ public final class Agent {
         guard bytesSinceRoomCheck >= 64 << 10 else { return }
         bytesSinceRoomCheck = 0
         let room = SpoolRoom(of: spool.dir)
-        if room.short { try shedSpool(room: room) }
+        // Under the write lock only when the disk is critically short: shedding lists and
+        // stats the spool, which the application must not wait for otherwise.
+        if room.critical || (room.short && !holdingWriteLock) { try shedSpool(room: room) }
     }
 
     /// Applies one transaction to the page-hash table and returns the XOR to apply to the
@@ -946,10 +981,12 @@ public final class Agent {
         // sorts after every generation known, even when the wall clock went back since.
         var known = previous.map { max($0.lastTxid, lastTxid) }
         var newestUs = previous.flatMap { GenerationID.creationTimeUs($0.generation) } ?? 0
-        for r in replicas {
+        // With a saved state, its generation is the newest this database wrote; without one
+        // (a first run, a lost spool), the replicas are asked.
+        for r in replicas where previous == nil {
             do {
                 let gens = try listGenerations(r)
-                if previous == nil, let last = gens.compactMap(\.lastTxid).max() { known = max(known ?? 0, last) }
+                if let last = gens.compactMap(\.lastTxid).max() { known = max(known ?? 0, last) }
                 for g in gens { newestUs = max(newestUs, GenerationID.creationTimeUs(g.id) ?? 0) }
             } catch {
                 logger.warning("could not list a replica's generations before starting a new one; its id and txids follow what else is known",
@@ -1092,8 +1129,10 @@ public final class Agent {
         let locked = try withWriteLock(waitMs: 20) {
             try pollAndAppend()
             diverged = divergenceFromWalIndex()
-            if let index = readWalIndex(), index.nBackfill >= index.mxFrame { fullyCopied = true }
             try repin()
+            // Read after the new pin started: under the write lock nBackfill can only grow, so
+            // a count short of mxFrame now proves the pin holds a read mark (no restart).
+            if let index = readWalIndex(), index.nBackfill >= index.mxFrame { fullyCopied = true }
         }
         if let why = diverged { try recoverFromDivergence(why); return }
         guard locked else {
@@ -1163,12 +1202,14 @@ public final class Agent {
                 let until = min(monotonicMicroseconds() + debounceUs, nextCutUs)
                 sampleVisibility()
                 while !stopRequested && monotonicMicroseconds() < until {
-                    usleep(UInt32(max(500, min(sampleEveryUs, until - monotonicMicroseconds()))))
+                    usleep(UInt32(max(500, min(checkpointerCheckUs, sampleEveryUs, until - monotonicMicroseconds()))))
                     sampleVisibility()
+                    if blockingCheckpointRunning() { try makeWayForCheckpoint() }
                 }
             }
             if stopRequested { break }
             try pollAndAppend()
+            if blockingCheckpointRunning() { try makeWayForCheckpoint() }
             let t = monotonicMicroseconds()
             if t >= nextCutUs {
                 if segment != nil {
@@ -1408,7 +1449,12 @@ public final class Agent {
         // Every job started must end before the agent does: uploads and housekeeping on the
         // replicas' queues (housekeeping stops between jobs), and a restore drill under way.
         for s in shippers { s.stopAndWait() }
-        verifyQueue.sync {}
+        let drill = DispatchGroup()
+        drill.enter()
+        verifyQueue.async { drill.leave() }
+        if drill.wait(timeout: .now() + 60) == .timedOut {
+            logger.warning("a restore drill is still running at shutdown; stopping without waiting for it", metadata: meta)
+        }
         if !pin.isAutocommit { try? pin.execute("COMMIT") }
         // Released now, not when the object goes: a restart takes them again at once.
         flock(dbFile.fd, LOCK_UN)

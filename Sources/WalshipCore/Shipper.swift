@@ -140,6 +140,8 @@ final class Shipper {
             }
             var failed = false
             for e in entries {
+                // Shutdown waits for the upload under way, not for a whole backlog.
+                if isStopping { mutex.locked { _running = false }; return }
                 if let dropped = droppedGeneration {
                     if e.key.hasPrefix("generations/\(dropped)/") || e.key.hasPrefix(Spool.deletionPrefix + "generations/\(dropped)/") {
                         mutex.locked { _acked = e.sequence }   // part of the dropped backlog

@@ -45,6 +45,29 @@ def histogram(pairs, lo=1e-5, hi=10.0, per_decade=20):
     return {"lo": lo, "hi": hi, "per_decade": per_decade, "counts": counts}
 
 
+class WalSizeWatch:
+    """Samples the size of the database's WAL file every 50 ms; keeps the largest."""
+
+    def __init__(self, db):
+        import threading
+        self.path, self.largest, self.stop_flag = db + "-wal", 0, False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop_flag:
+            try:
+                self.largest = max(self.largest, os.path.getsize(self.path))
+            except OSError:
+                pass
+            time.sleep(0.05)
+
+    def stop(self):
+        self.stop_flag = True
+        self.thread.join()
+        return self.largest
+
+
 def overhead_run(ctx, tool, seconds, filler_mb, base_db):
     name = tool.name if tool else "none"
     d = ctx.dir(f"overhead-{name}")
@@ -61,6 +84,7 @@ def overhead_run(ctx, tool, seconds, filler_mb, base_db):
             tp = start_tool(tool, db, FileReplica(os.path.join(d, "replica")), "1s", logpath, 600)
             res["startup_cost"] = proc_cost(tp.pid)
         wp = start_writer(db, p["rate"], p["size"], seconds, ctx.seed, d, txn_size=p["txn_size"], lat_file=lat)
+        wal_watch = WalSizeWatch(db)
         c0 = proc_cost(tp.pid) if tp else None
         t_steady_end = wp.t0 + seconds * STEADY_FRACTION
         time.sleep(max(0.0, t_steady_end - time.time()))
@@ -71,6 +95,7 @@ def overhead_run(ctx, tool, seconds, filler_mb, base_db):
             res["snapshot"] = {"t_start": s0 - wp.t0, "seconds": dur, "rc": r.returncode,
                                "output": (r.stdout + r.stderr).strip()[-300:]}
         res["writer"] = writer_result(wp, seconds + 120)
+        res["wal_max_bytes"] = wal_watch.stop()
         if tp:
             c2 = proc_cost(tp.pid)
             res["cpu_steady_s"] = c1["cpu_s"] - c0["cpu_s"]

@@ -249,6 +249,27 @@ def summarize(results):
             targets[f"S3: walship <= 1 shipping PUT per interval ({iv})"] = w["puts_per_interval"] <= 1.0
             targets["S3: walship other requests (compaction PUTs included) <= 5 % of shipping PUTs"] = (w.get("others_pct_of_puts") or 0) <= 5.0
 
+    # ---------------------------------------------------------------- application checkpoints
+    ac = results.get("app_checkpoint")
+    if ac:
+        rows = []
+        for name in ("none",) + TOOLS:
+            r = ac.get(name) or {}
+            if "checkpoints" not in r:
+                continue
+            rows.append(["writer alone" if name == "none" else name, f"{r['writer']['rate']:.0f}",
+                         f"{r['checkpoints_completed']}/{r['checkpoints']}",
+                         fmt(r.get("checkpoint_p50_s") and r["checkpoint_p50_s"] * 1000, "{:.1f}"),
+                         fmt(r.get("checkpoint_max_s") and r["checkpoint_max_s"] * 1000, "{:.1f}"),
+                         fmt(r.get("commit_p99_s") and r["commit_p99_s"] * 1000, "{:.2f}"),
+                         fmt(r.get("commit_max_s") and r["commit_max_s"] * 1000, "{:.1f}")])
+        sec["app_checkpoint"] = md_table(
+            ["run", "writer tx/s", "TRUNCATE completed", "TRUNCATE p50 (ms)", "TRUNCATE max (ms)",
+             "commit p99 (ms)", "longest commit (ms)"], rows)
+        w, l = ac.get("walship") or {}, ac.get("litestream") or {}
+        peer.add("longest commit beside application TRUNCATE checkpoints (s)", w.get("commit_max_s"), l.get("commit_max_s"), "{:.3f}")
+        peer.add("application TRUNCATE checkpoint, longest (s)", w.get("checkpoint_max_s"), l.get("checkpoint_max_s"), "{:.3f}")
+
     # ---------------------------------------------------------------- overhead
     ov = results.get("overhead")
     if ov:
@@ -266,10 +287,12 @@ def summarize(results):
                          (f"{snap['max'] * 1000:.1f} ({r['snapshot']['seconds']:.2f} s)" if snap and snap.get("n")
                           else "n/a"),
                          fmt(r.get("cpu_steady_pct"), "{:.1f} %"),
-                         fmt(r.get("vmhwm_kb") and r["vmhwm_kb"] / 1024, "{:.1f} MiB")])
+                         fmt(r.get("vmhwm_kb") and r["vmhwm_kb"] / 1024, "{:.1f} MiB"),
+                         fmt(r.get("wal_max_bytes") and r["wal_max_bytes"] / 2**20, "{:.1f} MiB")])
         sec["overhead"] = md_table(
             ["run", "writer tx/s", "commit p50 (ms)", "p90 (ms)", "p99 (ms)", "p99.9 (ms)", "max, steady (ms)",
-             "max, whole run (ms)", "max during forced snapshot (ms)", "agent CPU, steady", "agent peak RSS"], rows)
+             "max, whole run (ms)", "max during forced snapshot (ms)", "agent CPU, steady", "agent peak RSS",
+             "largest WAL"], rows)
         w, l = ov.get("walship") or {}, ov.get("litestream") or {}
         g = lambda r, k, q: ((r.get(k) or {}).get(q))  # noqa: E731
         peer.add("agent CPU, steady writes (% of one core)", w.get("cpu_steady_pct"), l.get("cpu_steady_pct"),
@@ -506,6 +529,14 @@ def results_md(results, peer, sec, tgt, plots, rel):
                 "Agent CPU over the steady window.", "", sec["overhead"], ""]
         if plots.get("latency"):
             out += [f"![Commit latency with and without the agent]({rel}{plots['latency']})", ""]
+    if "app_checkpoint" in sec:
+        ac = results["app_checkpoint"]
+        out += ["## Application checkpoints beside the agent", "",
+                f"{ac['seconds']} s of writes; meanwhile the application's second connection runs "
+                f"`PRAGMA wal_checkpoint(TRUNCATE)` every {ac['every_s'] * 1000:.0f} ms with a "
+                f"{ac['busy_timeout_ms']} ms busy timeout. \"Completed\" counts checkpoints that returned "
+                "busy = 0; a checkpoint that waits holds the writer lock, so the writer waits with it.", "",
+                sec["app_checkpoint"], ""]
     if any(k in sec for k in ("rto_size", "rto_wal", "s3_restore")):
         out += ["## Restore time (RTO)", "",
                 "Both tools restore without an integrity check (`--integrity none`, Litestream's default); "
