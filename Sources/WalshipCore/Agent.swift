@@ -518,7 +518,7 @@ public final class Agent {
         }
         if index.describes(h) {
             return Int(index.mxFrame) == tailer.framesInLog ? nil
-                : "the wal-index's last commit is frame \(index.mxFrame), the tailer's is \(tailer.framesInLog)"
+                : "the wal-index's last commit is frame \(index.mxFrame), the tailer's is \(tailer.framesInLog); \(tailer.describeFrameAfterCommit())"
         }
         // Other salts: a writer restarted the log but wrote no commit (it rolled back).
         return index.mxFrame == 0 ? nil : "the wal-index describes another log (salts differ) with \(index.mxFrame) committed frames"

@@ -218,6 +218,29 @@ final class WalTailer {
         return committedFrames == position.frames && committedChecksum == position.checksum
     }
 
+    /// What stands in the WAL file right after the last commit the tailer read, for error
+    /// messages: whether that frame has the log's salts, whether its checksum continues the
+    /// chain, and whether it continues the checksum stored in the frame before it.
+    func describeFrameAfterCommit() -> String {
+        guard let f = try? openFile(), let h = header else { return "no WAL header" }
+        let index = committedFrames + 1
+        guard let b = try? f.read(at: h.frameOffset(index), count: h.frameSize), b.count == h.frameSize else {
+            return "frame \(index) is past the end of the file"
+        }
+        return b.withUnsafeBytes { raw in
+            let salts = bigEndian32(raw, at: 8) == h.salt1 && bigEndian32(raw, at: 12) == h.salt2
+            var v = WalFrameValidator(header: h, resumeAfter: committedFrames, checksum: committedChecksum)
+            let chains = v.validate(raw) != nil
+            var storedPrev = "n/a"
+            if index > 1, let p = try? f.read(at: h.frameOffset(index - 1) + 16, count: 8), p.count == 8 {
+                let prev = p.withUnsafeBytes { WalChecksum(bigEndian32($0, at: 0), bigEndian32($0, at: 4)) }
+                var w = WalFrameValidator(header: h, resumeAfter: committedFrames, checksum: prev)
+                storedPrev = w.validate(raw) != nil ? "yes" : "no"
+            }
+            return "frame \(index): page \(bigEndian32(raw, at: 0)), commit size \(bigEndian32(raw, at: 4)), salts \(salts ? "match" : "differ"), chains from the last commit: \(chains ? "yes" : "no"), from the previous frame's stored checksum: \(storedPrev)"
+        }
+    }
+
     /// Reads one page image out of a committed frame.
     func readPage(frameIndex: Int, into buf: UnsafeMutableRawBufferPointer) throws {
         guard let f = try openFile(), let h = header else { throw SystemError(errno: EIO, context: "WAL \(walPath) vanished") }
