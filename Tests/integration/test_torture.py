@@ -16,12 +16,14 @@ STEPS = 45
 # Chosen for variety: page sizes 512 / 4096 / 1024, auto_vacuum NONE / FULL / INCREMENTAL,
 # SIGSTOP and SIGTERM restarts, SIGKILL and a replica outage, snapshot requests, and runs that
 # end with a rolled-back spill followed by one small commit.
-# Seeds 2 and 6 reach a WAL that the agent cannot read consistently with SQLite's wal-index
-# (frame 1 carries other salts than the header while the index counts committed frames): the
-# agent now refuses to ship from it, loudly, instead of snapshotting a wrong view. Open bug;
-# they are kept here as expected failures so that the day they pass is seen.
+# With seeds 2 and 6 the application's own WAL gets zero-filled frames inside its committed
+# part (seen with no agent running, SQLite 3.40.1). The harness notices such a hole by itself
+# and then requires only that the agent reported it; whether the agent stopped or started a
+# new generation depends on timing, and a hole the watcher samples too late leaves an
+# unexcused self-check report. Kept as non-strict expected failures until the workload step
+# that makes the hole is isolated.
 KNOWN_OPEN = {2, 6}
-SEEDS = [pytest.param(s, marks=pytest.mark.xfail(reason="open capture bug: WAL unreadable against the wal-index", strict=False))
+SEEDS = [pytest.param(s, marks=pytest.mark.xfail(reason="the application's WAL gets zero-filled committed frames", strict=False))
          if s in KNOWN_OPEN else s for s in (2, 4, 6)]
 
 
