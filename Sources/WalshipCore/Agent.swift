@@ -644,12 +644,19 @@ public final class Agent {
                     return
                 }
                 restartGuard = nil
-                if old == nil || old!.couldRestart(to: new) {
+                // The same salts in a rewritten header: a writer wrote the header of a log
+                // that had nothing committed yet (a transaction that rolled back), and the
+                // next one wrote it again with its own checkpoint counter. Nothing was read
+                // under the old header, so nothing can be missed.
+                let rewrittenEmpty = old.map { $0.pageSize == new.pageSize && tailer.framesInLog == 0 } ?? false
+                if old == nil || old!.couldRestart(to: new) || rewrittenEmpty {
                     logger.debug("WAL restarted", metadata: ["wal.salt1": "\(new.salt1)", "wal.checkpoint_seq": "\(new.checkpointSequence)"])
                     tailer.adopt(new)
                     continue
                 }
-                logger.warning("the WAL changed page size; starting a new generation", metadata: meta)
+                let what = old!.pageSize != new.pageSize ? "the WAL changed page size (\(old!.pageSize) to \(new.pageSize))"
+                    : "the WAL header was rewritten with the same salts after \(tailer.framesInLog) committed frames (checkpoint sequence \(old!.checkpointSequence) to \(new.checkpointSequence))"
+                logger.warning("\(what); starting a new generation", metadata: meta)
                 try withWriteLock(patient: true) {
                     tailer.adopt(try tailer.readHeader())
                     try consumeWithoutShipping()
