@@ -530,16 +530,22 @@ public final class Agent {
         logger.error("capture self-check failed: the WAL as read differs from what SQLite committed; starting a new generation",
                      metadata: meta.merging(["reason": "\(why)"]) { a, _ in a })
         status.countError("capture-divergence")
+        try startGenerationFromCurrentWAL(reason: "capture self-check failed: \(why)")
+    }
+
+    /// Reads the WAL afresh to its end without shipping it (its content goes into the new
+    /// snapshot), pins there, and starts a new generation. A snapshot is built from the
+    /// tailer's map of the WAL: if reading the log afresh still disagrees with SQLite's
+    /// wal-index, that snapshot would be wrong, so the agent stops, loudly.
+    private func startGenerationFromCurrentWAL(reason: String) throws {
         try withWriteLock(patient: true) {
             tailer.adopt(try tailer.readHeader())
             try consumeWithoutShipping()
-            // A snapshot is built from the tailer's map of the WAL: if reading the log afresh
-            // still disagrees with SQLite, that snapshot would be wrong. Stop, loudly.
             if let still = divergenceFromWalIndex() { throw AgentError.unreadableWAL(dbPath, still) }
             try repin()
         }
         try cutSegment()
-        try startGeneration(reason: "capture self-check failed: \(why)", previous: state)
+        try startGeneration(reason: reason, previous: state)
     }
 
     // MARK: application checkpoints
@@ -634,13 +640,7 @@ public final class Agent {
                     restartGuard = nil
                     logger.warning("the WAL restarted before every frame of the previous log was read; starting a new generation",
                                    metadata: meta.merging(["wal.frames.read": "\(tailer.framesInLog)", "wal.frames.committed": "\(g.mxFrame)"]) { a, _ in a })
-                    try withWriteLock(patient: true) {
-                        tailer.adopt(try tailer.readHeader())
-                        try consumeWithoutShipping()
-                        try repin()
-                    }
-                    try cutSegment()
-                    try startGeneration(reason: "WAL restarted before it was read to its end", previous: state)
+                    try startGenerationFromCurrentWAL(reason: "WAL restarted before it was read to its end")
                     return
                 }
                 restartGuard = nil
@@ -657,13 +657,7 @@ public final class Agent {
                 let what = old!.pageSize != new.pageSize ? "the WAL changed page size (\(old!.pageSize) to \(new.pageSize))"
                     : "the WAL header was rewritten with the same salts after \(tailer.framesInLog) committed frames (checkpoint sequence \(old!.checkpointSequence) to \(new.checkpointSequence))"
                 logger.warning("\(what); starting a new generation", metadata: meta)
-                try withWriteLock(patient: true) {
-                    tailer.adopt(try tailer.readHeader())
-                    try consumeWithoutShipping()
-                    try repin()
-                }
-                try cutSegment()
-                try startGeneration(reason: "WAL continuity lost", previous: state)
+                try startGenerationFromCurrentWAL(reason: "WAL continuity lost")
                 return
             case .transactions(let txns):
                 for t in txns { try append(t) }
