@@ -151,6 +151,8 @@ public final class Agent {
     private var stopRequested = false
     private var bytesSinceRoomCheck = 0
     private var restartRequested = false
+    /// The tailer's position when the wal-index was last seen ahead of it (stuck detection).
+    private var stuckAt: Int?
     private var inotifyFD: Int32 = -1
     private var wakePipe: [Int32] = [-1, -1]
 
@@ -1256,6 +1258,17 @@ public final class Agent {
                     }
                 }
                 if databaseWasReplaced() { restartRequested = true; break }
+                // A tailer stuck behind what SQLite committed cuts nothing, so the self-check
+                // at the cut would never run: when the wal-index runs ahead of the tailer
+                // (read without locks, a hint), check it under the write lock now.
+                // Only when it made no progress for a whole tick: under load the index is often
+                // a commit or two ahead for a moment.
+                if let index = readWalIndex(), let h = tailer.header, index.describes(h), Int(index.mxFrame) > tailer.framesInLog {
+                    if stuckAt == tailer.framesInLog { try movePinToEnd() }
+                    stuckAt = tailer.framesInLog
+                } else {
+                    stuckAt = nil
+                }
                 try enforceSpoolLimit()
                 if segment == nil && persistedTableTxid < state.tableTxid {
                     try saveState()   // records the flushed table, so the last segment can leave the spool
