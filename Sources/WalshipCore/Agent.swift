@@ -584,10 +584,7 @@ public final class Agent {
         if try movePinWithoutLock() {
             lastCourtesy = (key, now)
             status.update { $0.checkpoints["application-waited", default: 0] += 1 }
-            var marks = [UInt8](repeating: 0, count: 24)
-            if let f = shmFile { _ = try? marks.withUnsafeMutableBytes { try f.read(at: 100, into: $0) } }
-            let m = marks.withUnsafeBytes { b in (0..<5).map { littleEndian32(b, at: $0 * 4) } }
-            logger.debug("pin moved for an application checkpoint", metadata: ["wal.mxFrame": "\(index.mxFrame)", "wal.backfilled": "\(index.nBackfill)", "marks": "\(m)"])
+            logger.debug("pin moved for an application checkpoint", metadata: ["wal.mxFrame": "\(index.mxFrame)", "wal.backfilled": "\(index.nBackfill)"])
         } else {
             logger.debug("could not move the pin for an application checkpoint yet", metadata: [
                 "wal.mxFrame": "\(index.mxFrame)", "tailer.frames": "\(tailer.framesInLog)",
@@ -610,13 +607,14 @@ public final class Agent {
         try pin.execute("BEGIN")
         _ = try pin.query("SELECT count(*) FROM sqlite_master")
         lastRepinUs = monotonicMicroseconds()
-        guard let after = readWalIndex(), after.samePosition(as: before) else {
+        let after = readWalIndex()
+        guard let after, after.samePosition(as: before) else {
             // Something committed meanwhile, so the pin may stand past frames not read yet.
             // Those cannot be overwritten before a restart of this log, and a restart is
             // accepted as continuity only once they are read.
-            if let after = readWalIndex(), after.describes(h) {
+            if let after, after.describes(h) {
                 restartGuard = after
-            } else if let after = readWalIndex(), after.mxFrame == 0, blockingCheckpointRunning() {
+            } else if let after, after.mxFrame == 0, blockingCheckpointRunning() {
                 // A RESTART or TRUNCATE checkpoint restarted the log while holding the writer
                 // lock throughout: nothing committed after `before`, which was read to its end.
                 restartGuard = before
