@@ -153,6 +153,8 @@ public final class Agent {
     private var restartRequested = false
     /// The tailer's position when the wal-index was last seen ahead of it (stuck detection).
     private var stuckAt: Int?
+    /// Compares the database file with the page-hash table after complete checkpoints.
+    private var scrub = DatabaseScrub()
     private var inotifyFD: Int32 = -1
     private var wakePipe: [Int32] = [-1, -1]
 
@@ -529,7 +531,7 @@ public final class Agent {
     /// What the tailer read and what SQLite committed differ: nothing read since the last
     /// proven point can be trusted, so a new generation starts from a snapshot (G2).
     private func recoverFromDivergence(_ why: String) throws {
-        logger.error("capture self-check failed: the WAL as read differs from what SQLite committed; starting a new generation",
+        logger.error("capture self-check failed: what the replicas hold differs from what SQLite committed; starting a new generation",
                      metadata: meta.merging(["reason": "\(why)"]) { a, _ in a })
         status.countError("capture-divergence")
         try startGenerationFromCurrentWAL(reason: "capture self-check failed: \(why)")
@@ -716,6 +718,7 @@ public final class Agent {
         var logical = dbPages
         dbChecksum ^= try updateTable(pages: hashes, commitSize: t.commitSize, logicalSize: &logical)
         dbPages = logical
+        for (pg, _) in hashes { scrub.noteWritten(pg) }
         try segment!.builder.write(SegmentCodec.transactionChecksum(dbChecksum))
         lastTxid = txid
         lastCommitTimeUs = now
@@ -1083,6 +1086,7 @@ public final class Agent {
                 table.discardPending()
                 try FS.rename(hashFile, spool.tablePath)
                 table = try PageHashTable(path: spool.tablePath)
+                scrub.forgetWritten()
                 dbChecksum = sum
                 dbPages = pages
             } else if sum != dbChecksum || pages != dbPages {
@@ -1124,6 +1128,7 @@ public final class Agent {
     /// follows as continuity. Skipped whenever the write lock is busy.
     private func checkpointCycle() throws {
         let start = monotonicMicroseconds()
+        let generationAtStart = state.generation
         // Step (b) runs without the write lock, so it must never be a checkpoint that races a
         // WAL restart (SQLite before 3.51.3 can then record a wrong backfill count). A writer
         // restarts the log only when every frame was copied back and no reader holds a read
@@ -1146,7 +1151,10 @@ public final class Agent {
             status.update { $0.checkpoints["skipped", default: 0] += 1 }
             return
         }
-        if fullyCopied { return }   // nothing to copy: the next writer restarts the log
+        if fullyCopied {   // nothing to copy: the next writer restarts the log
+            try compareDatabaseWithChain()
+            return
+        }
         let bulk = try checkpointer.checkpoint(.passive)
         var final: (busy: Bool, log: Int32, checkpointed: Int32)?
         try withWriteLock(waitMs: 20) {
@@ -1160,6 +1168,11 @@ public final class Agent {
             final = try checkpointer.checkpoint(.passive)
         }
         if let why = diverged { try recoverFromDivergence(why); return }
+        if let f = final, !f.busy, f.checkpointed == f.log, !pin.isAutocommit {
+            // The pin is back and nothing new was read: the file now holds the last txid's state.
+            try compareDatabaseWithChain()
+            if state.generation != generationAtStart { return }
+        }
         if pin.isAutocommit { _ = try movePinToEnd(patient: true) }
         let seconds = Double(monotonicMicroseconds() - start) / 1e6
         let result = final.map { !$0.busy && $0.checkpointed == $0.log ? "complete" : "partial" } ?? "partial"
@@ -1171,6 +1184,17 @@ public final class Agent {
         logger.debug("checkpoint", metadata: ["checkpoint.frames": "\(bulk.log)", "checkpoint.copied": "\(bulk.checkpointed)",
                                               "checkpoint.final": "\(final.map { "\($0.checkpointed)/\($0.log)" } ?? "skipped")",
                                               "checkpoint.ms": "\((monotonicMicroseconds() - start) / 1000)"])
+    }
+
+    /// The self-check after a complete checkpoint (DatabaseScrub): only while the pin holds
+    /// and before anything new is read from the WAL, so that the file, the table and the last
+    /// txid describe one state.
+    private func compareDatabaseWithChain() throws {
+        let t0 = monotonicMicroseconds()
+        let outcome = try scrub.compare(file: dbFile, pageSize: state.pageSize, pages: dbPages) { try table.get($0) }
+        logger.debug("database compared with the chain", metadata: ["compare.pages": "\(outcome.pagesCompared)",
+                                                                   "compare.ms": "\((monotonicMicroseconds() - t0) / 1000)"])
+        if let why = outcome.mismatch { try recoverFromDivergence(why) }
     }
 
     // MARK: main loop

@@ -392,3 +392,43 @@ def test_restart_after_a_large_backlog_is_exact_while_the_application_writes(tmp
         assert file_bytes_equal(db, out), f"{variant}: the latest restore is not exact\n{log[-2000:]}"
         p = run_walship("verify", url(replica))
         assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_database_page_changed_behind_sqlite_is_caught_after_a_checkpoint(tmp_path, agent_factory):
+    """After a complete checkpoint the database file must hold exactly what the replicas hold.
+    A page changed behind SQLite's back and never written again (what a missed transaction
+    leaves) is caught at the agent's next complete checkpoint: logged with the page, counted,
+    and a new generation whose restore equals the file."""
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=2)
+    marker = b"COLD-PAGE-MARKER-" * 200
+    con = sqlite3.connect(str(db), isolation_level=None, timeout=10)
+    con.execute("CREATE TABLE cold(b BLOB)")
+    con.execute("INSERT INTO cold VALUES(?)", (marker,))
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    agent = agent_factory(db, [url(replica)], ["--sync-interval", "100ms", "--checkpoint-frames", "10"]).start().wait_ready()
+    page_size = con.execute("PRAGMA page_size").fetchone()[0]
+    with open(db, "r+b") as f:
+        data = f.read()
+        at = data.index(marker[:17 * 20])
+        f.seek(at)
+        f.write(b"X")   # inside the blob: the file stays a valid database
+    page = at // page_size + 1
+    deadline = time.monotonic() + 30
+    i = 0
+    while time.monotonic() < deadline:
+        for _ in range(20):   # enough frames for a checkpoint cycle
+            con.execute("INSERT INTO usuarios(nombre, email) VALUES(?, 'x@example.com')", (f"n{i}",))
+            i += 1
+        time.sleep(0.2)
+        if f"page {page} of the database file differs" in agent.read_log():
+            break
+    con.close()
+    time.sleep(0.5)
+    agent.stop()
+    log = agent.read_log()
+    assert f"page {page} of the database file differs" in log, log[-3000:]
+    assert "starting a new generation" in log.split(f"page {page} of the database file differs", 1)[1], log[-3000:]
+    checkpoint_truncate(db)
+    out = restore_latest(replica, tmp_path / "out.db")
+    assert file_bytes_equal(db, out)
