@@ -1401,10 +1401,11 @@ public final class Agent {
         for (i, s) in shippers.enumerated() where s.lastError == nil && s.droppedGeneration == nil {
             let keeper = Housekeeper(replica: s.replica, workDir: spool.workDir, settings: settings, logger: logger)
             keeper.shouldStop = { [weak s] in s?.isStopping ?? true }
-            let status = self.status, logger = self.logger
+            let status = self.status, logger = self.logger, generation = state.generation
             s.housekeeping {
                 if s.isStopping { return }
                 do {
+                    guard try s.checkGenerationStillThere(generation) else { return }
                     let o = try keeper.run()
                     if o.deleted > 0 || o.compacted > 0 {
                         status.update {

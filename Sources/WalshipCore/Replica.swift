@@ -40,8 +40,14 @@ public protocol Replica: AnyObject {
     /// Every key under `prefix`, sorted.
     func list(prefix: String) throws -> [String]
     func delete(keys: [String]) throws
+    /// Whether the object is stored (one HEAD request on S3).
+    func contains(key: String) throws -> Bool
     /// Requests (or file operations) made, by type: PUT, GET, LIST, DELETE, HEAD.
     var requestCounts: Counters { get }
+}
+
+extension Replica {
+    public func contains(key: String) throws -> Bool { try list(prefix: key).contains(key) }
 }
 
 /// A flag shared between threads.
@@ -131,6 +137,14 @@ public final class FileReplica: Replica {
         guard FS.exists(path("generations/\(object.generation)/generation.json")) else {
             throw ReplicaError.generationVanished(displayURL, object.generation)
         }
+    }
+
+    public func contains(key: String) throws -> Bool {
+        requestCounts.add("HEAD")
+        var st = stat()
+        if lstat(path(key), &st) == 0 { return (st.st_mode & S_IFMT) == S_IFREG }
+        if errno == ENOENT || errno == ENOTDIR { return false }
+        throw ReplicaError.io(displayURL, "cannot look up \(key): \(String(cString: strerror(errno)))")
     }
 
     public func put(key: String, fromFile src: String) throws {

@@ -408,6 +408,8 @@ public final class S3Replica: Replica {
         }
     }
 
+    public func contains(key: String) throws -> Bool { try head(key: key) != nil }
+
     public func head(key: String) throws -> Int? {
         try mutex.locked {
             let r = try request("HEAD", "HEAD", key: key, headers: ["x-amz-content-sha256: \(SHA256.hexDigest([]))"],

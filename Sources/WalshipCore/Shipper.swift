@@ -43,6 +43,9 @@ final class Shipper {
     /// generation are skipped, and the agent starts a new generation once it answers again.
     private var _droppedGeneration: String?
     private var _reachableAgain = false
+    /// The generation of the last object this replica acknowledged (its generation.json was
+    /// acknowledged before it: objects ship in order).
+    private var _lastShippedGeneration: String?
 
     init(replica: Replica, spool: Spool, logger: Logger) {
         self.replica = replica
@@ -166,6 +169,7 @@ final class Shipper {
                         }
                     } else {
                         try replica.put(key: e.key, fromFile: e.path)
+                        if let g = ObjectKey.parse(e.key)?.generation { mutex.locked { _lastShippedGeneration = g } }
                     }
                     try spool.saveAck(id, e.sequence)
                     let uploaded = !e.key.hasPrefix(Spool.deletionPrefix)
@@ -176,15 +180,7 @@ final class Shipper {
                     }
                     backoffMs = 250
                 } catch ReplicaError.generationVanished(_, let gen) {
-                    // The replica lost the base of the chain: what follows would be
-                    // unrestorable. Its backlog of that generation goes, and the agent starts
-                    // a new generation (a snapshot first), as for a replica that returns
-                    // after its backlog was dropped.
-                    onError?()
-                    logger.error("the replica lost the current generation (deleted under the agent?); a new generation with a snapshot follows",
-                                 metadata: ["replica.url": "\(replica.displayURL)", "generation": "\(gen)"])
-                    dropBacklog(through: e.sequence, generation: gen)   // the rest of it is skipped as it comes
-                    mutex.locked { _reachableAgain = true; _lastError = "generation \(gen) vanished from the replica"; if _failingSinceUs == nil { _failingSinceUs = nowMicroseconds() } }
+                    lostGeneration(gen, through: e.sequence)
                     failed = true
                     break
                 } catch {
@@ -213,6 +209,31 @@ final class Shipper {
                 backoffMs = min(backoffMs * 2, 30_000)
             }
         }
+    }
+
+    /// The replica lost the base of the chain: what follows would be unrestorable. Its
+    /// backlog of that generation goes (the rest of it is skipped as it comes), and the agent
+    /// starts a new generation (a snapshot first), as for a replica that returns after its
+    /// backlog was dropped.
+    private func lostGeneration(_ gen: String, through sequence: UInt64) {
+        onError?()
+        logger.error("the replica lost the current generation (deleted under the agent?); a new generation with a snapshot follows",
+                     metadata: ["replica.url": "\(replica.displayURL)", "generation": "\(gen)"])
+        dropBacklog(through: sequence, generation: gen)
+        mutex.locked { _reachableAgain = true; _lastError = "generation \(gen) vanished from the replica"; if _failingSinceUs == nil { _failingSinceUs = nowMicroseconds() } }
+    }
+
+    /// On this replica's queue (from housekeeping): the generation the agent ships into must
+    /// still have its generation.json once this replica acknowledged an object of it. An
+    /// object store emptied under the agent (an operator, a lifecycle rule) takes new
+    /// segments without complaint, so only a look finds it. True when it is there (or not
+    /// yet checkable).
+    func checkGenerationStillThere(_ gen: String) throws -> Bool {
+        let (shipped, dropped, acked) = mutex.locked { (_lastShippedGeneration, _droppedGeneration, _acked) }
+        guard shipped == gen, dropped == nil else { return true }
+        if try replica.contains(key: "generations/\(gen)/generation.json") { return true }
+        lostGeneration(gen, through: acked)
+        return false
     }
 
     /// Waits until everything below `limit` is acknowledged, or the deadline passes.

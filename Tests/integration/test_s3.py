@@ -8,10 +8,12 @@
   5. an S3 replica beside a directory replica: S3 down delays only itself             (G7)
   6. a prefix with a space, '+', '=' and non-ASCII works end to end
   7. a >= 500 MB snapshot goes up as a multipart upload with bounded agent memory     (G6)
+  8. a replica emptied under the agent is noticed: a new generation, restorable       (G2)
 """
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -21,7 +23,7 @@ import pytest
 
 from conftest import (HERE, WALSHIP, checkpoint_truncate, create_ticket_db, file_bytes_equal, run_walship,
                       table_contents)
-from s3server import S3Server, s3server  # noqa: F401  (fixture)
+from s3server import REGION, S3Server, s3server  # noqa: F401  (fixture)
 from workload import chain_problems, digest_of, rfc3339, start_writer
 
 WRITER = HERE / "writer.py"
@@ -454,3 +456,42 @@ def test_500mb_snapshot_multipart_with_bounded_memory(tmp_path, agent_factory):
         assert_exact_latest(url, env, db, tmp_path / "restored.db", "--integrity", "quick")
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------- 8. replica emptied under the agent
+
+def test_replica_emptied_under_the_agent_gets_a_new_generation(tmp_path, agent_factory, s3server):
+    """Every object under the replica's prefix deleted while the agent runs (an operator, a
+    lifecycle rule): the store takes new segments without complaint, into a chain that has
+    lost its snapshot. The agent must notice at its next housekeeping look (every second
+    here: retention / 4), say so, and start a new generation that restores exactly."""
+    srv = s3server
+    env = srv.env()
+    url = srv.url("walship", "wiped")
+    db = tmp_path / "app.db"
+    create_ticket_db(db, rows=5)
+    agent = agent_factory(db, [url], AGENT_ARGS + ["--retention", "4s"], env=env).start().wait_ready()
+    con = sqlite3.connect(str(db), isolation_level=None, timeout=10)
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('before', 'b@example.com')")
+    deadline = time.monotonic() + 30
+    while not any(k.endswith("generation.json") for k in srv.objects("walship", "wiped")):
+        assert time.monotonic() < deadline, agent.read_log()[-3000:]
+        time.sleep(0.1)
+    time.sleep(1.0)   # a segment after the snapshot is acknowledged
+    for key in srv.objects("walship", "wiped"):   # signed DELETEs, as an operator's tool would send
+        subprocess.run(["curl", "-sf", "-X", "DELETE", "--aws-sigv4", f"aws:amz:{REGION}:s3",
+                        "--user", f"{env['AWS_ACCESS_KEY_ID']}:{env['AWS_SECRET_ACCESS_KEY']}",
+                        f"{srv.endpoint}/walship/{key}"], check=True, timeout=30)
+    assert srv.objects("walship", "wiped") == []
+    deadline = time.monotonic() + 30
+    i = 0
+    while "lost the current generation" not in agent.read_log():
+        assert time.monotonic() < deadline, agent.read_log()[-3000:]
+        con.execute("INSERT INTO usuarios(nombre, email) VALUES(?, 'x@example.com')", (f"after {i}",))
+        i += 1
+        time.sleep(0.2)
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('last', 'l@example.com')")
+    con.close()
+    wait_contents(url, env, table_contents(db), tmp_path, timeout=60)
+    agent.stop()
+    assert_exact_latest(url, env, db, tmp_path / "latest.db")
