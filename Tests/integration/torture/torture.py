@@ -24,7 +24,8 @@ compaction), a sequence of application steps and operator events, and idle times
       verify    `walship verify URL` exits 0
       sigterm   the agent exits 0 on every SIGTERM
       self-check the agent never reports that the WAL as it read it differs from what SQLite
-                committed (it then starts a new generation: capture went wrong)
+                committed, nor that the database file after a complete checkpoint differs
+                from the replicated chain (it then starts a new generation: capture went wrong)
       continuity a running agent never loses track of the WAL ("WAL continuity lost": its pin
                 keeps SQLite from restarting the WAL past frames it has not read)
       agent-log no other error in the agent logs (upload errors during an outage are expected)
