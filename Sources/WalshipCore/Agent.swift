@@ -76,6 +76,7 @@ public enum AgentError: Error, CustomStringConvertible {
     case alreadyRunning(String, Int32)
     case databaseLocked(String, Int32?)
     case unreadableWAL(String, String)
+    case noWalIndex(String)
     case writeLockUnavailable(String)
     case notShipped([String])
     case keyRequired(String, String, String)
@@ -88,6 +89,8 @@ public enum AgentError: Error, CustomStringConvertible {
         case .alreadyRunning(let p, let pid): return "another walship agent (pid \(pid)) is already replicating \(p); stop it first, or use `walship snapshot` to ask it for a snapshot"
         case .unreadableWAL(let p, let why):
             return "the WAL of \(p) cannot be read consistently with SQLite's wal-index (\(why)); nothing more is shipped from it, so that no wrong snapshot or segment reaches a replica. Run `PRAGMA wal_checkpoint(TRUNCATE)` from the application, then start the agent again"
+        case .noWalIndex(let p):
+            return "SQLite's wal-index \(p)-shm is missing after the agent opened the database, and the agent checks everything it reads from the WAL against it; is the database on a filesystem SQLite cannot share memory on, or opened by the application with PRAGMA locking_mode=EXCLUSIVE?"
         case .databaseLocked(let p, let pid):
             return "another walship agent\(pid.map { " (pid \($0))" } ?? "") is already replicating \(p) (with another spool directory): two agents would give one txid two states; stop it first"
         case .writeLockUnavailable(let p): return "could not take the write lock on \(p) for a moment: the application holds long write transactions; retry later"
@@ -111,6 +114,10 @@ public final class Agent {
     var shippers: [Shipper] = []
 
     private var pin: SQLiteConnection!
+    /// A second read connection: the pin moves without the write lock by starting the new
+    /// read transaction here before ending the old one (then the two swap), see
+    /// `movePinWithoutLock`.
+    private var sparePin: SQLiteConnection!
     private var writer: SQLiteConnection!
     private var checkpointer: SQLiteConnection!
     private var table: PageHashTable!
@@ -219,7 +226,10 @@ public final class Agent {
             if err == EWOULDBLOCK { throw AgentError.databaseLocked(dbPath, flockHolder(of: dbFile)) }
             throw SystemError(errno: err, context: "lock \(dbPath) (flock; the database must be on a local filesystem)")
         }
-        shmFile = try? RawFile.openIfExists(dbPath + "-shm")
+        // Every check of what the tailer reads goes through the wal-index: without it the agent
+        // could not tell a rolled-back spill from a commit, so it does not start.
+        guard let shm = try RawFile.openIfExists(dbPath + "-shm") else { throw AgentError.noWalIndex(dbPath) }
+        shmFile = shm
         tailer.walIndex = { [weak self] in self?.readWalIndex() }
         table = try PageHashTable(path: spool.tablePath)
         for (i, r) in replicas.enumerated() {
@@ -330,6 +340,8 @@ public final class Agent {
         try writer.execute("PRAGMA wal_autocheckpoint=0")
         pin = try open()
         try pin.execute("PRAGMA wal_autocheckpoint=0")
+        sparePin = try open()
+        try sparePin.execute("PRAGMA wal_autocheckpoint=0")
         checkpointer = try open()
         try checkpointer.execute("PRAGMA wal_autocheckpoint=0")
         checkpointer.setBusyTimeout(milliseconds: 0)
@@ -493,9 +505,18 @@ public final class Agent {
     /// holding the write lock, after reading the WAL to its end.
     private func repin() throws {
         if !pin.isAutocommit { try pin.execute("COMMIT") }
-        try pin.execute("BEGIN")
-        _ = try pin.query("SELECT count(*) FROM sqlite_master")
+        try beginReadTransaction(pin)
         lastRepinUs = monotonicMicroseconds()
+    }
+
+    /// BEGIN, then a read, which is when SQLite takes the snapshot. If the read fails the
+    /// transaction is ended, so that "not in autocommit" always means "holds a snapshot".
+    private func beginReadTransaction(_ c: SQLiteConnection) throws {
+        try c.execute("BEGIN")
+        do { _ = try c.query("SELECT count(*) FROM sqlite_master") } catch {
+            try? c.execute("ROLLBACK")
+            throw error
+        }
     }
 
     /// Under the write lock, reads the WAL to its end and moves the pin there. False when the
@@ -605,11 +626,18 @@ public final class Agent {
         guard let before = readWalIndex(), let h = tailer.header, before.describes(h), Int(before.mxFrame) == tailer.framesInLog else {
             return false
         }
-        if !pin.isAutocommit { try pin.execute("COMMIT") }
-        try pin.execute("BEGIN")
-        _ = try pin.query("SELECT count(*) FROM sqlite_master")
+        // Make before break. A FULL, RESTART or TRUNCATE checkpoint waits, with its busy
+        // handler's pauses (up to 100 ms), for an exclusive lock on each read-mark slot it
+        // found behind the end of the log; the pin's slot is one of them. Ended first and
+        // begun again, the pin would take the very same slot back (the first one free) within
+        // microseconds, every time, and the checkpoint would wait out its whole timeout. Begun
+        // on the spare connection while the old pin still holds its slot, the new pin takes
+        // another slot, and the old one is then free for the checkpoint's next try.
+        try beginReadTransaction(sparePin)
         lastRepinUs = monotonicMicroseconds()
         let after = readWalIndex()
+        if !pin.isAutocommit { try pin.execute("COMMIT") }
+        swap(&pin, &sparePin)
         guard let after, after.samePosition(as: before) else {
             // Something committed meanwhile, so the pin may stand past frames not read yet.
             // Those cannot be overwritten before a restart of this log, and a restart is
@@ -718,7 +746,7 @@ public final class Agent {
         var logical = dbPages
         dbChecksum ^= try updateTable(pages: hashes, commitSize: t.commitSize, logicalSize: &logical)
         dbPages = logical
-        for (pg, _) in hashes { scrub.noteWritten(pg) }
+        for (pg, _) in hashes { scrub.noteWritten(pg, pageSize: pageSize) }
         try segment!.builder.write(SegmentCodec.transactionChecksum(dbChecksum))
         lastTxid = txid
         lastCommitTimeUs = now
@@ -1190,12 +1218,19 @@ public final class Agent {
     /// and before anything new is read from the WAL, so that the file, the table and the last
     /// txid describe one state.
     private func compareDatabaseWithChain() throws {
+        // Nothing new since the last comparison: the file has not changed either (through SQLite).
+        guard lastTxid != lastComparedTxid || state.generation != lastComparedGeneration else { return }
         let t0 = monotonicMicroseconds()
-        let outcome = try scrub.compare(file: dbFile, pageSize: state.pageSize, pages: dbPages) { try table.get($0) }
+        let outcome = try scrub.compare(file: dbFile, pageSize: state.pageSize, pages: dbPages,
+                                        shouldYield: { [unowned self] in blockingCheckpointRunning() }) { try table.get($0) }
         logger.debug("database compared with the chain", metadata: ["compare.pages": "\(outcome.pagesCompared)",
+                                                                   "compare.interrupted": "\(outcome.interrupted)",
                                                                    "compare.ms": "\((monotonicMicroseconds() - t0) / 1000)"])
-        if let why = outcome.mismatch { try recoverFromDivergence(why) }
+        if let why = outcome.mismatch { try recoverFromDivergence(why); return }
+        if !outcome.interrupted { (lastComparedTxid, lastComparedGeneration) = (lastTxid, state.generation) }
     }
+    private var lastComparedTxid: UInt64 = 0
+    private var lastComparedGeneration = ""
 
     // MARK: main loop
 
@@ -1406,6 +1441,14 @@ public final class Agent {
                 if s.isStopping { return }
                 do {
                     guard try s.checkGenerationStillThere(generation) else { return }
+                } catch {
+                    // Cannot tell (no permission to read, the store failing): retention and
+                    // compaction still run, and the next look tries again.
+                    status.countError("housekeeping", replica: i)
+                    logger.warning("could not check that the replica still holds the current generation",
+                                   metadata: ["replica.url": "\(s.replica.displayURL)", "error": "\(error)"])
+                }
+                do {
                     let o = try keeper.run()
                     if o.deleted > 0 || o.compacted > 0 {
                         status.update {

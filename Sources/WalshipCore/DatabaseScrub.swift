@@ -12,19 +12,19 @@ import WalshipFormat
 /// comparison, and a rolling window over the rest of the file, so that in time every page is
 /// compared, including pages a missed transaction wrote and nothing rewrote since.
 struct DatabaseScrub {
-    /// Pages captured since the last comparison. Past `dirtyLimit` entries only the rolling
-    /// window runs (the set would cost more memory than it saves reads).
+    /// Pages captured since the last comparison. Past `dirtyLimitBytes` of pages only the
+    /// rolling window runs: a comparison stays short, and the window covers the rest in time.
     private var dirty = Set<UInt32>()
     private var dirtyOverflow = false
     private var cursor: UInt32 = 1
-    static let dirtyLimit = 1 << 16
+    static let dirtyLimitBytes = 32 << 20
     /// Bytes of the rolling window read per comparison.
     static let windowBytes = 4 << 20
 
-    mutating func noteWritten(_ pg: UInt32) {
+    mutating func noteWritten(_ pg: UInt32, pageSize: Int) {
         guard !dirtyOverflow else { return }
         dirty.insert(pg)
-        if dirty.count > Self.dirtyLimit { dirty.removeAll(); dirtyOverflow = true }
+        if dirty.count > max(1024, Self.dirtyLimitBytes / max(pageSize, 512)) { dirty.removeAll(); dirtyOverflow = true }
     }
 
     /// After a snapshot rebuilt the table from the file itself: nothing is pending.
@@ -33,11 +33,16 @@ struct DatabaseScrub {
     struct Outcome {
         var mismatch: String?
         var pagesCompared = 0
+        /// `shouldYield` asked to stop: the pages not compared wait for the next time.
+        var interrupted = false
     }
 
     /// Compares the file with `expected` (the table) for the database of `pages` pages.
     /// A page past the file's end counts as zeros (SQLite extends a file that way).
-    mutating func compare(file: RawFile, pageSize: Int, pages: UInt32, expected: (UInt32) throws -> UInt64) throws -> Outcome {
+    /// `shouldYield` is asked every 64 pages (an application checkpoint waiting for the pin
+    /// must not wait for a comparison).
+    mutating func compare(file: RawFile, pageSize: Int, pages: UInt32, shouldYield: () -> Bool,
+                          expected: (UInt32) throws -> UInt64) throws -> Outcome {
         var out = Outcome()
         guard pages > 0, pageSize > 0 else { return out }
         let lock = DatabaseChecksum.lockBytePage(pageSize: pageSize)
@@ -53,7 +58,13 @@ struct DatabaseScrub {
             window -= 1
         }
         var buf = [UInt8](repeating: 0, count: pageSize)
-        for pg in todo.sorted() where pg != lock {
+        let ordered = todo.sorted()
+        for (i, pg) in ordered.enumerated() where pg != lock {
+            if i % 64 == 63 && shouldYield() {
+                for rest in ordered[i...] { noteWritten(rest, pageSize: pageSize) }
+                out.interrupted = true
+                return out
+            }
             let offset = Int(pg - 1) * pageSize
             try buf.withUnsafeMutableBytes { b in
                 let n = try file.read(at: offset, into: b)

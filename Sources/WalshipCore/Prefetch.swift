@@ -101,6 +101,7 @@ final class PrefetchedObject: Replica {
     func put(key: String, fromFile path: String) throws { throw ReplicaError.unsupported("read-only") }
     func put(key: String, bytes: [UInt8]) throws { throw ReplicaError.unsupported("read-only") }
     func list(prefix: String) throws -> [String] { [key] }
+    func contains(key: String) throws -> Bool { key == self.key }
     func delete(keys: [String]) throws {}
     func get(key: String, _ handle: (UnsafeRawBufferPointer) throws -> Void) throws {
         try FileReplica(root: FS.dirname(path)).get(key: FS.basename(path), handle)

@@ -46,10 +46,6 @@ public protocol Replica: AnyObject {
     var requestCounts: Counters { get }
 }
 
-extension Replica {
-    public func contains(key: String) throws -> Bool { try list(prefix: key).contains(key) }
-}
-
 /// A flag shared between threads.
 final class Flag: @unchecked Sendable {
     private let mutex = Mutex()
@@ -139,12 +135,10 @@ public final class FileReplica: Replica {
         }
     }
 
+    /// The same test as the one each upload makes (`requireGeneration`).
     public func contains(key: String) throws -> Bool {
         requestCounts.add("HEAD")
-        var st = stat()
-        if lstat(path(key), &st) == 0 { return (st.st_mode & S_IFMT) == S_IFREG }
-        if errno == ENOENT || errno == ENOTDIR { return false }
-        throw ReplicaError.io(displayURL, "cannot look up \(key): \(String(cString: strerror(errno)))")
+        return FS.exists(path(key))
     }
 
     public func put(key: String, fromFile src: String) throws {

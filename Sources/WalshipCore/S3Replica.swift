@@ -408,7 +408,18 @@ public final class S3Replica: Replica {
         }
     }
 
-    public func contains(key: String) throws -> Bool { try head(key: key) != nil }
+    /// A 404 is confirmed by a LIST of the key's prefix before it counts as gone: a store
+    /// (or a cache in front of one) that answers a HEAD wrongly must not make the agent drop
+    /// a generation that is there.
+    public func contains(key: String) throws -> Bool {
+        let found: Bool = try mutex.locked {
+            let r = try request("HEAD", "HEAD", key: key, headers: ["x-amz-content-sha256: \(SHA256.hexDigest([]))"],
+                                describe: "HEAD \(location.bucket)/\(fullKey(key))", okStatuses: [404])
+            return r.status != 404
+        }
+        if found { return true }
+        return try list(prefix: key).contains(key)
+    }
 
     public func head(key: String) throws -> Int? {
         try mutex.locked {

@@ -327,6 +327,55 @@ def test_application_truncate_checkpoints_complete_beside_the_agent(tmp_path, ag
     assert file_bytes_equal(db, out), "a transaction was lost"
 
 
+def test_application_truncate_waiting_on_the_pins_slot_completes(tmp_path, agent_factory):
+    """A TRUNCATE checkpoint that starts while the agent's pin stands behind the end of the
+    log waits, with its busy handler, for an exclusive lock on the pin's read-mark slot. A
+    pin moved by ending it and beginning it again took that same slot back at once, every
+    time, and the checkpoint waited out its whole busy timeout (and the writers behind it
+    too). Here the agent is stopped while the log grows past its pin and the checkpoint
+    starts, so the checkpoint surely waits for that slot when the agent resumes."""
+    import signal
+    import threading
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=2)
+    agent = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"]).start().wait_ready()
+    con = sqlite3.connect(str(db), isolation_level=None, timeout=10)
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('first', 'f@example.com')")
+    time.sleep(0.5)   # cut: the pin moves to the end of the log (a read mark past frame 0)
+    agent.proc.send_signal(signal.SIGSTOP)
+    result = []
+    ckpt = sqlite3.connect(str(db), isolation_level=None, timeout=5, check_same_thread=False)
+
+    def checkpoint():
+        result.append(ckpt.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+
+    try:
+        for i in range(5):   # the log grows past the stopped agent's pin
+            con.execute("INSERT INTO usuarios(nombre, email) VALUES(?, 'x@example.com')", (f"n{i}",))
+        # The checkpointing connection reads the schema now, and one more commit follows:
+        # then no read-mark slot stands at the end of the log, and a pin begun anew claims
+        # the first free slot, which is its own old one.
+        ckpt.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        con.execute("INSERT INTO usuarios(nombre, email) VALUES('one more', 'x@example.com')")
+        t = threading.Thread(target=checkpoint)
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive(), f"the checkpoint did not wait for the stopped agent's pin: {result}"
+    finally:
+        agent.proc.send_signal(signal.SIGCONT)
+    t.join(timeout=30)
+    ckpt.close()
+    assert result and result[0][0] == 0, \
+        f"the TRUNCATE checkpoint gave up (busy, log, checkpointed): {result}\n{agent.read_log()[-2000:]}"
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('after', 'a@example.com')")
+    con.close()
+    time.sleep(0.5)
+    agent.stop()
+    checkpoint_truncate(db)
+    out = restore_latest(replica, tmp_path / "out.db")
+    assert file_bytes_equal(db, out), "a transaction was lost"
+
+
 def test_restart_after_a_large_backlog_is_exact_while_the_application_writes(tmp_path, agent_factory):
     """About 40 MB committed while the agent was stopped (the application keeps its connection,
     so nothing is checkpointed away), and the application goes on writing while the agent
