@@ -636,8 +636,14 @@ public final class Agent {
         try beginReadTransaction(sparePin)
         lastRepinUs = monotonicMicroseconds()
         let after = readWalIndex()
-        if !pin.isAutocommit { try pin.execute("COMMIT") }
         swap(&pin, &sparePin)
+        // The old read transaction ends (a read-only one: nothing to lose either way).
+        if !sparePin.isAutocommit {
+            do { try sparePin.execute("COMMIT") } catch {
+                try? sparePin.execute("ROLLBACK")
+                if !sparePin.isAutocommit { throw error }
+            }
+        }
         guard let after, after.samePosition(as: before) else {
             // Something committed meanwhile, so the pin may stand past frames not read yet.
             // Those cannot be overwritten before a restart of this log, and a restart is
@@ -1218,17 +1224,19 @@ public final class Agent {
     /// and before anything new is read from the WAL, so that the file, the table and the last
     /// txid describe one state.
     private func compareDatabaseWithChain() throws {
-        // Nothing new since the last comparison: the file has not changed either (through SQLite).
-        guard lastTxid != lastComparedTxid || state.generation != lastComparedGeneration else { return }
+        // Nothing new since the last comparison: the file has not changed through SQLite
+        // either, so only the rolling window has something to find; once a minute.
         let t0 = monotonicMicroseconds()
+        if lastTxid == lastComparedTxid && state.generation == lastComparedGeneration && t0 - lastComparedUs < 60_000_000 { return }
         let outcome = try scrub.compare(file: dbFile, pageSize: state.pageSize, pages: dbPages,
                                         shouldYield: { [unowned self] in blockingCheckpointRunning() }) { try table.get($0) }
         logger.debug("database compared with the chain", metadata: ["compare.pages": "\(outcome.pagesCompared)",
                                                                    "compare.interrupted": "\(outcome.interrupted)",
                                                                    "compare.ms": "\((monotonicMicroseconds() - t0) / 1000)"])
         if let why = outcome.mismatch { try recoverFromDivergence(why); return }
-        if !outcome.interrupted { (lastComparedTxid, lastComparedGeneration) = (lastTxid, state.generation) }
+        if !outcome.interrupted { (lastComparedTxid, lastComparedGeneration, lastComparedUs) = (lastTxid, state.generation, t0) }
     }
+    private var lastComparedUs: Int64 = 0
     private var lastComparedTxid: UInt64 = 0
     private var lastComparedGeneration = ""
 

@@ -130,15 +130,24 @@ public final class FileReplica: Replica {
         if FS.exists(root) && !FS.isDirectory(root) {   // something stands in the way: an error, retried
             throw ReplicaError.io(displayURL, "\(root) is not a directory")
         }
-        guard FS.exists(path("generations/\(object.generation)/generation.json")) else {
+        guard try present(path("generations/\(object.generation)/generation.json")) else {
             throw ReplicaError.generationVanished(displayURL, object.generation)
         }
     }
 
-    /// The same test as the one each upload makes (`requireGeneration`).
     public func contains(key: String) throws -> Bool {
         requestCounts.add("HEAD")
-        return FS.exists(path(key))
+        return try present(path(key))
+    }
+
+    /// Whether a file is there; an error that cannot tell (permission, I/O, a stale NFS
+    /// handle) is thrown, never taken for "gone" (that would drop a generation).
+    private func present(_ p: String) throws -> Bool {
+        var st = stat()
+        if stat(p, &st) == 0 { return true }
+        let err = errno
+        if err == ENOENT || err == ENOTDIR { return false }
+        throw ReplicaError.io(displayURL, "cannot look up \(p): \(String(cString: strerror(err)))")
     }
 
     public func put(key: String, fromFile src: String) throws {

@@ -340,6 +340,278 @@ def test_application_truncate_waiting_on_the_pins_slot_completes(tmp_path, agent
     create_ticket_db(db, rows=2)
     agent = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"]).start().wait_ready()
     con = sqlite3.connect(str(db), isolation_level=None, timeout=10)
+    probe = sqlite3.connect(str(db), isolation_level=None, timeout=0.2)
+    result = []
+    ckpt = sqlite3.connect(str(db), isolation_level=None, timeout=5, check_same_thread=False)
+
+    def checkpoint():
+        result.append(ckpt.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+
+    waited = False
+    for attempt in range(5):
+        con.execute("INSERT INTO usuarios(nombre, email) VALUES(?, 'f@example.com')", (f"first {attempt}",))
+        time.sleep(0.5)   # cut: the pin moves to the end of the log (a read mark past frame 0)
+        agent.proc.send_signal(signal.SIGSTOP)
+        try:   # stopped while it held the write lock (a cut)? then again
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            agent.proc.send_signal(signal.SIGCONT)
+            continue
+        try:
+            for i in range(5):   # the log grows past the stopped agent's pin
+                con.execute("INSERT INTO usuarios(nombre, email) VALUES(?, 'x@example.com')", (f"n{attempt}.{i}",))
+            # The checkpointing connection reads the schema now, and one more commit follows:
+            # then no read-mark slot stands at the end of the log, and a pin begun anew claims
+            # the first free slot, which is its own old one.
+            ckpt.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            con.execute("INSERT INTO usuarios(nombre, email) VALUES(?, 'x@example.com')", (f"one more {attempt}",))
+            result.clear()
+            t = threading.Thread(target=checkpoint)
+            t.start()
+            time.sleep(0.5)
+            # Finished already: the agent was stopped between ending its pin and taking it
+            # again (no pin), so nothing was tested; again.
+            waited = t.is_alive()
+        finally:
+            agent.proc.send_signal(signal.SIGCONT)
+        t.join(timeout=30)
+        if waited:
+            break
+    probe.close()
+    ckpt.close()
+    assert waited, "the checkpoint never waited for the stopped agent's pin"
+    assert result and result[0][0] == 0, \
+        f"the TRUNCATE checkpoint gave up (busy, log, checkpointed): {result}\n{agent.read_log()[-2000:]}"
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('after', 'a@example.com')")
+    con.close()
+    time.sleep(1.5)
+    out = restore_latest(replica, tmp_path / "out.db")
+    names = [r[1] for r in table_contents(out)["usuarios"]]
+    assert "after" in names, f"a commit through the symlink was not replicated: {names}\n{agent.read_log()[-2000:]}"
+    agent.stop()
+    assert not (tmp_path / "link.db-wal").exists()
+
+
+def test_new_generation_sorts_last_when_the_clock_went_back(tmp_path, agent_factory, clock_shift_lib):
+    """A clock stepped back a day (NTP, a restored VM) when a new generation starts: the
+    latest restore must still be the newest generation's state."""
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=2)
+    agent = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"]).start().wait_ready()
+    time.sleep(0.3)
+    agent.stop()
+    # The spool is lost (a new host, say): the next start begins a new generation.
+    spool = tmp_path / ".app.db-walship"
+    assert spool.is_dir()
+    subprocess.run(["rm", "-rf", str(spool)], check=True)
+    env = shifted_clock_env(clock_shift_lib, -86_400_000_000)
+    agent2 = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"], env=env,
+                           log_path=tmp_path / "agent2.log").start().wait_ready()
+    con = sqlite3.connect(str(db), isolation_level=None, timeout=10)
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('after the step', 'x@example.com')")
+    con.close()
+    time.sleep(1)
+    agent2.stop()
+    assert "starting a new generation" in agent2.read_log()
+    out = restore_latest(replica, tmp_path / "out.db")
+    names = [r[1] for r in table_contents(out)["usuarios"]]
+    assert "after the step" in names, f"latest restore returned an older generation: {names}"
+
+
+def test_database_file_replaced_while_running_starts_a_new_generation(tmp_path, agent_factory):
+    """`mv new.db app.db` under a running agent: it ships what it read, then replicates the
+    new file in a new generation, without stopping."""
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=2)
+    agent = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"]).start().wait_ready()
+    other = tmp_path / "new.db"
+    create_ticket_db(other, rows=7)
+    checkpoint_truncate(other)
+    for sidecar in ("-wal", "-shm"):
+        if os.path.exists(str(other) + sidecar):
+            os.remove(str(other) + sidecar)
+    os.rename(other, db)
+    deadline = time.time() + 10
+    while agent.read_log().count("starting a new generation") < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    assert agent.proc.poll() is None, f"the agent stopped:\n{agent.read_log()[-2000:]}"
+    assert agent.read_log().count("starting a new generation") >= 2, agent.read_log()[-2000:]
+    con = sqlite3.connect(str(db), isolation_level=None, timeout=10)
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('new file', 'n@example.com')")
+    con.close()
+    time.sleep(1)
+    assert agent.proc.poll() is None, f"the agent stopped:\n{agent.read_log()[-2000:]}"
+    agent.stop()
+    out = restore_latest(replica, tmp_path / "out.db")
+    names = [r[1] for r in table_contents(out)["usuarios"]]
+    assert len(names) == 8 and "new file" in names, names
+
+
+def test_second_agent_with_another_spool_is_refused(tmp_path, agent_factory):
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=2)
+    first = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"]).start().wait_ready()
+    second = agent_factory(db, [url(replica)], ["--sync-interval", "100ms", "--spool-dir", tmp_path / "other-spool"],
+                           log_path=tmp_path / "second.log").start()
+    rc = second.proc.wait(timeout=30)
+    assert rc != 0, "a second agent with another spool directory was not refused"
+    log = second.read_log()
+    assert "already replicating" in log and f"pid {first.proc.pid}" in log, log
+    # ...and through a symlink, with the default spool.
+    link = tmp_path / "link.db"
+    link.symlink_to(db)
+    third = agent_factory(link, [url(tmp_path / "replica3")], log_path=tmp_path / "third.log").start()
+    assert third.proc.wait(timeout=30) != 0
+    assert "already replicating" in third.read_log()
+    assert first.proc.poll() is None
+    first.stop()
+
+
+def test_segment_queued_after_the_last_saved_state_never_ships(tmp_path, agent_factory):
+    """A kill between queueing a segment and saving the state leaves a segment the state does
+    not vouch for. Whether the next start continues the generation or not, it must not ship:
+    its txids are given again to other transactions."""
+    import json
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=2)
+    agent = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"]).start().wait_ready()
+    con = sqlite3.connect(str(db), isolation_level=None, timeout=10)
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('a', 'a@example.com')")
+    time.sleep(0.5)
+    agent.stop()
+    spool = tmp_path / ".app.db-walship"
+    st = json.loads((spool / "state.json").read_text())
+    gen, last, seq = st["generation"], st["lastTxid"], st["nextSequence"]
+    key = f"generations/{gen}/segments/0/{last + 1:016x}-{last + 5:016x}-1-2.seg.lz4"
+    (spool / "outbox" / (f"{seq:016x}~" + key.replace("/", "~"))).write_bytes(b"not vouched for")
+    # While the agent is away the log restarts and the database moves on: no continuity.
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('b', 'b@example.com')")
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('c', 'c@example.com')")
+    con.close()
+    agent2 = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"], log_path=tmp_path / "agent2.log").start().wait_ready()
+    time.sleep(0.5)
+    agent2.stop()
+    assert "cannot prove continuity" in agent2.read_log()
+    assert not (replica / key).exists(), "a segment the saved state did not vouch for was shipped"
+
+
+def test_replica_directory_deleted_mid_run_gets_a_new_generation(tmp_path, agent_factory):
+    """The replica's directory deleted under a running agent: segments must not be shipped
+    into a chain that lost its snapshot; the agent says so and starts a new generation."""
+    import shutil
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=2)
+    agent = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"]).start().wait_ready()
+    con = sqlite3.connect(str(db), isolation_level=None, timeout=10)
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('before', 'b@example.com')")
+    time.sleep(0.5)
+    shutil.rmtree(replica)
+    for i in range(5):
+        con.execute("INSERT INTO usuarios(nombre, email) VALUES(?, 'x@example.com')", (f"after {i}",))
+        time.sleep(0.2)
+    con.close()
+    time.sleep(1.5)
+    agent.stop()
+    log = agent.read_log()
+    assert "lost the current generation" in log, log[-2000:]
+    checkpoint_truncate(db)
+    out = restore_latest(replica, tmp_path / "out.db")
+    assert file_bytes_equal(db, out)
+
+
+def test_restart_after_a_first_run_without_wal_continues_the_generation(tmp_path, agent_factory):
+    """First run on a database that had no WAL (the agent switches it to WAL mode), no writes;
+    the application writes while the agent is stopped. The restart can prove continuity (the
+    database file is what was shipped, and every WAL frame came after): no new snapshot."""
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    con = sqlite3.connect(str(db))
+    con.execute("CREATE TABLE usuarios(id INTEGER PRIMARY KEY, nombre TEXT NOT NULL, email TEXT NOT NULL)")
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('first', 'f@example.com')")
+    con.commit()
+    con.close()
+    assert not os.path.exists(str(db) + "-wal")
+    agent = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"]).start().wait_ready()
+    # The application keeps a connection open, as applications do (so no connection's close
+    # checkpoints the WAL away while the agent is stopped).
+    con = sqlite3.connect(str(db), isolation_level=None, timeout=10)
+    con.execute("SELECT count(*) FROM usuarios").fetchall()
+    time.sleep(0.5)
+    agent.stop()
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('while away', 'w@example.com')")
+    agent2 = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"], log_path=tmp_path / "agent2.log").start().wait_ready()
+    time.sleep(0.5)
+    agent2.stop()
+    con.close()
+    log = agent2.read_log()
+    assert "continuing generation" in log and "starting a new generation" not in log, log[-2000:]
+    out = restore_latest(replica, tmp_path / "out.db")
+    assert [r[1] for r in table_contents(out, ("usuarios",))["usuarios"]] == ["first", "while away"]
+
+
+def test_application_truncate_checkpoints_complete_beside_the_agent(tmp_path, agent_factory):
+    """An application that runs PRAGMA wal_checkpoint(TRUNCATE) beside a writer: with the
+    agent's pin in the way each one used to wait out its whole busy timeout and then give up,
+    and the writer behind it got "database is locked". The agent must make way: every
+    checkpoint completes, the writer never fails, and nothing is lost."""
+    import threading
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=2)
+    agent = agent_factory(db, [url(replica)]).start().wait_ready()   # default 1 s sync interval
+    errors, results, done = [], [], threading.Event()
+
+    def write():
+        con = sqlite3.connect(str(db), isolation_level=None, timeout=5)
+        try:
+            for i in range(150):
+                con.execute("INSERT INTO tickets(usuario_id, titulo, estado, prioridad, creado) VALUES(1, ?, 'a', 1, 0)", (f"t{i}",))
+                time.sleep(0.01)
+        except sqlite3.Error as e:
+            errors.append(f"writer: {e}")
+        finally:
+            con.close()
+            done.set()
+
+    def checkpoint():
+        con = sqlite3.connect(str(db), isolation_level=None, timeout=5)
+        try:
+            for _ in range(8):
+                results.append(con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+                time.sleep(0.1)
+        except sqlite3.Error as e:
+            errors.append(f"checkpointer: {e}")
+        finally:
+            con.close()
+
+    threads = [threading.Thread(target=write), threading.Thread(target=checkpoint)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert len(results) == 8 and all(r[0] == 0 for r in results), \
+        f"application checkpoints did not complete (busy, log, checkpointed): {results}\n{agent.read_log()[-2000:]}"
+    time.sleep(1.5)
+    agent.stop()
+    checkpoint_truncate(db)
+    out = restore_latest(replica, tmp_path / "out.db")
+    assert file_bytes_equal(db, out), "a transaction was lost"
+
+
+def test_application_truncate_waiting_on_the_pins_slot_completes(tmp_path, agent_factory):
+    """A TRUNCATE checkpoint that starts while the agent's pin stands behind the end of the
+    log waits, with its busy handler, for an exclusive lock on the pin's read-mark slot. A
+    pin moved by ending it and beginning it again took that same slot back at once, every
+    time, and the checkpoint waited out its whole busy timeout (and the writers behind it
+    too). Here the agent is stopped while the log grows past its pin and the checkpoint
+    starts, so the checkpoint surely waits for that slot when the agent resumes."""
+    import signal
+    import threading
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=2)
+    agent = agent_factory(db, [url(replica)], ["--sync-interval", "100ms"]).start().wait_ready()
+    con = sqlite3.connect(str(db), isolation_level=None, timeout=10)
     con.execute("INSERT INTO usuarios(nombre, email) VALUES('first', 'f@example.com')")
     time.sleep(0.5)   # cut: the pin moves to the end of the log (a read mark past frame 0)
     agent.proc.send_signal(signal.SIGSTOP)
