@@ -30,6 +30,9 @@ compaction), a sequence of application steps and operator events, and idle times
                 keeps SQLite from restarting the WAL past frames it has not read)
       agent-log no other error in the agent logs (upload errors during an outage are expected)
       writer    no application step failed (busy_timeout is 5000 ms)
+      app-checkpoint a RESTART or TRUNCATE checkpoint of the application, run while one agent
+                was running and not stopped from start to end, never waits out the busy
+                timeout (the agent makes way for it)
 
 Only the data and the order of steps come from the seed; how the steps interleave with the
 agent's threads is up to the machine, so a failing seed usually, not always, fails again.
@@ -182,7 +185,7 @@ def make_plan(seed, steps):
     scheduled = {}          # op index -> events to run before it
     agent_busy_until = 0    # no new agent event before this op index
     outage_until = -1
-    slow_checkpoints = 0    # RESTART/TRUNCATE wait out the busy timeout on the agent's pin: few
+    slow_checkpoints = 0    # RESTART/TRUNCATE wait out the busy timeout on a stopped agent's pin: few
     n_ops = steps - (2 if cfg["end_with_spill"] else 0)
     force_next = None
     for j in range(n_ops):
@@ -249,7 +252,7 @@ def make_plan(seed, steps):
             mode = rng.choice(["PASSIVE", "PASSIVE", "FULL", "FULL", "RESTART", "TRUNCATE"])
             if mode in ("RESTART", "TRUNCATE"):
                 slow_checkpoints += 1
-                if slow_checkpoints > 2:
+                if slow_checkpoints > 4:
                     mode = "PASSIVE"
             step["mode"] = mode
         if step.get("after_spill"):
@@ -267,6 +270,15 @@ def make_plan(seed, steps):
         plan += scheduled[k]
     if cfg["warmup"] >= n_ops:
         plan.append({"event": "start"})
+    # Half the RESTART/TRUNCATE checkpoints follow the step before at once, while the agent's
+    # pin still stands behind that step's commit: the checkpoint then waits for the pin's
+    # read-mark slot, and the agent has to make way. (A separate generator: the rest of
+    # the plan is the one each seed always had.)
+    quick = random.Random(seed * 104729 + 7)
+    for k in range(1, len(plan)):
+        if plan[k].get("op") == "checkpoint" and plan[k]["mode"] in ("RESTART", "TRUNCATE") \
+                and "op" in plan[k - 1] and quick.random() < 0.5:
+            plan[k - 1]["idle"] = 0.0
     return cfg, plan
 
 
@@ -355,6 +367,7 @@ class Run:
         self.had_outage = False
         self.writer = None
         self.counts = {}
+        self.app_checkpoints = []   # (step, start, end)
 
     def mark(self, kind, **kw):
         """Appends to timeline.jsonl: what the harness did when (µs since the epoch)."""
@@ -497,6 +510,7 @@ class Run:
             self.fail("writer", f"step {step['i']} ({step['op']}) failed: {r['error']}")
         elif r.get("info"):     # bytes a spill added to the WAL, a checkpoint's result
             self.mark("info", i=step["i"], **r["info"])
+            step["result"] = r["info"]
 
     def stop_writer(self):
         if self.writer and self.writer.poll() is None:
@@ -527,7 +541,10 @@ class Run:
                     self.event(step)
                     continue
                 self.mark("step", i=step["i"], op=step["op"])
+                t_step = time.time()
                 self.writer_step(step)
+                if step["op"] == "checkpoint":
+                    self.app_checkpoints.append((step, t_step, time.time()))
                 if step["idle"]:
                     time.sleep(step["idle"])
             # the end: let the agent see everything, then stop it cleanly
@@ -650,6 +667,16 @@ class Run:
         p = run_walship("verify", self.url)
         if p.returncode != 0:
             self.fail("verify", f"`walship verify` exited {p.returncode}: {error_text(p)}")
+
+        # application checkpoints beside a running agent
+        for step, t0, t1 in self.app_checkpoints:
+            r = step.get("result")
+            if step["mode"] not in ("RESTART", "TRUNCATE") or not r or r["result"][0] == 0:
+                continue
+            beside = any(s <= t0 and t1 <= e for s, e in self.live)
+            if beside and r["seconds"] >= 4.0:   # waited out most of the 5 s busy timeout
+                self.fail("app-checkpoint", f"step {step['i']}: {step['mode']} checkpoint gave up after {r['seconds']} s "
+                                            f"(busy, log, checkpointed = {r['result']}) beside a running agent")
 
         # agent logs
         self.generation_reasons = {}
