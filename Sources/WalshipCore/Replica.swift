@@ -127,9 +127,6 @@ public final class FileReplica: Replica {
     private func requireGeneration(of key: String) throws {
         guard let object = ObjectKey.parse(key) else { return }
         if case .generationInfo = object { return }
-        if FS.exists(root) && !FS.isDirectory(root) {   // something stands in the way: an error, retried
-            throw ReplicaError.io(displayURL, "\(root) is not a directory")
-        }
         guard try present(path("generations/\(object.generation)/generation.json")) else {
             throw ReplicaError.generationVanished(displayURL, object.generation)
         }
@@ -141,8 +138,12 @@ public final class FileReplica: Replica {
     }
 
     /// Whether a file is there; an error that cannot tell (permission, I/O, a stale NFS
-    /// handle) is thrown, never taken for "gone" (that would drop a generation).
+    /// handle, something other than a directory where the replica should be) is thrown, never
+    /// taken for "gone" (that would drop a generation).
     private func present(_ p: String) throws -> Bool {
+        if FS.exists(root) && !FS.isDirectory(root) {   // something stands in the way: an error, retried
+            throw ReplicaError.io(displayURL, "\(root) is not a directory")
+        }
         var st = stat()
         if stat(p, &st) == 0 { return true }
         let err = errno

@@ -249,6 +249,44 @@ def test_replica_directory_deleted_mid_run_gets_a_new_generation(tmp_path, agent
     assert file_bytes_equal(db, out)
 
 
+def test_replica_unreachable_for_a_while_is_not_taken_for_lost(tmp_path, agent_factory):
+    """A directory replica that is unreachable for a while (a file stands where it was, as an
+    unmounted path can look) is an outage, not a lost generation: the housekeeping look for
+    the generation's generation.json (every second here) must not take "cannot tell" for
+    "gone" and drop the backlog. Once it is back, one generation chains without a gap."""
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=2)
+    agent = agent_factory(db, [url(replica)], ["--sync-interval", "100ms", "--retention", "4s"]).start().wait_ready()
+    con = sqlite3.connect(str(db), isolation_level=None, timeout=10)
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('before', 'b@example.com')")
+    agent.wait_for_log("replicating")
+    time.sleep(1.0)
+    away = tmp_path / "replica.away"
+    os.rename(replica, away)
+    replica.write_text("unreachable for a while\n")
+    time.sleep(2.5)   # nothing to upload: housekeeping looks while no upload has failed yet
+    for i in range(5):
+        con.execute("INSERT INTO usuarios(nombre, email) VALUES(?, 'x@example.com')", (f"during {i}",))
+        time.sleep(0.5)   # several housekeeping looks
+    replica.unlink()
+    os.rename(away, replica)
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('after', 'a@example.com')")
+    con.close()
+    deadline = time.time() + 30
+    while agent.read_log().count("starting a new generation") < 2 and time.time() < deadline:
+        p = run_walship("restore", url(replica), "-o", tmp_path / "probe.db", "--force")
+        if p.returncode == 0 and table_contents(tmp_path / "probe.db") == table_contents(db):
+            break
+        time.sleep(0.5)
+    agent.stop()
+    log = agent.read_log()
+    assert "lost the current generation" not in log, log[-3000:]
+    assert log.count("starting a new generation") == 1, log[-3000:]
+    checkpoint_truncate(db)
+    out = restore_latest(replica, tmp_path / "out.db")
+    assert file_bytes_equal(db, out)
+
+
 def test_restart_after_a_first_run_without_wal_continues_the_generation(tmp_path, agent_factory):
     """First run on a database that had no WAL (the agent switches it to WAL mode), no writes;
     the application writes while the agent is stopped. The restart can prove continuity (the

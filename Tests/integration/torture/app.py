@@ -149,6 +149,7 @@ class App:
             self._create(a)
         self.b = self._connect(a)
         self.b_reading = False
+        self.args = a
 
     def _connect(self, a):
         con = sqlite3.connect(self.db, timeout=BUSY_MS / 1000, isolation_level=None)
@@ -444,6 +445,36 @@ class App:
                         c.execute(f"INSERT OR REPLACE INTO {name}(k, v) VALUES(?, ?)",
                                   (rng.randrange(1000), make_blob(rng, blob_size(rng, 1, 3000))))
             tx(body)
+        elif op == "journal_switch":
+            # Out of WAL mode and back, with one commit in rollback mode between. SQLite lets a
+            # database leave WAL mode only when no other connection has it open (each holds a
+            # shared lock on the file): the second connection closes for it, and beside a
+            # running (or stopped) agent the switch fails at once and nothing changes.
+            self.release_reader()
+            self.b.close()
+            con = self.a
+            con.execute("PRAGMA busy_timeout=200")
+            try:
+                mode = con.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
+            except sqlite3.OperationalError:
+                mode = "wal"
+            finally:
+                con.execute(f"PRAGMA busy_timeout={BUSY_MS}")
+            try:
+                if mode.lower() != "delete":
+                    return {"switched": False}
+
+                def body(c):
+                    self._random_change(c, rng, False)
+                try:
+                    self.transaction(con, op, body, "a")
+                finally:
+                    back = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                    if back.lower() != "wal":
+                        raise RuntimeError(f"journal_mode is {back} after switching back")
+                return {"switched": True}
+            finally:
+                self.b = self._connect(self.args)
         elif op == "reader_hold":
             if not self.b_reading:
                 self.b.execute("BEGIN")

@@ -7,17 +7,22 @@ compaction), a sequence of application steps and operator events, and idle times
 
   * starts the application process (app.py: Python sqlite3, WAL mode, two connections) and
     feeds it the steps one by one; after every COMMIT the application appends
-    [before, after, digest of the whole database] to an oracle file;
-  * runs `walship replicate DB file://REPLICA --sync-interval 100ms` with a private spool, and
-    between steps SIGKILLs and restarts it (also during start-up), SIGSTOPs it for a moment,
-    stops it with SIGTERM (it must exit 0) and restarts it, makes the replica unreachable for
-    a while, and asks for snapshots;
+    [before, after, digest of the whole database] to an oracle file; steps include spills
+    rolled back, savepoints, VACUUM, checkpoints in all four modes, DDL, a reader holding a
+    snapshot, and switches out of WAL mode and back (which succeed only while no agent runs);
+  * runs `walship replicate DB file://REPLICA --sync-interval 100ms` with a private spool (in
+    some runs naming the database through a symlink), and between steps SIGKILLs and
+    restarts it (also during start-up), SIGSTOPs it for a moment, stops it with SIGTERM (it
+    must exit 0) and restarts it, sometimes with its wall clock stepped back or forward
+    (a preload shim, built with `cc` when there is one), makes the replica unreachable for a
+    while, and asks for snapshots;
   * at the end stops the application, lets the agent sync, stops it with SIGTERM, and checks:
       chain     every generation chains from its snapshot with no gap (`walship list --json`)
       latest    the latest restore has the digest of the last commit, and equals the source
                 database byte for byte once that is checkpointed
       pitr      `restore --timestamp T` at up to 10 instants, each the midpoint of a quiet gap
-                between two commits (so exactly one state is right), inside the restorable
+                between two commits (so exactly one state is right; none in a run where an
+                agent had a stepped clock, whose stamps are off by the step), inside the restorable
                 windows `walship list` reports and while an agent was running and not
                 stopped from before T until well after T (walship stamps a commit with the
                 time it sees it, so a commit made while no agent watches is dated later)
@@ -270,20 +275,59 @@ def make_plan(seed, steps):
         plan += scheduled[k]
     if cfg["warmup"] >= n_ops:
         plan.append({"event": "start"})
+    # What follows draws from its own generator: the rest of the plan is the one each seed
+    # always had.
+    extra = random.Random(seed * 104729 + 7)
     # Half the RESTART/TRUNCATE checkpoints follow the step before at once, while the agent's
     # pin still stands behind that step's commit: the checkpoint then waits for the pin's
-    # read-mark slot, and the agent has to make way. (A separate generator: the rest of
-    # the plan is the one each seed always had.)
-    quick = random.Random(seed * 104729 + 7)
+    # read-mark slot, and the agent has to make way.
     for k in range(1, len(plan)):
         if plan[k].get("op") == "checkpoint" and plan[k]["mode"] in ("RESTART", "TRUNCATE") \
-                and "op" in plan[k - 1] and quick.random() < 0.5:
+                and "op" in plan[k - 1] and extra.random() < 0.5:
             plan[k - 1]["idle"] = 0.0
+    # The agent is given the database through a symlink.
+    cfg["symlink"] = extra.random() < 0.3
+    # Some small commits become a switch out of WAL mode and back (it succeeds only while no
+    # agent runs: then the agent finds a database changed behind a deleted WAL).
+    for st in plan:
+        if st.get("op") == "small" and not st.get("after_spill") and extra.random() < 0.08:
+            st["op"] = "journal_switch"
+    down = False    # between a kill and the next start: there the switch succeeds
+    for st in plan:
+        if st.get("event") == "kill":
+            down = True
+        elif st.get("event") == "start":
+            down = False
+        elif down and st.get("op") in ("small", "insert", "update", "delete", "multi") \
+                and not st.get("after_spill") and extra.random() < 0.4:
+            st["op"] = "journal_switch"
+            down = False
+    # Some restarts of the agent see the wall clock stepped (NTP, a restored VM): commit
+    # times are then off by the step, new generations must still sort last.
+    starts = [ev for ev in plan if ev.get("event") == "start"]
+    for ev in starts[1:]:
+        if extra.random() < 0.2:
+            ev["clock_shift_us"] = extra.choice([-600, -30, 30, 600]) * 1_000_000
     return cfg, plan
 
 
 # ----------------------------------------------------------------------------------------
 # one run
+
+_CLOCK_SHIM = []
+
+
+def clock_shim():
+    """The preload library that steps a process's wall clock (WALSHIP_CLOCK_SHIFT_US), built
+    once per harness process; None without a C compiler."""
+    if not _CLOCK_SHIM:
+        cc = shutil.which("cc") or shutil.which("gcc")
+        out = Path(tempfile.mkdtemp(prefix="walship-torture-shim-")) / "clockshift.so"
+        ok = cc and subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(out), str(INTEGRATION / "shims" / "clockshift.c"),
+                                    "-ldl"], capture_output=True).returncode == 0
+        _CLOCK_SHIM.append(str(out) if ok else None)
+    return _CLOCK_SHIM[0]
+
 
 class WalHoleWatch:
     """Watches the application's own WAL, independently of walship: every 20 ms, when the
@@ -356,6 +400,8 @@ class Run:
         self.url = f"file://{self.replica}"
         self.spool = self.work / "spool"
         self.oracle = self.work / "oracle.jsonl"
+        self.link = self.work / "link.db"     # the agent's name for the database, some runs
+        self.ever_shifted = False             # an agent of this run saw a stepped clock
         self.failures = []          # (check, message)
         self.live = []              # [start, end] spans of a running, not stopped, agent
         self.live_start = None
@@ -389,9 +435,19 @@ class Run:
             args += ["--compaction", c["compaction"], "--fine-window", "1h"]
         return args
 
-    def _new_agent(self):
-        ag = AgentProcess(self.db, [self.url], args=self.agent_args(),
-                          log_path=self.work / f"agent-{self.agent_runs:02d}.log")
+    def agent_db(self):
+        if self.cfg.get("symlink"):
+            if not self.link.is_symlink():
+                self.link.symlink_to(self.db.name)
+            return self.link
+        return self.db
+
+    def _new_agent(self, shift_us=0):
+        env = None
+        if shift_us:
+            env = dict(os.environ, LD_PRELOAD=clock_shim(), WALSHIP_CLOCK_SHIFT_US=str(shift_us))
+        ag = AgentProcess(self.agent_db(), [self.url], args=self.agent_args(),
+                          log_path=self.work / f"agent-{self.agent_runs:02d}.log", env=env)
         self.agent_runs += 1
         return ag.start()
 
@@ -406,13 +462,18 @@ class Run:
                 self.live.append((self.live_start, time.time()))
                 self.live_start = None
 
-    def start_agent(self, kill_after=None):
+    def start_agent(self, kill_after=None, shift_us=0):
+        if shift_us and not clock_shim():
+            shift_us = 0    # no C compiler here: the clock is not stepped
+        if shift_us:
+            self.ever_shifted = True
+            self.count("clock_step")
         if kill_after is not None:
-            ag = self._new_agent()
+            ag = self._new_agent(shift_us)
             time.sleep(kill_after)
             ag.kill9()
             self.count("kill_during_startup")
-        self.agent = self._new_agent()
+        self.agent = self._new_agent(shift_us)
         try:
             self.agent.wait_ready(timeout=60)
         except AssertionError as e:
@@ -475,7 +536,7 @@ class Run:
 
     def request_snapshot(self):
         self.settle()
-        p = run_walship("snapshot", self.db, self.url, "--spool-dir", self.spool, "--timeout", "60s", timeout=120)
+        p = run_walship("snapshot", self.agent_db(), self.url, "--spool-dir", self.spool, "--timeout", "60s", timeout=120)
         if p.returncode != 0:
             self.fail("snapshot", f"`walship snapshot` exited {p.returncode}: {error_text(p)}")
         self.count("snapshot")
@@ -511,6 +572,8 @@ class Run:
         elif r.get("info"):     # bytes a spill added to the WAL, a checkpoint's result
             self.mark("info", i=step["i"], **r["info"])
             step["result"] = r["info"]
+            if r["info"].get("switched"):
+                self.count("journal_switch")
 
     def stop_writer(self):
         if self.writer and self.writer.poll() is None:
@@ -577,7 +640,7 @@ class Run:
     def event(self, ev):
         kind = ev["event"]
         if kind == "start":
-            self.start_agent(ev.get("kill_after"))
+            self.start_agent(ev.get("kill_after"), ev.get("clock_shift_us", 0))
         elif kind == "kill":
             self.kill_agent()
         elif kind == "term":
@@ -728,6 +791,12 @@ class Run:
         """(T, expected commit) pairs: T is the middle of a quiet gap after a commit, inside the
         restorable window, while one agent ran from before T - READ_MARGIN to after T + SHIP_MARGIN."""
         cands = []
+        if self.ever_shifted:
+            # A generation started under a clock stepped back claims instants that an older
+            # generation recorded too, and restore takes the newest: by the recorded times
+            # that is right, by the real ones it cannot be. Only `latest` is checked then.
+            self.pitr_candidates = 0
+            return []
         for k, c in enumerate(commits):
             gap_lo = us_to_s(c["after"])
             gap_hi = us_to_s(commits[k + 1]["before"]) if k + 1 < len(commits) else self.final_stop
