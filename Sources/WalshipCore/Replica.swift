@@ -141,14 +141,21 @@ public final class FileReplica: Replica {
     /// handle, something other than a directory where the replica should be) is thrown, never
     /// taken for "gone" (that would drop a generation).
     private func present(_ p: String) throws -> Bool {
-        if FS.exists(root) && !FS.isDirectory(root) {   // something stands in the way: an error, retried
-            throw ReplicaError.io(displayURL, "\(root) is not a directory")
-        }
         var st = stat()
         if stat(p, &st) == 0 { return true }
         let err = errno
-        if err == ENOENT || err == ENOTDIR { return false }
-        throw ReplicaError.io(displayURL, "cannot look up \(p): \(String(cString: strerror(err)))")
+        guard err == ENOENT || err == ENOTDIR else {
+            throw ReplicaError.io(displayURL, "cannot look up \(p): \(String(cString: strerror(err)))")
+        }
+        // Gone only if the replica itself is still there as a directory, or is not there at
+        // all (deleted). Anything else standing at its path is an outage: retried.
+        var rs = stat()
+        if lstat(root, &rs) != 0 {
+            if errno == ENOENT { return false }
+            throw ReplicaError.io(displayURL, "cannot look up \(root): \(String(cString: strerror(errno)))")
+        }
+        if FS.isDirectory(root) { return false }
+        throw ReplicaError.io(displayURL, "\(root) is not a directory")
     }
 
     public func put(key: String, fromFile src: String) throws {

@@ -168,6 +168,29 @@ def assert_restores_exact(db, replicas, out_dir, env=None):
         assert file_bytes_equal(db, out), f"the {name} replica is not exact"
 
 
+def swap_paths(a, b):
+    """Exchanges two paths in one step (renameat2 RENAME_EXCHANGE): neither is ever missing,
+    as a replica that becomes unreachable and comes back would look to an agent."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, rename_exchange = -100, 2
+    if libc.renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), str(a))
+
+
+def unreachable(replica, away):
+    """Puts a plain file where the replica directory was (moved to `away`), in one step."""
+    Path(away).write_text("the replica is unreachable for a while\n")
+    swap_paths(replica, away)
+
+
+def reachable(replica, away):
+    """Undoes `unreachable`, in one step."""
+    swap_paths(replica, away)
+    os.unlink(away)
+
+
 def file_bytes_equal(a, b):
     with open(a, "rb") as fa, open(b, "rb") as fb:
         while True:

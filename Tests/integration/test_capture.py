@@ -11,8 +11,8 @@ import sqlite3
 import subprocess
 import time
 
-from conftest import (checkpoint_truncate, create_ticket_db, file_bytes_equal, run_walship,
-                      shifted_clock_env, table_contents)
+from conftest import (checkpoint_truncate, create_ticket_db, file_bytes_equal, reachable, run_walship,
+                      shifted_clock_env, table_contents, unreachable)
 
 
 def url(path):
@@ -250,8 +250,8 @@ def test_replica_directory_deleted_mid_run_gets_a_new_generation(tmp_path, agent
 
 
 def test_replica_unreachable_for_a_while_is_not_taken_for_lost(tmp_path, agent_factory):
-    """A directory replica that is unreachable for a while (a file stands where it was, as an
-    unmounted path can look) is an outage, not a lost generation: the housekeeping look for
+    """A directory replica that is unreachable for a while (a file stands where it was) is
+    an outage, not a lost generation: the housekeeping look for
     the generation's generation.json (every second here) must not take "cannot tell" for
     "gone" and drop the backlog. Once it is back, one generation chains without a gap."""
     db, replica = tmp_path / "app.db", tmp_path / "replica"
@@ -262,14 +262,12 @@ def test_replica_unreachable_for_a_while_is_not_taken_for_lost(tmp_path, agent_f
     agent.wait_for_log("replicating")
     time.sleep(1.0)
     away = tmp_path / "replica.away"
-    os.rename(replica, away)
-    replica.write_text("unreachable for a while\n")
-    time.sleep(2.5)   # nothing to upload: housekeeping looks while no upload has failed yet
+    unreachable(replica, away)
+    time.sleep(2.5)   # nothing to upload: housekeeping looks (every second) while no upload has failed
     for i in range(5):
         con.execute("INSERT INTO usuarios(nombre, email) VALUES(?, 'x@example.com')", (f"during {i}",))
-        time.sleep(0.5)   # several housekeeping looks
-    replica.unlink()
-    os.rename(away, replica)
+        time.sleep(0.5)
+    reachable(replica, away)
     con.execute("INSERT INTO usuarios(nombre, email) VALUES('after', 'a@example.com')")
     con.close()
     deadline = time.time() + 30
@@ -280,6 +278,8 @@ def test_replica_unreachable_for_a_while_is_not_taken_for_lost(tmp_path, agent_f
         time.sleep(0.5)
     agent.stop()
     log = agent.read_log()
+    assert "could not check that the replica still holds the current generation" in log, \
+        "housekeeping never looked while the replica was unreachable: nothing was tested\n" + log[-3000:]
     assert "lost the current generation" not in log, log[-3000:]
     assert log.count("starting a new generation") == 1, log[-3000:]
     checkpoint_truncate(db)

@@ -135,7 +135,7 @@ def test_point_in_time_restore_by_timestamp_and_txid(tmp_path, agent_factory):
     dumps.mkdir()
     create_ticket_db(db, rows=30)
     agent = agent_factory(db, [url(replica)], ["--sync-interval", "300ms"]).start().wait_ready()
-    run_writer("workload", db, "--seconds", "10", "--instants", "24", "--quiet", "0.05",
+    run_writer("workload", db, "--seconds", "10", "--instants", "24", "--quiet", "0.2",
                "--max-rate", "450", "--dump-dir", dumps, "--seed", "22")
     agent.stop()
 

@@ -134,7 +134,7 @@ def test_exact_latest_pitr_and_kill9_over_s3(tmp_path, agent_factory, s3server):
     create_ticket_db(db, rows=30)
 
     a1 = agent_factory(db, [url], AGENT_ARGS, log_path=tmp_path / "agent-1.log", env=env).start().wait_ready()
-    run_py(WRITER, "workload", db, "--seconds", "6", "--instants", "10", "--quiet", "0.05",
+    run_py(WRITER, "workload", db, "--seconds", "6", "--instants", "10", "--quiet", "0.2",
            "--max-rate", "200", "--dump-dir", dumps, "--seed", "41")
     time.sleep(1.0)
     assert a1.proc.poll() is None, a1.read_log()

@@ -456,7 +456,9 @@ class App:
             con.execute("PRAGMA busy_timeout=200")
             try:
                 mode = con.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
-            except sqlite3.OperationalError:
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise
                 mode = "wal"
             finally:
                 con.execute(f"PRAGMA busy_timeout={BUSY_MS}")
