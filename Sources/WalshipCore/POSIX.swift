@@ -207,13 +207,30 @@ public enum FS {
         guard fsync(fd) == 0 else { throw SystemError.last("fsync directory \(path)") }
     }
 
+    /// A new scratch file beside `path`, under a name nobody could guess, created with
+    /// O_EXCL|O_NOFOLLOW: in a directory others can write, a planted file or symlink is never
+    /// opened instead.
+    static func createScratch(beside path: String, mode: mode_t) throws -> (file: RawFile, path: String) {
+        var attempt = 0
+        while true {
+            let tmp = path + ".tmp-\(getpid())-\(String(UInt64.random(in: 0...UInt64.max), radix: 16))"
+            do {
+                return (try RawFile(path: tmp, flags: O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode: mode), tmp)
+            } catch let e as SystemError where e.errno == EEXIST && attempt < 8 {
+                attempt += 1
+            }
+        }
+    }
+
     /// Writes a whole file atomically: temp file beside it, fsync, rename, fsync directory.
     public static func writeAtomically(_ path: String, _ data: [UInt8], mode: mode_t = 0o600) throws {
-        let tmp = path + ".tmp-\(getpid())"
+        let (f, tmp) = try createScratch(beside: path, mode: mode)
         do {
-            let f = try RawFile(path: tmp, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: mode)
             try f.append(data)
             try f.sync()
+        } catch {
+            try? remove(tmp)
+            throw error
         }
         try rename(tmp, path)
         try syncDirectory(dirname(path))
@@ -262,11 +279,10 @@ public enum FS {
     }
 
     /// Copies a file through a bounded buffer into an atomic destination.
-    public static func copyAtomically(from src: String, to dst: String) throws {
+    public static func copyAtomically(from src: String, to dst: String, mode: mode_t = 0o600) throws {
         let input = try RawFile(path: src, flags: O_RDONLY)
-        let tmp = dst + ".tmp-\(getpid())"
+        let (out, tmp) = try createScratch(beside: dst, mode: mode)
         do {
-            let out = try RawFile(path: tmp, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644)
             var buf = [UInt8](repeating: 0, count: 1 << 20)
             var off = 0
             while true {

@@ -97,7 +97,7 @@ public final class FileReplica: Replica {
         if FS.exists(root) && !FS.isDirectory(root) {
             throw ReplicaError.notAReplica(root, "it is a file, not a directory")
         }
-        try FS.makeDirectories(root)
+        try FS.makeDirectories(root, mode: 0o700)
         let entries = try FS.list(root)
         let foreign = entries.filter { $0 != "generations" && $0 != replicaMarkerKey && !$0.contains(".tmp-") }
         if !foreign.isEmpty {
@@ -162,16 +162,16 @@ public final class FileReplica: Replica {
         let dst = path(key)
         requestCounts.add("PUT")
         try requireGeneration(of: key)
-        try FS.makeDirectories(FS.dirname(dst))
-        try FS.copyAtomically(from: src, to: dst)
+        try FS.makeDirectories(FS.dirname(dst), mode: 0o700)
+        try FS.copyAtomically(from: src, to: dst, mode: 0o600)
     }
 
     public func put(key: String, bytes: [UInt8]) throws {
         let dst = path(key)
         requestCounts.add("PUT")
         try requireGeneration(of: key)
-        try FS.makeDirectories(FS.dirname(dst))
-        try FS.writeAtomically(dst, bytes, mode: 0o644)
+        try FS.makeDirectories(FS.dirname(dst), mode: 0o700)
+        try FS.writeAtomically(dst, bytes, mode: 0o600)
     }
 
     public func get(key: String, _ handle: (UnsafeRawBufferPointer) throws -> Void) throws {

@@ -92,6 +92,20 @@ public struct ObjectMetadata: Equatable, Sendable {
         let checksum = try r.u64(), payload = try r.u64()
         let genBytes = try r.raw(32).prefix { $0 != 0 }
         let keyID = try r.u64()
+        // Checked before anything does arithmetic with them (an object may have been planted).
+        func bad(_ why: String) -> FormatError { .corrupt("\(objectName): metadata \(why)") }
+        guard (512...65536).contains(pageSize), pageSize & (pageSize - 1) == 0 else {
+            throw bad("page size \(pageSize) is not a power of two from 512 to 65536")
+        }
+        // SQLite's largest page count; a size in bytes then fits any arithmetic done with it.
+        guard dbPages <= 0xFFFF_FFFE else { throw bad("page count \(dbPages) is beyond what SQLite allows") }
+        guard firstTxid <= lastTxid, lastTxid < UInt64(Int64.max) else {
+            throw bad("txid range \(firstTxid)-\(lastTxid) is not a valid range")
+        }
+        guard firstTime <= lastTime else { throw bad("time range \(firstTime)-\(lastTime) runs backwards") }
+        if kind == .snapshot && (firstTxid != lastTxid || count != 0) {
+            throw bad("describes a snapshot over txids \(firstTxid)-\(lastTxid) with \(count) transactions")
+        }
         var m = ObjectMetadata(kind: kind, pageSize: pageSize, firstTxid: firstTxid, lastTxid: lastTxid,
                               firstTimeUs: firstTime, lastTimeUs: lastTime, dbPages: dbPages,
                               transactionCount: count, dbChecksum: checksum, payloadBytes: payload,

@@ -220,3 +220,38 @@ def test_txid_beyond_history(golden, replica, outdir):
     beyond = int(golden["gen"]["last_txid"]) + 1000
     line = restore_fails(replica, outdir, "--txid", beyond)
     assert "txid" in line.lower() or str(beyond) in line, line
+
+
+# ---------------------------------------------------------------- crafted metadata
+
+CRAFTED = {
+    "page size 0": {"page_size": 0},
+    "page size and page count 0xffffffff": {"page_size": 0xFFFFFFFF, "db_pages": 0xFFFFFFFF},
+    "page size not a power of two": {"page_size": 1000},
+    "last txid at the top of the range": {"first_txid": 2**64 - 1, "last_txid": 2**64 - 1},
+    "txids backwards": {"first_txid": 9, "last_txid": 3},
+}
+
+
+def test_rewritten_metadata_with_the_same_values_still_restores(golden, replica, outdir):
+    """Control for the crafted cases: the rewrite itself keeps an object valid."""
+    from objects import read_metadata, rewrite_metadata
+    for key in [golden["gen"]["snapshots"][0]["key"], golden["segments"][0]["key"]]:
+        rewrite_metadata(replica / key, **read_metadata(replica / key))
+    p = run_walship("restore", url(replica), "-o", outdir / "ok.db")
+    assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.parametrize("what", sorted(CRAFTED))
+@pytest.mark.parametrize("kind", ["snapshot", "segment"])
+def test_crafted_metadata_is_one_clear_error(golden, replica, outdir, kind, what):
+    """Header fields of a planted object are checked before any arithmetic: restore and
+    verify each give one error naming the object, never a crash (a trap, exit 132)."""
+    from objects import rewrite_metadata
+    key = golden["gen"]["snapshots"][0]["key"] if kind == "snapshot" else golden["segments"][0]["key"]
+    rewrite_metadata(replica / key, **CRAFTED[what])
+    line = restore_fails(replica, outdir)
+    assert Path(key).name in line, f"the error does not name {key}: {line}"
+    p = run_walship("verify", url(replica))
+    assert p.returncode == 1, f"verify exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    assert Path(key).name in p.stdout + p.stderr, p.stdout + p.stderr
