@@ -344,9 +344,10 @@ class WalHoleWatch:
     wal-index (-shm) describes the log the WAL header starts, every frame up to its last
     commit (mxFrame) must carry that log's salts. A frame that does not is a hole SQLite
     itself could not recover past (its recovery follows the checksum chain from frame 1).
-    Such a WAL is the environment's fault, not the agent's; the agent is then only required
-    to say so (its self-check) when it affected what the agent read, never to be silently
-    wrong."""
+    Such a WAL is the environment's fault, not the agent's (SQLite 3.40.1 writes it after a
+    savepoint rollback in a transaction that rewrote a spilled frame: savepoint_hole.py); the
+    agent is then only required to say so (its self-check) when it affected what the agent
+    read, never to be silently wrong."""
 
     def __init__(self, db):
         self.db, self.hole, self.stop_flag = str(db), None, False
