@@ -76,7 +76,7 @@ final class LocalCompactor {
         func close() throws {
             defer { group = [] }
             guard group.count >= 2 else { forget(group); return }
-            out.append(try merge(group))
+            if let b = try merge(group) { out.append(b) }
         }
         for e in all {
             // Never two merged objects over one txid: an overlapping link is left out.
@@ -94,7 +94,14 @@ final class LocalCompactor {
         return out
     }
 
-    private func merge(_ inputs: [SegmentName]) throws -> Built {
+    /// nil when the spool's filesystem has no room for the merged copy now.
+    private func merge(_ inputs: [SegmentName]) throws -> Built? {
+        // The merged copy takes about as much room as its inputs: on a filesystem short of
+        // that (beyond the headroom kept free) the merge waits, and the segments ship at
+        // level 0 meanwhile, rather than fill a disk the application may share.
+        let need = inputs.reduce(Int64(0)) { $0 + Int64(FS.fileSize(dir + "/" + $1.key.replacingAll("/", with: "~")) ?? 0) }
+        let room = SpoolRoom(of: workDir)
+        guard room.available - room.headroom >= need else { return nil }
         let path = workDir + "/level1-\(hex16(inputs[0].firstTxid)).part"
         let builder = try ObjectBuilder(path: path, key: key)
         let name = SegmentName(generation: inputs[0].generation, level: 1, firstTxid: inputs[0].firstTxid, lastTxid: inputs.last!.lastTxid,
