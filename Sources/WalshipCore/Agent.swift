@@ -188,6 +188,8 @@ public final class Agent {
         }
     }
 
+    deinit { visibility.stop() }
+
     var meta: Logger.Metadata { ["db.path": "\(dbPath)"] }
 
     // MARK: start-up
@@ -230,6 +232,8 @@ public final class Agent {
         // could not tell a rolled-back spill from a commit, so it does not start.
         guard let shm = try RawFile.openIfExists(dbPath + "-shm") else { throw AgentError.noWalIndex(dbPath) }
         shmFile = shm
+        try visibility.start()
+        visibility.setBusy(true)   // until the main loop first waits for a change
         tailer.walIndex = { [weak self] in self?.readWalIndex() }
         table = try PageHashTable(path: spool.tablePath)
         for (i, r) in replicas.enumerated() {
@@ -703,7 +707,7 @@ public final class Agent {
             case .transactions(let txns):
                 for t in txns { try append(t) }
                 if tailer.hasMore { continue }   // read in bounded slices
-                samples.removeAll(keepingCapacity: true)
+                if let h = tailer.header { visibility.forget(readTo: tailer.framesInLog, salt1: h.salt1, salt2: h.salt2) }
                 return
             }
         }
@@ -813,14 +817,12 @@ public final class Agent {
 
     // MARK: commit times
 
-    /// A look at SQLite's wal-index header: when it was taken, and how far the log was
-    /// visible (mxFrame) for which salts.
-    struct VisibilitySample { var timeUs: Int64; var salt1: UInt32; var salt2: UInt32; var mxFrame: UInt32 }
-    private var samples: [VisibilitySample] = []
     private var shmFile: RawFile?
+    private lazy var visibility = VisibilityLog(everyUs: sampleEveryUs) { [weak self] in self?.readWalIndex() }
 
     /// Reads the wal-index header from the -shm file (nil while it is being written). The file
     /// is kept open for the agent's lifetime: closing a descriptor would drop SQLite's locks on it.
+    /// Also called from the visibility log's thread: a positioned read shares no state.
     private func readWalIndex() -> WalIndexHeader? {
         guard let f = shmFile else { return nil }
         var b = [UInt8](repeating: 0, count: WalIndexHeader.size)
@@ -828,21 +830,11 @@ public final class Agent {
         return b.withUnsafeBytes { WalIndexHeader.parse($0) }
     }
 
-    private func sampleVisibility() {
-        guard let h = readWalIndex() else { return }
-        let sample = VisibilitySample(timeUs: nowMicroseconds(), salt1: h.salt1, salt2: h.salt2, mxFrame: h.mxFrame)
-        if let last = samples.last, last.salt1 == sample.salt1, last.salt2 == sample.salt2, last.mxFrame == sample.mxFrame { return }
-        if samples.count < 4096 { samples.append(sample) }
-    }
-
     /// The commit time of a transaction: the first moment it was seen visible in the
-    /// wal-index (sampled every few milliseconds while waiting), else now. Always an upper
-    /// bound of the real commit, and close to it even when the WAL is read in batches.
+    /// wal-index, else now. Always an upper bound of the real commit, and close to it even
+    /// when the WAL is read in batches or the main loop was busy.
     private func commitStamp(_ t: CommittedTransaction) -> Int64 {
-        for s in samples where s.salt1 == t.header.salt1 && s.salt2 == t.header.salt2 && Int(s.mxFrame) >= t.commitFrame {
-            return s.timeUs
-        }
-        return nowMicroseconds()
+        visibility.firstSeen(salt1: t.header.salt1, salt2: t.header.salt2, commitFrame: t.commitFrame) ?? nowMicroseconds()
     }
 
     // MARK: cutting and state
@@ -1260,7 +1252,11 @@ public final class Agent {
         while !stopRequested {
             let now = monotonicMicroseconds()
             let timeout = max(0, min(nextCutUs - now, options.pollIntervalUs - (now - lastWatchdogUs), checkpointerCheckUs))
+            // While the loop waits, a change wakes it at once and it samples commit times
+            // itself; everywhere else the visibility log's thread samples for it.
+            visibility.setBusy(false)
             let changed = waitForChange(timeoutUs: timeout)
+            visibility.setBusy(true)
             if !changed && !stopRequested {
                 // Nothing new: the moment to notice an application checkpoint waiting for the pin.
                 if blockingCheckpointRunning() { try makeWayForCheckpoint() }
@@ -1273,10 +1269,10 @@ public final class Agent {
                 // Meanwhile the wal-index is sampled every few milliseconds, so each commit is
                 // still stamped with when it became visible. Never past the next cut.
                 let until = min(monotonicMicroseconds() + debounceUs, nextCutUs)
-                sampleVisibility()
+                visibility.sample()
                 while !stopRequested && monotonicMicroseconds() < until {
                     usleep(UInt32(max(500, min(checkpointerCheckUs, sampleEveryUs, until - monotonicMicroseconds()))))
-                    sampleVisibility()
+                    visibility.sample()
                     if blockingCheckpointRunning() { try makeWayForCheckpoint() }
                 }
             }
@@ -1530,6 +1526,7 @@ public final class Agent {
     private func shutdown() throws -> [String] {
         try pollAndAppend()
         try cutSegment()
+        visibility.stop()
         kickShippers()
         let deadline = monotonicMicroseconds() + 30_000_000
         var pending: [String] = []

@@ -15,7 +15,7 @@ final class SegmentPrefetcher {
     private let mutex = Mutex()
     private var next = 0
     private var cancelled = false
-    private var workers: [Thread] = []
+    private var workers: [JoinableThread] = []
 
     init(keys: [String], dir: String, parallel: Int = 4, window: Int = 8, makeReplica: @escaping () throws -> Replica) throws {
         self.keys = keys
@@ -24,9 +24,14 @@ final class SegmentPrefetcher {
         self.done = keys.map { _ in DispatchSemaphore(value: 0) }
         self.errors = Array(repeating: nil, count: keys.count)
         try FS.makeDirectories(dir, mode: 0o700)
-        for _ in 0..<min(parallel, max(1, keys.count)) {
-            let replica = try makeReplica()
-            workers.append(Thread { [weak self] in self?.work(replica) })
+        do {
+            for _ in 0..<min(parallel, max(1, keys.count)) {
+                let replica = try makeReplica()
+                workers.append(try JoinableThread { [weak self] in self?.work(replica) })
+            }
+        } catch {
+            finish()   // the workers already started stop before the error goes up
+            throw error
         }
     }
 
@@ -70,20 +75,6 @@ final class SegmentPrefetcher {
         for _ in 0..<workers.count { slots.signal() }
         workers.forEach { $0.join() }
         FS.removeTree(dir)
-    }
-
-    /// A minimal joinable thread.
-    final class Thread {
-        private var handle = pthread_t()
-        private let body: () -> Void
-        init(_ body: @escaping () -> Void) {
-            self.body = body
-            pthread_create(&handle, nil, { raw in
-                Unmanaged<Thread>.fromOpaque(raw!).takeRetainedValue().body()
-                return nil
-            }, Unmanaged.passRetained(self).toOpaque())
-        }
-        func join() { pthread_join(handle, nil) }
     }
 }
 

@@ -535,3 +535,46 @@ def test_database_page_changed_behind_sqlite_is_caught_after_a_checkpoint(tmp_pa
     checkpoint_truncate(db)
     out = restore_latest(replica, tmp_path / "out.db")
     assert file_bytes_equal(db, out)
+
+
+def test_commits_made_while_the_agent_is_busy_are_dated_when_they_committed(tmp_path, agent_factory):
+    """A snapshot of a large database keeps the agent's main loop busy for a while. A commit
+    made meanwhile is still dated within milliseconds of its real commit, so `--timestamp`
+    shortly after it restores it (G3). Before, it was dated when the loop next looked, after
+    the snapshot: up to seconds late."""
+    from conftest import WALSHIP
+    from workload import rfc3339
+    db, replica = tmp_path / "big.db", tmp_path / "replica"
+    con = sqlite3.connect(str(db), isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("CREATE TABLE big(b BLOB)")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, at REAL)")
+    con.execute("BEGIN")
+    for _ in range(192):
+        con.execute("INSERT INTO big VALUES (randomblob(1048576))")   # incompressible: a slow snapshot
+    con.execute("COMMIT")
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    agent = agent_factory(db, [url(replica)], ["--sync-interval", "100ms", "--checkpoint-frames", "1000000"])
+    agent.start().wait_ready(timeout=120)
+    snap = subprocess.Popen([str(WALSHIP), "snapshot", str(db)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    commits = []   # (id, returned at): a quiet 400 ms follows each
+    while snap.poll() is None and len(commits) < 40:
+        con.execute("INSERT INTO t VALUES (?, ?)", (len(commits) + 1, time.time()))
+        commits.append((len(commits) + 1, time.time()))
+        time.sleep(0.4)
+    out = snap.communicate(timeout=120)[0]
+    assert snap.returncode == 0, out
+    assert len(commits) >= 2, "the snapshot was too quick to commit during it"
+    time.sleep(0.5)
+    agent.stop()
+    con.close()
+    # The commits made while the snapshot ran (all but the last, which may follow it).
+    for n, returned in commits[:-1]:
+        target = tmp_path / f"at{n}.db"
+        p = run_walship("restore", url(replica), "-o", target, "--timestamp", rfc3339(returned + 0.2))
+        assert p.returncode == 0, p.stdout + p.stderr
+        c = sqlite3.connect(str(target))
+        got = c.execute("SELECT max(id) FROM t").fetchone()[0]
+        c.close()
+        target.unlink()
+        assert got == n, f"--timestamp 200 ms after commit {n} restores {got} (commits dated late)"

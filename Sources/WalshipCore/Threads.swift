@@ -1,0 +1,70 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A joinable POSIX thread running one closure. Creation failures are thrown, not ignored.
+final class JoinableThread {
+    private var handle = pthread_t()
+    private let body: () -> Void
+    private var joined = false
+
+    init(_ body: @escaping () -> Void) throws {
+        self.body = body
+        let context = Unmanaged.passRetained(self)
+        let rc = pthread_create(&handle, nil, { raw in
+            Unmanaged<JoinableThread>.fromOpaque(raw!).takeRetainedValue().body()
+            return nil
+        }, context.toOpaque())
+        if rc != 0 {
+            context.release()
+            throw SystemError(errno: rc, context: "start a thread")
+        }
+    }
+
+    /// Waits for the closure to return (once; later calls return at once).
+    func join() {
+        if joined { return }
+        joined = true
+        pthread_join(handle, nil)
+    }
+}
+
+/// A mutex with a condition whose timed waits run on the monotonic clock, so a wall-clock
+/// step neither stretches nor cuts them short.
+final class MonotonicCondition {
+    private var m = pthread_mutex_t()
+    private var c = pthread_cond_t()
+
+    init() {
+        pthread_mutex_init(&m, nil)
+        var attr = pthread_condattr_t()
+        pthread_condattr_init(&attr)
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
+        pthread_cond_init(&c, &attr)
+        pthread_condattr_destroy(&attr)
+    }
+
+    deinit {
+        pthread_cond_destroy(&c)
+        pthread_mutex_destroy(&m)
+    }
+
+    func locked<T>(_ body: () throws -> T) rethrows -> T {
+        pthread_mutex_lock(&m); defer { pthread_mutex_unlock(&m) }
+        return try body()
+    }
+
+    /// Waits (the mutex held by the caller, inside `locked`) until signalled, or for at most
+    /// `timeoutUs` microseconds when it is given. Spurious wake-ups happen: callers re-check.
+    func wait(timeoutUs: Int64? = nil) {
+        guard let t = timeoutUs else { pthread_cond_wait(&c, &m); return }
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        let ns = Int64(ts.tv_nsec) + max(0, t) * 1000
+        ts.tv_sec += Int(ns / 1_000_000_000)
+        ts.tv_nsec = Int(ns % 1_000_000_000)
+        pthread_cond_timedwait(&c, &m, &ts)
+    }
+
+    func signal() { pthread_cond_broadcast(&c) }
+}
