@@ -69,8 +69,9 @@ def rfc3339(t):
         f".{us % 1_000_000:06d}Z"
 
 
-def list_generations(walship, replica_url):
-    p = subprocess.run([str(walship), "list", replica_url, "--json"], capture_output=True, text=True, timeout=120)
+def list_generations(walship, replica_url, env=None):
+    p = subprocess.run([str(walship), "list", replica_url, "--json"], capture_output=True, text=True, timeout=120,
+                       env=env)
     if p.returncode != 0:
         raise AssertionError(f"walship list failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return json.loads(p.stdout)

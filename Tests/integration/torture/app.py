@@ -18,7 +18,9 @@ so a commit became visible somewhere in [before, after]. Times are UTC epoch mic
 (time.time_ns), independent of locale and time zone.
 
 Two connections ("a" and "b") write; "b" can also hold a read transaction open across steps.
-Both use busy_timeout 5000 ms, as walship asks of applications.
+Both use busy_timeout 5000 ms, as walship asks of applications. The driver may run a second
+process of this program on the same database; it then gives each step the number of commits
+made so far ("n0"), so commit numbers go on across both, and it never runs two steps at once.
 
 The digest (database_digest) is also what the driver computes on restored files.
 """
@@ -523,11 +525,13 @@ def main():
         if s.get("op") == "quit":
             break
         app.step = s.get("i", -1)
+        if "n0" in s:   # commits numbered across application processes: the driver's count so far
+            app.commits = s["n0"]
         try:
             info = app.run(s)
             out.write(json.dumps({"ok": True, "commits": app.commits, "info": info}) + "\n")
         except Exception as e:
-            out.write(json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}",
+            out.write(json.dumps({"ok": False, "commits": app.commits, "error": f"{type(e).__name__}: {e}",
                                   "trace": traceback.format_exc()}) + "\n")
         out.flush()
     app.close()

@@ -5,8 +5,8 @@ One run (one seed) builds a plan from random.Random(seed): database settings (pa
 auto_vacuum, autocheckpoint), agent settings (checkpoint frames, snapshot interval,
 compaction), a sequence of application steps and operator events, and idle times. It then
 
-  * starts the application process (app.py: Python sqlite3, WAL mode, two connections) and
-    feeds it the steps one by one; after every COMMIT the application appends
+  * starts the application process (app.py: Python sqlite3, WAL mode, two connections), and
+    in some runs a second one on the same database, and feeds them the steps one by one; after every COMMIT the application appends
     [before, after, digest of the whole database] to an oracle file; steps include spills
     rolled back, savepoints, VACUUM, checkpoints in all four modes, DDL, a reader holding a
     snapshot, and switches out of WAL mode and back (which succeed only while no agent runs);
@@ -15,18 +15,26 @@ compaction), a sequence of application steps and operator events, and idle times
     restarts it (also during start-up), SIGSTOPs it for a moment, stops it with SIGTERM (it
     must exit 0) and restarts it, sometimes with its wall clock stepped back or forward
     (a preload shim, built with `cc` when there is one), makes the replica unreachable for a
-    while, and asks for snapshots;
+    while, and asks for snapshots. Some runs add an S3 replica (`rclone serve s3` on loopback)
+    whose server an outage stops or freezes (SIGSTOP); in some the operator puts an earlier
+    state back: the application stops, the -wal and -shm are moved away, a file restored at
+    an earlier txid is renamed over the database (while the agent runs or not), and the
+    application starts again (the oracle records that state as a commit of its own);
   * at the end stops the application, lets the agent sync, stops it with SIGTERM, and checks:
-      chain     every generation chains from its snapshot with no gap (`walship list --json`)
-      latest    the latest restore has the digest of the last commit, and equals the source
-                database byte for byte once that is checkpointed
+      chain     every generation chains from its snapshot with no gap (`walship list --json`),
+                on every replica
+      latest    the latest restore of every replica has the digest of the last commit, and
+                equals the source database byte for byte once that is checkpointed
       pitr      `restore --timestamp T` at up to 10 instants, each the midpoint of a quiet gap
                 between two commits (so exactly one state is right; none in a run where an
                 agent had a stepped clock, whose stamps are off by the step), inside the restorable
                 windows `walship list` reports and while an agent was running and not
                 stopped from before T until well after T (walship stamps a commit with the
                 time it sees it, so a commit made while no agent watches is dated later)
-      verify    `walship verify URL` exits 0
+      (pitr instants alternate between the replicas in runs with two)
+      verify    `walship verify URL` exits 0 for every replica
+      replace   the restore that is put back gives a state the application committed, and
+                a running agent starts over on the new file
       sigterm   the agent exits 0 on every SIGTERM
       self-check the agent never reports that the WAL as it read it differs from what SQLite
                 committed, nor that the database file after a complete checkpoint differs
@@ -79,6 +87,7 @@ import conftest  # noqa: E402  (AgentProcess, run_walship, checkpoint_truncate, 
 from conftest import AgentProcess, checkpoint_truncate, file_bytes_equal, run_walship  # noqa: E402
 from workload import chain_problems, list_generations, rfc3339  # noqa: E402
 from app import file_digest  # noqa: E402
+from s3server import S3Server  # noqa: E402
 
 DEFAULT_STEPS = 110
 SYNC_INTERVAL = "100ms"
@@ -90,7 +99,9 @@ SHIP_MARGIN = 1.0
 PITR_INSTANTS = 10
 # Error lines an operator event explains: uploads fail while the replica is unreachable.
 EXPECTED_DURING_OUTAGE = ("upload failed; retrying with backoff",
-                          "replica did not acknowledge everything before shutdown")
+                          "replica did not acknowledge everything before shutdown",
+                          "could not check that the replica still holds the current generation",
+                          "retention or compaction failed; retrying later")
 
 OP_WEIGHTS = {
     "insert": 10, "update": 8, "delete": 4, "multi": 6, "small": 6,
@@ -309,7 +320,50 @@ def make_plan(seed, steps):
     starts = [ev for ev in plan if ev.get("event") == "start"]
     if len(starts) > 1 and extra.random() < 0.15:
         extra.choice(starts[1:])["clock_shift_us"] = extra.choice([-600, -30, 30, 600]) * 1_000_000
+    add_processes_replicas_and_replacement(seed, cfg, plan)
     return cfg, plan
+
+
+def add_processes_replicas_and_replacement(seed, cfg, plan):
+    """The later additions to a plan, from a generator of their own (so what came before stays
+    the plan each seed always had)."""
+    more = random.Random(seed * 15485863 + 11)
+    # A second application process writes the same database in some runs: a third of the
+    # steps go to it. Readers held across steps and journal-mode switches stay in the first
+    # (with a second process open, a switch out of WAL mode fails, as it should).
+    cfg["second_app"] = more.random() < 0.4
+    if cfg["second_app"]:
+        for st in plan:
+            if "op" in st and st["op"] not in ("reader_hold", "reader_release", "journal_switch") and more.random() < 0.35:
+                st["proc"] = 2
+    # An S3 replica (rclone on loopback) beside the directory one in some runs; an outage then
+    # takes away either or both, the S3 server stopped (connections refused) or frozen
+    # (requests hang).
+    cfg["s3"] = more.random() < 0.35
+    if cfg["s3"]:
+        for st in plan:
+            if st.get("event") == "outage":
+                st["target"] = more.choice(["file", "s3", "s3", "both"])
+                st["how"] = more.choice(["down", "freeze"])
+    # Once in some runs the operator puts an earlier state back in place: the application
+    # stops, the database's -wal and -shm are moved away, a restored file is renamed over
+    # the database, the application starts again. The agent may be running or not.
+    if more.random() < 0.3:
+        candidates, started, out, since_start = [], False, False, 0
+        for k, st in enumerate(plan):
+            ev = st.get("event")
+            if ev == "start":
+                started = True
+            elif ev == "outage":
+                out = True
+            elif ev == "outage_end":
+                out = False
+            elif "op" in st and started:
+                since_start += 1
+                if not out and since_start > 3:
+                    candidates.append(k)
+        if candidates:
+            plan.insert(more.choice(candidates), {"event": "replace", "pick": round(more.random(), 4)})
 
 
 # ----------------------------------------------------------------------------------------
@@ -422,7 +476,13 @@ class Run:
         self.cont_timer = None
         self.outage = False
         self.had_outage = False
-        self.writer = None
+        self.writer = None        # the first application process
+        self.apps = {}            # 1, and 2 in runs with a second one: (process, log file)
+        self.n_commits = 0        # commits so far, across application processes
+        self.s3 = None            # the S3 server, in runs with an S3 replica
+        self.s3_url = None
+        self.out = []             # what an outage took away: ("file"|"s3", "down"|"freeze")
+        self.replaced_at = []     # when the database file was replaced
         self.counts = {}
         self.app_checkpoints = []   # (step, start, end)
 
@@ -453,11 +513,18 @@ class Run:
             return self.link
         return self.db
 
+    def urls(self):
+        return [self.url] + ([self.s3_url] if self.s3_url else [])
+
+    def env(self):
+        """The environment of walship commands: the S3 server's credentials in runs with one."""
+        return self.s3.env() if self.s3 else None
+
     def _new_agent(self, shift_us=0):
-        env = None
+        env = self.env()
         if shift_us:
-            env = dict(os.environ, LD_PRELOAD=clock_shim(), WALSHIP_CLOCK_SHIFT_US=str(shift_us))
-        ag = AgentProcess(self.agent_db(), [self.url], args=self.agent_args(),
+            env = dict(env or os.environ, LD_PRELOAD=clock_shim(), WALSHIP_CLOCK_SHIFT_US=str(shift_us))
+        ag = AgentProcess(self.agent_db(), self.urls(), args=self.agent_args(),
                           log_path=self.work / f"agent-{self.agent_runs:02d}.log", env=env)
         self.agent_runs += 1
         return ag.start()
@@ -534,18 +601,36 @@ class Run:
         self.cont_timer.start()
         self.count("stop")
 
-    def outage_start(self):
-        conftest.unreachable(self.replica, self.work / "replica.away")
+    def outage_start(self, ev):
+        target, how = ev.get("target", "file"), ev.get("how", "down")
+        if target in ("file", "both"):
+            conftest.unreachable(self.replica, self.work / "replica.away")
+            self.out.append(("file", "down"))
+        if target in ("s3", "both"):
+            if how == "freeze":
+                os.kill(self.s3.proc.pid, signal.SIGSTOP)
+            else:
+                self.s3.stop()
+            self.out.append(("s3", how))
+            self.count(f"s3_{how}")
         self.outage = self.had_outage = True
         self.count("outage")
 
     def outage_end(self):
-        conftest.reachable(self.replica, self.work / "replica.away")
+        for target, how in self.out:
+            if target == "file":
+                conftest.reachable(self.replica, self.work / "replica.away")
+            elif how == "freeze":
+                os.kill(self.s3.proc.pid, signal.SIGCONT)
+            else:
+                self.s3.restart()
+        self.out = []
         self.outage = False
 
     def request_snapshot(self):
         self.settle()
-        p = run_walship("snapshot", self.agent_db(), self.url, "--spool-dir", self.spool, "--timeout", "60s", timeout=120)
+        p = run_walship("snapshot", self.agent_db(), self.url, "--spool-dir", self.spool, "--timeout", "60s", timeout=120,
+                        env=self.env())
         if p.returncode != 0:
             self.fail("snapshot", f"`walship snapshot` exited {p.returncode}: {error_text(p)}")
         self.count("snapshot")
@@ -556,26 +641,34 @@ class Run:
     # -- application ---------------------------------------------------------------------
 
     def start_writer(self):
+        """Starts the application process(es); the first one creates the database."""
         c = self.cfg
-        self.writer_log = open(self.work / "writer.log", "a")
-        self.writer = subprocess.Popen(
-            [sys.executable, str(HERE / "app.py"), str(self.db), str(self.oracle),
-             "--page-size", str(c["page_size"]), "--auto-vacuum", c["auto_vacuum"],
-             "--autocheckpoint", str(c["autocheckpoint"]), "--synchronous", c["synchronous"],
-             "--budget", str(c["budget"])],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.writer_log, text=True)
-        line = self.writer.stdout.readline()
-        if not line:
-            raise Failure("writer", f"the application did not start: {(self.work / 'writer.log').read_text()[-2000:]}")
+        for k in ([1, 2] if c.get("second_app") else [1]):
+            log = open(self.work / f"writer{'' if k == 1 else k}.log", "a")
+            proc = subprocess.Popen(
+                [sys.executable, str(HERE / "app.py"), str(self.db), str(self.oracle),
+                 "--page-size", str(c["page_size"]), "--auto-vacuum", c["auto_vacuum"],
+                 "--autocheckpoint", str(c["autocheckpoint"]), "--synchronous", c["synchronous"],
+                 "--budget", str(c["budget"])],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+            self.apps[k] = (proc, log)
+            line = proc.stdout.readline()
+            if not line:
+                raise Failure("writer", f"application process {k} did not start: {Path(log.name).read_text()[-2000:]}")
+        self.writer = self.apps[1][0]
 
     def writer_step(self, step):
-        msg = {k: v for k, v in step.items() if k != "idle"}
-        self.writer.stdin.write(json.dumps(msg) + "\n")
-        self.writer.stdin.flush()
-        line = self.writer.stdout.readline()
+        k = step.get("proc", 1)
+        proc, log = self.apps[k]
+        msg = {k: v for k, v in step.items() if k not in ("idle", "proc")}
+        msg["n0"] = self.n_commits
+        proc.stdin.write(json.dumps(msg) + "\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
         if not line:
-            raise Failure("writer", f"the application died at step {step['i']}: {(self.work / 'writer.log').read_text()[-2000:]}")
+            raise Failure("writer", f"application process {k} died at step {step['i']}: {Path(log.name).read_text()[-2000:]}")
         r = json.loads(line)
+        self.n_commits = r.get("commits", self.n_commits)
         if not r["ok"]:
             self.fail("writer", f"step {step['i']} ({step['op']}) failed: {r['error']}")
         elif r.get("info"):     # bytes a spill added to the WAL, a checkpoint's result
@@ -585,16 +678,79 @@ class Run:
                 self.count("journal_switch")
 
     def stop_writer(self):
-        if self.writer and self.writer.poll() is None:
-            try:
-                self.writer.stdin.write(json.dumps({"op": "quit"}) + "\n")
-                self.writer.stdin.flush()
-                self.writer.wait(timeout=30)
-            except (BrokenPipeError, subprocess.TimeoutExpired):
-                self.writer.kill()
-                self.writer.wait()
-        if self.writer:
-            self.writer_log.close()
+        for proc, log in self.apps.values():
+            if proc.poll() is None:
+                try:
+                    proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                    proc.stdin.flush()
+                    proc.wait(timeout=30)
+                except (BrokenPipeError, subprocess.TimeoutExpired):
+                    proc.kill()
+                    proc.wait()
+            log.close()
+        self.apps = {}
+        self.writer = None
+
+    def replace_database(self, pick):
+        """The operator puts an earlier state back: restores a txid of the newest generation
+        from the directory replica, stops the application, moves the database's -wal and
+        -shm away, renames the restored file over the database and starts the application
+        again. The oracle records the new state as a commit of its own ("replace")."""
+        self.settle()
+        try:
+            gens = list_generations(conftest.WALSHIP, self.url)
+        except AssertionError as e:
+            self.fail("replace", str(e)[:500])
+            return
+        gens = [g for g in gens if g.get("snapshots")]
+        if not gens:
+            return      # nothing shipped yet: nothing to put back
+        g = max(gens, key=lambda g: g["generation"])
+        first, last = min(int(x["txid"]) for x in g["snapshots"]), int(g["last_txid"])
+        txid = first + int(pick * (last - first))
+        k = len(self.replaced_at) + 1
+        restored = self.work / f"put-back-{k}.db"
+        p = run_walship("restore", self.url, "-o", restored, "--txid", txid)
+        if p.returncode != 0:
+            self.fail("replace", f"restore --txid {txid} for putting back failed: {error_text(p)}")
+            return
+        digest = self.digest_or_fail("replace", restored)
+        if digest is None:
+            return
+        known = any(json.loads(l)["digest"] == digest for l in self.oracle.read_text().splitlines() if l.strip())
+        if not known:
+            self.fail("replace", f"restore --txid {txid} gave a state the application never committed")
+        self.stop_writer()
+        aside = self.work / f"replaced-{k}"
+        aside.mkdir()
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(str(self.db) + suffix):
+                os.rename(str(self.db) + suffix, aside / (self.db.name + suffix))
+        t = time.time_ns() // 1000
+        os.rename(restored, self.db)
+        self.replaced_at.append(t)
+        # The application is stopped: the oracle file is the harness's alone for this line.
+        self.n_commits += 1
+        with open(self.oracle, "a") as f:
+            f.write(json.dumps({"n": self.n_commits, "step": -1, "op": "replace", "conn": "-",
+                                "before": t, "after": t, "digest": digest, "txid": txid}) + "\n")
+        self.mark("replaced", txid=txid)
+        self.count("replace")
+        if self.agent:
+            # Until the agent has started over on the new file, what is committed there is not
+            # dated by a watching agent: that span is not live for the PITR check.
+            self.close_live()
+            before = self.agent.read_log().count(" replicating")
+            deadline = time.time() + 30
+            while self.agent.read_log().count(" replicating") <= before and time.time() < deadline:
+                if self.agent.proc.poll() is not None:
+                    raise Failure("replace", f"the agent exited {self.agent.proc.returncode} after the database "
+                                             f"file was replaced: {self.agent.read_log()[-1500:]}")
+                time.sleep(0.05)
+            if self.agent.read_log().count(" replicating") <= before:
+                raise Failure("replace", "the agent did not start over within 30 s after the database file was replaced")
+            self.open_live()
+        self.start_writer()
 
     # -- the run -------------------------------------------------------------------------
 
@@ -606,6 +762,9 @@ class Run:
         self.timeline = open(self.work / "timeline.jsonl", "a")
         self.hole_watch = WalHoleWatch(self.db)
         try:
+            if self.cfg.get("s3"):
+                self.s3 = S3Server(self.work / "s3", buckets=["walship"], log_level="ERROR").start()
+                self.s3_url = self.s3.url("walship", f"torture/{self.seed}")
             self.start_writer()
             for step in self.plan:
                 if "event" in step:
@@ -657,11 +816,13 @@ class Run:
         elif kind == "stop":
             self.stop_agent(ev["seconds"])
         elif kind == "outage":
-            self.outage_start()
+            self.outage_start(ev)
         elif kind == "outage_end":
             self.outage_end()
         elif kind == "snapshot":
             self.request_snapshot()
+        elif kind == "replace":
+            self.replace_database(ev["pick"])
 
     def cleanup(self):
         if self.cont_timer:
@@ -671,6 +832,8 @@ class Run:
         self.stop_writer()
         if self.outage:
             self.outage_end()
+        if self.s3:
+            self.s3.stop()
 
     # -- the oracle ----------------------------------------------------------------------
 
@@ -688,57 +851,72 @@ class Run:
             c = cs[-1]
             return f"the state of commit {c['n']} ({c['op']} at step {c['step']})"
 
-        # chain
-        try:
-            gens = list_generations(conftest.WALSHIP, self.url)
-        except AssertionError as e:
-            self.fail("chain", str(e)[:500])
-            gens = []
-        for p in chain_problems(gens):
-            self.fail("chain", p)
+        env = self.env()
+        # chain, on every replica
+        for url in self.urls():
+            where = "" if url == self.url else "S3 replica: "
+            try:
+                g = list_generations(conftest.WALSHIP, url, env=env)
+            except AssertionError as e:
+                self.fail("chain", where + str(e)[:500])
+                g = []
+            for p in chain_problems(g):
+                self.fail("chain", where + p)
+            if url == self.url:
+                gens = g
         self.generations = len(gens)
 
-        # latest
+        # latest, from every replica
         last = commits[-1]
-        out = self.work / "latest.db"
-        p = run_walship("restore", self.url, "-o", out)
-        if p.returncode != 0:
-            self.fail("latest", f"restore failed: {error_text(p)}")
-        else:
+        checkpointed = False
+        for r, url in enumerate(self.urls()):
+            where = "" if url == self.url else "S3 replica: "
+            out = self.work / f"latest-{r}.db"
+            p = run_walship("restore", url, "-o", out, env=env)
+            if p.returncode != 0:
+                self.fail("latest", f"{where}restore failed: {error_text(p)}")
+                continue
             d = self.digest_or_fail("latest", out)
             if d is None:
                 pass
             elif d != last["digest"]:
-                self.fail("latest", f"the latest restore has {which(d)}, expected commit {last['n']} "
+                self.fail("latest", f"{where}the latest restore has {which(d)}, expected commit {last['n']} "
                                     f"({last['op']} at step {last['step']}); {p.stdout.strip()[:300]}")
             else:
-                checkpoint_truncate(self.db)
+                if not checkpointed:
+                    checkpoint_truncate(self.db)
+                    checkpointed = True
                 if not file_bytes_equal(self.db, out):
-                    self.fail("latest", "the latest restore has the right content but is not byte-identical "
+                    self.fail("latest", f"{where}the latest restore has the right content but is not byte-identical "
                                         "to the checkpointed source")
 
         # pitr
         self.pitr_checked = 0
         if gens:
             window_start = min(parse_rfc3339(g["first_time"]) for g in gens if g.get("first_time"))
-            for t, c in self.pitr_instants(commits, window_start):
+            for k, (t, c) in enumerate(self.pitr_instants(commits, window_start)):
+                # every other instant from the S3 replica, in runs with one
+                url = self.urls()[k % len(self.urls())]
+                where = "" if url == self.url else "S3 replica: "
                 o = self.work / f"pitr-{self.pitr_checked:02d}.db"
                 self.pitr_checked += 1
-                p = run_walship("restore", self.url, "-o", o, "--timestamp", rfc3339(t))
+                p = run_walship("restore", url, "-o", o, "--timestamp", rfc3339(t), env=env)
                 if p.returncode != 0:
-                    self.fail("pitr", f"restore --timestamp {rfc3339(t)} failed: {error_text(p)}")
+                    self.fail("pitr", f"{where}restore --timestamp {rfc3339(t)} failed: {error_text(p)}")
                     continue
                 d = self.digest_or_fail("pitr", o)
                 if d is not None and d != c["digest"]:
-                    self.fail("pitr", f"restore --timestamp {rfc3339(t)} has {which(d)}, expected commit {c['n']} "
+                    self.fail("pitr", f"{where}restore --timestamp {rfc3339(t)} has {which(d)}, expected commit {c['n']} "
                                       f"({c['op']} at step {c['step']}, committed {rfc3339(us_to_s(c['after']))})")
                 else:
                     o.unlink()      # a wrong one stays in the work directory
 
-        # verify
-        p = run_walship("verify", self.url)
-        if p.returncode != 0:
-            self.fail("verify", f"`walship verify` exited {p.returncode}: {error_text(p)}")
+        # verify, every replica
+        for url in self.urls():
+            p = run_walship("verify", url, env=env)
+            if p.returncode != 0:
+                where = "" if url == self.url else "S3 replica: "
+                self.fail("verify", f"{where}`walship verify` exited {p.returncode}: {error_text(p)}")
 
         # application checkpoints beside a running agent
         for step, t0, t1 in self.app_checkpoints:
@@ -785,9 +963,11 @@ class Run:
                    for f in self.work.glob("agent-*.log"))
         if said:
             # (app-checkpoint: the agent's pin stays where the hole stopped its reading, so a
-            # RESTART or TRUNCATE of the application waits for it until the agent stops.)
+            # RESTART or TRUNCATE of the application waits for it until the agent stops;
+            # sigterm: an agent that found the hole exits 1, its way of saying so.)
             self.failures = [(c, m) for c, m in self.failures
-                             if c not in ("self-check", "pitr", "latest", "verify", "agent-start", "snapshot", "app-checkpoint")]
+                             if c not in ("self-check", "pitr", "latest", "verify", "agent-start", "snapshot", "app-checkpoint",
+                                          "sigterm")]
         elif self.failures:
             # Not excused: the agent did not notice, and something is wrong. (A hole that no
             # check suffered from, say in frames read before they were zeroed, fails nothing.)
