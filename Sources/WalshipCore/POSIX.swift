@@ -186,14 +186,43 @@ public enum FS {
     }
 
     /// Removes a file, or a directory and everything in it. A symlink is removed itself, never
-    /// followed: a link planted in the tree cannot point the removal elsewhere.
+    /// followed, and the walk goes through directory descriptors opened with O_NOFOLLOW
+    /// (openat/unlinkat), so a directory swapped for a link midway cannot point the removal
+    /// elsewhere. Best effort: what cannot be removed stays.
     public static func removeTree(_ path: String) {
-        var st = stat()
-        guard lstat(path, &st) == 0 else { return }
-        if (st.st_mode & S_IFMT) == S_IFDIR {
-            for n in (try? list(path)) ?? [] { removeTree(path + "/" + n) }
-            rmdir(path)
-        } else { unlink(path) }
+        let fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        guard fd >= 0 else { unlink(path); return }   // a file or a symlink: itself only
+        removeContents(of: fd, depth: 0)
+        rmdir(path)
+    }
+
+    /// Empties the directory open at `fd` and closes it. Deeper than 64 levels is left alone
+    /// (a tree planted to exhaust descriptors or the stack).
+    private static func removeContents(of fd: Int32, depth: Int) {
+        guard depth < 64, let d = fdopendir(fd) else { close(fd); return }
+        defer { closedir(d) }   // closes fd too
+        var names: [String] = []
+        while let e = readdir(d) {
+            let name = String(cString: UnsafeRawPointer(e).advanced(by: direntNameOffset).assumingMemoryBound(to: CChar.self))
+            if name != "." && name != ".." { names.append(name) }
+        }
+        for n in names {
+            if unlinkat(fd, n, 0) == 0 { continue }
+            let sub = openat(fd, n, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+            guard sub >= 0 else { continue }
+            removeContents(of: sub, depth: depth + 1)
+            unlinkat(fd, n, AT_REMOVEDIR)
+        }
+    }
+
+    /// A new directory beside `path` (on its filesystem, so a rename out of it is atomic) under
+    /// a name nobody could guess, mode 0700: scratch files inside it cannot be planted or
+    /// swapped by another local user, even when `path`'s directory is shared.
+    public static func makePrivateDirectory(beside path: String) throws -> String {
+        var template = Array((path + ".walship-XXXXXX").utf8CString)   // NUL-terminated
+        let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) != nil }
+        guard made else { throw SystemError.last("create a private directory beside \(path)") }
+        return template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
     }
 
     public static func rename(_ from: String, _ to: String) throws {

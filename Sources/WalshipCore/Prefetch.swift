@@ -47,7 +47,7 @@ final class SegmentPrefetcher {
             }
             guard let idx = i else { slots.signal(); return }
             do {
-                let f = try RawFile(path: localPath(idx), flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o600)
+                let f = try RawFile(path: localPath(idx), flags: O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode: 0o600)
                 try replica.get(key: keys[idx]) { try f.append($0) }
             } catch {
                 mutex.locked { errors[idx] = error }

@@ -77,12 +77,15 @@ public enum Restorer {
         var plan = try RestorePlanner.plan(try listGenerations(replica), target: options.target)
         log("restoring \(options.target) from generation \(plan.generation): snapshot \(plan.snapshot.key) and \(plan.segments.count) segment(s)")
 
-        let tmp = out + ".walship-restore-\(getpid())"
+        // Everything is built in a private directory beside the output (unguessable name,
+        // 0700): in a shared directory nobody can plant a file or link where it writes.
+        let work = try FS.makePrivateDirectory(beside: out)
+        let tmp = work + "/restore.db"
         func cleanup() {
             for p in [tmp, tmp + "-wal", tmp + "-shm", tmp + "-journal"] { try? FS.remove(p) }
             FS.removeTree(tmp + "-segments")
         }
-        cleanup()
+        defer { FS.removeTree(work) }
         do {
             var result: RestoreResult
             do {
@@ -120,7 +123,7 @@ public enum Restorer {
         var result = RestoreResult()
         // 0600: a decrypted database must not be readable by others while it is being built
         // (the restored file keeps it; chmod it for the application).
-        let file = try RawFile(path: tmp, flags: O_RDWR | O_CREAT | O_TRUNC, mode: 0o600)
+        let file = try RawFile(path: tmp, flags: O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode: 0o600)
         var offset = 0
         let snapMeta = try streamObject(replica, key: plan.snapshot.key, expect: .snapshot, encryption: options.encryptionKey,
                                     allowUnencrypted: options.allowUnencrypted) { chunk in

@@ -55,8 +55,15 @@ public enum Verifier {
             report.newestRestorable = newest.lastTimeMs.map { Timestamp.format(microseconds: $0 * 1000) }
             report.newestTxid = newest.lastTxid
         }
-        let out = tempDir + "/walship-verify-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).db"
-        defer { for s in ["", "-wal", "-shm", "-journal"] { try? FS.remove(out + s) } }
+        // A private directory (unguessable name, 0700) holds the scratch restore and every
+        // sidecar SQLite makes for it: nothing planted in a shared temp directory is opened.
+        let work: String
+        do { work = try FS.makePrivateDirectory(beside: tempDir + "/walship-verify") } catch {
+            report.problems.append("\(error)")
+            return report
+        }
+        defer { FS.removeTree(work) }
+        let out = work + "/verify.db"
         var options = RestoreOptions()
         options.target = target
         options.integrity = .full
