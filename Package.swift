@@ -41,6 +41,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "WalshipFormatTests", dependencies: ["WalshipFormat", "WalshipLZ4", "WalshipSQLite", "WalshipCrypto"]),
+        .testTarget(name: "WalshipCoreTests", dependencies: ["WalshipCore", "WalshipFormat"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -97,7 +97,15 @@ final class WalTailer {
         hasMore = false
         let startFrames = validator!.validFrames
         defer { lastPollFrames = min(1024, validator.map { $0.validFrames - startFrames } ?? 0) }
-        try readFrames(f, header: h, into: &out)
+        if try readFrames(f, header: h, into: &out), !hasMore, let index = walIndex?(), index.describes(h),
+           Int(index.mxFrame) > committedFrames {
+            // The chain broke after frames past the last commit, and SQLite has committed
+            // beyond it: a transaction rolled back and the next one was written over its
+            // frames from the frame after that commit, reaching further than they did. Read
+            // again from the commit in this same poll: a caller holding the write lock takes
+            // what it gets as SQLite's last commit.
+            _ = try readFrames(f, header: h, into: &out)
+        }
         // Frames past the last commit belong to a transaction still open, or to one rolled
         // back. After a rollback SQLite writes the next transaction over them from the frame
         // after the last commit, with the same salts: a commit can then appear inside frames
@@ -118,8 +126,11 @@ final class WalTailer {
     }
 
     /// Validates frames from where the chain stands, appending each transaction as its commit
-    /// frame is found, until the valid log ends or enough is in hand (`hasMore`).
-    private func readFrames(_ f: RawFile, header h: WalHeader, into out: inout [CommittedTransaction]) throws {
+    /// frame is found, until the valid log ends or enough is in hand (`hasMore`). True when
+    /// the chain broke after frames past the last commit, which were then dropped (the
+    /// validator stands at the last commit again).
+    @discardableResult
+    private func readFrames(_ f: RawFile, header h: WalHeader, into out: inout [CommittedTransaction]) throws -> Bool {
         var v = validator!
         let frameSize = h.frameSize
         let fileSize = try f.size()
@@ -159,14 +170,17 @@ final class WalTailer {
             if hasMore || keptBytes >= pollByteBudget { hasMore = true; break }
             if whole < n { break }
         }
+        var dropped = false
         if invalid {
             // The first invalid frame ends the valid log. Frames after the last commit may be
             // rewritten (rollback, in-place rewrite before commit): start again from the commit.
+            dropped = v.validFrames > committedFrames
             v = WalFrameValidator(header: h, resumeAfter: committedFrames, checksum: committedChecksum)
             clearPending()
         }
         validator = v
         if readBuffer.count > (8 << 20) { readBuffer = [] }
+        return dropped
     }
 
     /// Adds a validated frame to the transaction in progress. On its commit frame, closes the
