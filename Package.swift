@@ -29,7 +29,7 @@ let package = Package(
         .target(name: "WalshipFormat"),
         .target(name: "WalshipLZ4", dependencies: ["CLZ4"]),
         .target(name: "WalshipSQLite", dependencies: ["CSQLite"]),
-        .target(name: "WalshipCurl", dependencies: ["CCurl"]),
+        .target(name: "WalshipCurl", dependencies: ["CCurl", "WalshipFormat"]),
         .target(name: "WalshipCrypto", dependencies: ["CCrypto"]),
         .target(name: "WalshipCore", dependencies: [
             "WalshipFormat", "WalshipLZ4", "WalshipSQLite", "WalshipCurl", "WalshipCrypto",

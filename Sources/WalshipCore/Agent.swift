@@ -1432,14 +1432,21 @@ public final class Agent {
         }
     }
 
+    /// One per replica, kept across runs (it remembers the snapshot it last checked).
+    private var housekeepers: [Int: Housekeeper] = [:]
+
     /// Retention and compaction, on each healthy replica's own queue.
     private func scheduleHousekeeping() {
         let settings = Housekeeper.Settings(retentionUs: options.retentionUs, compactionLevelsUs: options.compactionLevelsUs,
                                             fineWindowUs: options.fineWindowUs,
                                             settleUs: 2 * options.syncIntervalUs + 2_000_000, encryptionKey: options.encryptionKey)
         for (i, s) in shippers.enumerated() where s.lastError == nil && s.droppedGeneration == nil {
-            let keeper = Housekeeper(replica: s.replica, workDir: spool.workDir, settings: settings, logger: logger)
-            keeper.shouldStop = { [weak s] in s?.isStopping ?? true }
+            let keeper: Housekeeper
+            if let k = housekeepers[i] { keeper = k } else {
+                keeper = Housekeeper(replica: s.replica, workDir: spool.workDir, settings: settings, logger: logger)
+                keeper.shouldStop = { [weak s] in s?.isStopping ?? true }
+                housekeepers[i] = keeper
+            }
             let status = self.status, logger = self.logger, generation = state.generation
             s.housekeeping {
                 if s.isStopping { return }
@@ -1453,7 +1460,7 @@ public final class Agent {
                                    metadata: ["replica.url": "\(s.replica.displayURL)", "error": "\(error)"])
                 }
                 do {
-                    let o = try keeper.run()
+                    let o = try keeper.run(currentGeneration: generation)
                     if o.deleted > 0 || o.compacted > 0 {
                         status.update {
                             guard i < $0.replicas.count else { return }

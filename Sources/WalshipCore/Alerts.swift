@@ -33,12 +33,7 @@ final class Alerter {
     }
 
     /// The webhook's host only: its path usually holds a secret token.
-    var safeTarget: String {
-        let parts = settings.url.split(separator: "/", maxSplits: 3, omittingEmptySubsequences: false)
-        guard parts.count >= 3, parts[0].hasSuffix(":"), parts[1].isEmpty else { return "(webhook)" }
-        let host = parts[2].split(separator: "@").last.map(String.init) ?? ""   // never user:password
-        return "\(parts[0])//\(host)/…"
-    }
+    var safeTarget: String { Redact.origin(settings.url) }
 
     /// Called about once a second with the agent's current figures.
     func evaluate(_ report: StatusReport, nowUs: Int64 = nowMicroseconds()) {

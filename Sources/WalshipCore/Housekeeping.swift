@@ -41,13 +41,24 @@ final class Housekeeper {
         self.replica = replica; self.workDir = workDir; self.settings = settings; self.logger = logger
     }
 
-    /// Compaction, then retention. A job that fails (an object sealed with an older key, a
-    /// damaged one) is skipped and reported; retention runs whatever happened before it.
-    func run(nowUs: Int64 = nowMicroseconds()) throws -> Outcome {
+    /// The snapshot retention last checked before keeping it as the oldest (on this queue only).
+    private var checkedBase: String?
+
+    /// Compaction, then retention, over the generations up to `currentGeneration` (the agent's;
+    /// any that sort after it are not its own and are left alone). A job that fails (an object
+    /// sealed with an older key, a damaged one) is skipped and reported; retention runs
+    /// whatever happened before it.
+    func run(nowUs: Int64 = nowMicroseconds(), currentGeneration: String) throws -> Outcome {
         var outcome = Outcome()
         var problems: [String] = []
+        let foreign = try listGenerations(replica).filter { $0.id > currentGeneration }.map(\.id)
+        if !foreign.isEmpty {
+            logger.warning("the replica holds generations that sort after this agent's current one; they are not its own and are left alone",
+                           metadata: ["replica.url": "\(replica.displayURL)", "generations": "\(foreign.prefix(3).joined(separator: ", "))",
+                                      "generation": "\(currentGeneration)"])
+        }
         if !settings.compactionLevelsUs.isEmpty {
-            for g in try listGenerations(replica) {
+            for g in try listGenerations(replica) where g.id <= currentGeneration {
                 let firstSnapshot = g.snapshots.first?.txid ?? 0
                 let jobs = CompactionPlanner.plan(g, levelsMs: settings.compactionLevelsUs.map { $0 / 1000 }, nowMs: nowUs / 1000,
                                                   fineCutoffMs: (nowUs - settings.fineWindowUs) / 1000,
@@ -67,7 +78,15 @@ final class Housekeeper {
             }
         }
         if shouldStop() { throw Stopped() }
-        let plan = RetentionPlanner.plan(try listGenerations(replica), cutoffMs: (nowUs - settings.retentionUs) / 1000)
+        let plan = RetentionPlanner.plan(try listGenerations(replica), cutoffMs: (nowUs - settings.retentionUs) / 1000,
+                                         newestGeneration: currentGeneration)
+        if !plan.deleteKeys.isEmpty, let base = plan.oldestKept, base.key != checkedBase {
+            // Everything older goes only once the snapshot kept in its place proves to be one.
+            do { try checkSnapshot(base) } catch {
+                throw HousekeepingError(problems: problems + ["retention deletes nothing: the snapshot it would keep, \(base.key), is not a valid snapshot there: \(error)"])
+            }
+            checkedBase = base.key
+        }
         if !plan.deleteKeys.isEmpty {
             try replica.delete(keys: plan.deleteKeys)
             outcome.deleted = plan.deleteKeys.count
@@ -76,6 +95,16 @@ final class Housekeeper {
         }
         if !problems.isEmpty { throw HousekeepingError(problems: problems) }
         return outcome
+    }
+
+    /// Reads a snapshot's metadata and checks it against its name. With a key, the whole
+    /// object is read: only its final tag authenticates the metadata.
+    private func checkSnapshot(_ name: SnapshotName) throws {
+        let key = settings.encryptionKey
+        _ = try streamObject(replica, key: name.key, expect: .snapshot, encryption: key, onMetadata: { m in
+            if let why = m.mismatch(snapshot: name) { throw ObjectError(key: name.key, replica: self.replica.displayURL, problem: why) }
+            if key == nil { throw StopStreaming() }
+        }) { _ in }
     }
 
     /// Builds the job's output from its inputs, uploads it, then deletes what it replaces.
@@ -105,7 +134,9 @@ final class SegmentMerger {
         defer { merger.close() }
         for input in inputs {
             var decoder = SegmentDecoder(name: input.key)
-            try streamObject(replica, key: storedKey(input), expect: .segment, encryption: encryption) { chunk in
+            try streamObject(replica, key: storedKey(input), expect: .segment, encryption: encryption, onMetadata: { m in
+                if let why = m.mismatch(segment: input) { throw ObjectError(key: input.key, replica: replica.displayURL, problem: why) }
+            }) { chunk in
                 try decoder.feed(chunk) { ev in try merger.handle(ev, object: input.key) }
             }
             try decoder.finish()

@@ -14,7 +14,7 @@ public enum ReplicaError: Error, CustomStringConvertible {
 
     public var description: String {
         switch self {
-        case .badURL(let u, let why): return "bad replica URL '\(u)': \(why)"
+        case .badURL(let u, let why): return "bad replica URL '\(Redact.url(u))': \(why)"
         case .notAReplica(let where_, let why): return "\(where_) is not a walship replica: \(why)"
         case .missingObject(let replica, let key): return "object '\(key)' is missing from replica \(replica)"
         case .unsupported(let s): return s

@@ -126,7 +126,11 @@ public enum Restorer {
         let file = try RawFile(path: tmp, flags: O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode: 0o600)
         var offset = 0
         let snapMeta = try streamObject(replica, key: plan.snapshot.key, expect: .snapshot, encryption: options.encryptionKey,
-                                    allowUnencrypted: options.allowUnencrypted) { chunk in
+                                    allowUnencrypted: options.allowUnencrypted, onMetadata: { m in
+            if let why = m.mismatch(snapshot: plan.snapshot) {
+                throw ObjectError(key: plan.snapshot.key, replica: replica.displayURL, problem: why)
+            }
+        }) { chunk in
             try file.write(at: offset, chunk)
             offset += chunk.count
         }
@@ -168,8 +172,9 @@ public enum Restorer {
             let readToEnd = options.encryptionKey != nil
             let meta = try streamObject(source, key: seg.key, expect: .segment, encryption: options.encryptionKey,
                                     allowUnencrypted: options.allowUnencrypted, onMetadata: { m in
-                guard m.pageSize == pageSize, m.generation == plan.generation else {
-                    throw ObjectError(key: seg.key, replica: replica.displayURL, problem: "belongs to another generation or page size")
+                if let why = m.mismatch(segment: seg) { throw ObjectError(key: seg.key, replica: replica.displayURL, problem: why) }
+                guard m.pageSize == pageSize else {
+                    throw ObjectError(key: seg.key, replica: replica.displayURL, problem: "has page size \(m.pageSize), the snapshot \(pageSize)")
                 }
             }) { chunk in
                 result.bytesDownloaded += UInt64(chunk.count)

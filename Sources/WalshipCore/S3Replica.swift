@@ -44,6 +44,9 @@ public struct S3Location: Sendable {
         guard endpoint.hasPrefix("http://") || endpoint.hasPrefix("https://") else {
             throw ReplicaError.badURL(url, "endpoint must start with http:// or https://")
         }
+        if Redact.url(endpoint) != endpoint {
+            throw ReplicaError.badURL(url, "the endpoint holds credentials (user:password@): give them in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, never in the URL")
+        }
         var pathStyle = params["endpoint"] != nil
         if let p = params["path-style"] {
             guard let v = ["true": true, "false": false, "1": true, "0": false][p.lowercased()] else {

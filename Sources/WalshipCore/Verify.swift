@@ -119,7 +119,9 @@ public enum Verifier {
     static func checkObject(_ replica: Replica, key: String, kind: ObjectKind, encryptionKey: EncryptionKey?, allowUnencrypted: Bool) throws {
         var decoder = SegmentDecoder(name: key)
         var bytes: UInt64 = 0
-        let meta = try streamObject(replica, key: key, expect: kind, encryption: encryptionKey, allowUnencrypted: allowUnencrypted) { chunk in
+        let meta = try streamObject(replica, key: key, expect: kind, encryption: encryptionKey, allowUnencrypted: allowUnencrypted, onMetadata: { m in
+            if let why = m.mismatch(key: key) { throw ObjectError(key: key, replica: replica.displayURL, problem: why) }
+        }) { chunk in
             bytes += UInt64(chunk.count)
             if kind == .segment { try decoder.feed(chunk) { _ in } }
         }

@@ -1,4 +1,5 @@
 import CCurl
+import WalshipFormat
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -20,7 +21,8 @@ public struct CurlError: Error, CustomStringConvertible {
     public let code: Int32
     public let message: String
     public let url: String
-    public var description: String { "\(url): \(message) (curl error \(code))" }
+    /// Names the server only (scheme, host, port): a URL's path or credentials may be secret.
+    public var description: String { "\(Redact.origin(url)): \(message) (curl error \(code))" }
     /// Worth retrying: connection, timeout, send/receive errors.
     public var isTransient: Bool {
         [CURLE_COULDNT_CONNECT, CURLE_OPERATION_TIMEDOUT, CURLE_SEND_ERROR, CURLE_RECV_ERROR,

@@ -43,8 +43,11 @@ public enum RetentionPlanner {
     /// Keeps every snapshot taken at or after `cutoffMs`, plus the newest one before it (so the
     /// whole retention window stays restorable), and always at least one snapshot. Deletes the
     /// older snapshots, the segments that only they needed, and older generations entirely.
-    public static func plan(_ generations: [GenerationListing], cutoffMs: Int64) -> RetentionPlan {
-        let gens = generations.sorted { $0.id < $1.id }
+    /// Generations that sort after `newestGeneration` (the agent's current one) are not the
+    /// agent's: they are neither deleted nor taken as the one to keep, so an object planted
+    /// under a name that sorts last cannot make retention delete the live generation.
+    public static func plan(_ generations: [GenerationListing], cutoffMs: Int64, newestGeneration: String? = nil) -> RetentionPlan {
+        let gens = generations.filter { g in newestGeneration.map { g.id <= $0 } ?? true }.sorted { $0.id < $1.id }
         let snaps = gens.flatMap { $0.snapshots }   // oldest first: generations by id, then txid
         guard !snaps.isEmpty else { return RetentionPlan(oldestKept: nil, deleteKeys: []) }
         let base = snaps.last { $0.timeMs < cutoffMs } ?? snaps[0]

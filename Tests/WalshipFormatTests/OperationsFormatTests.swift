@@ -184,3 +184,29 @@ final class CompactionChainTests: XCTestCase {
         XCTAssertEqual(jobs.map { $0.inputs.map(\.firstTxid) }, [[21, 23]])
     }
 }
+
+final class RedactionTests: XCTestCase {
+    func testCredentialsLeaveEveryURL() {
+        let cases = [
+            "s3://b/p?endpoint=https://AK:SECRET@minio:9000&region=x",
+            "s3://b/p?endpoint=https%3A%2F%2FAK%3ASECRET%40minio%3A9000&region=x",
+            "https://user:SECRET@example.com/path",
+            "http://SECRET@host/",
+        ]
+        for c in cases {
+            let r = Redact.url(c)
+            XCTAssertFalse(r.contains("SECRET"), r)
+            XCTAssertTrue(r.contains("***"), r)
+        }
+        let clean = "s3://b/p?endpoint=http://127.0.0.1:9000&region=x&path-style=true"
+        XCTAssertEqual(Redact.url(clean), clean)
+        XCTAssertEqual(Redact.url("user@example.com is not a URL"), "user@example.com is not a URL")
+    }
+
+    func testOriginKeepsSchemeHostAndPortOnly() {
+        XCTAssertEqual(Redact.origin("https://hooks.example.com/services/T0/B0/TOKEN"), "https://hooks.example.com/…")
+        XCTAssertEqual(Redact.origin("http://u:p@127.0.0.1:8080/x?y"), "http://127.0.0.1:8080/…")
+        XCTAssertEqual(Redact.origin("http://127.0.0.1:8080"), "http://127.0.0.1:8080")
+        XCTAssertEqual(Redact.origin("no scheme"), "(url)")
+    }
+}

@@ -93,3 +93,114 @@ def test_restore_into_a_shared_directory_never_writes_through_planted_links(tmp_
     c.close()
     left = [n for n in os.listdir(shared) if n != "out.db" and not os.path.islink(shared / n)]
     assert not left, f"scratch left in the shared directory: {left}"
+
+
+def test_planted_generation_sorting_last_never_makes_retention_delete_the_live_one(tmp_path, agent_factory):
+    """One empty object named as a snapshot of generation ffff… (which sorts after every real
+    one, and claims a time before the retention cutoff) made retention take it as the
+    snapshot to keep and delete the live generation, snapshot and generation.json included.
+    Generations sorting after the agent's current one are now not its own and left alone,
+    and the snapshot retention keeps is checked before anything older goes."""
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=5)
+    agent = agent_factory(db, ["file://" + str(replica)],
+                          ["--sync-interval", "100ms", "--snapshot-interval", "2s", "--retention", "2s"]).start().wait_ready()
+    planted = replica / "generations" / ("f" * 20) / "snapshots" / "0000000000000000-1.snap.lz4"
+    planted.parent.mkdir(parents=True)
+    planted.write_bytes(b"")
+    con = sqlite3.connect(str(db), isolation_level=None, timeout=10)
+    for i in range(40):   # 8 s: snapshots every 2 s, housekeeping every 0.5 s
+        con.execute("INSERT INTO usuarios(nombre, email) VALUES(?, ?)", (f"u{i}", f"u{i}@example.com"))
+        time.sleep(0.2)
+    con.close()
+    time.sleep(0.5)
+    log = agent.read_log()
+    agent.stop()
+    real = [g for g in os.listdir(replica / "generations") if g != "f" * 20]
+    assert real, "retention deleted every real generation"
+    gen = replica / "generations" / max(real)
+    assert (gen / "generation.json").exists(), "retention deleted the live generation's generation.json"
+    assert list((gen / "snapshots").glob("*.snap.lz4")), "retention deleted every snapshot of the live generation"
+    assert "not its own" in log, log[-2000:]
+    assert planted.exists(), "the planted object is not the agent's to delete either"
+    # The live generation is whole: with the planted object gone (`latest` takes the
+    # generation that sorts last, and fails on the planted one with a clear error), the
+    # latest restore has every commit.
+    import shutil
+    import subprocess
+    from conftest import WALSHIP
+    shutil.rmtree(planted.parent.parent)
+    out = tmp_path / "out.db"
+    p = subprocess.run([str(WALSHIP), "restore", "file://" + str(replica), "-o", str(out)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    c = sqlite3.connect(str(out))
+    assert c.execute("SELECT count(*) FROM usuarios").fetchone()[0] == 45
+    c.close()
+
+
+def test_snapshot_copied_from_another_database_is_refused(tmp_path, agent_factory):
+    """Two databases replicated with the same key: A's snapshot, copied under B's replica as
+    B's newest, restored A's rows as B with "checksum verified". A snapshot now carries the
+    generation, txid and time of its name, and a restore checks all three."""
+    import subprocess
+    from conftest import WALSHIP
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    os.chmod(key, 0o600)
+    reps = {}
+    for name, rows in (("a", 3), ("b", 5)):
+        db, rep = tmp_path / f"{name}.db", tmp_path / f"replica-{name}"
+        create_ticket_db(db, rows=rows)
+        ag = agent_factory(db, ["file://" + str(rep)], ["--sync-interval", "100ms", "--encryption-key-file", key],
+                           log_path=tmp_path / f"{name}.log").start().wait_ready()
+        time.sleep(0.5)
+        ag.stop()
+        reps[name] = rep
+    a_snap = next(reps["a"].glob("generations/*/snapshots/*.snap.lz4"))
+    b_gen = next((reps["b"] / "generations").iterdir())
+    # Named as B's newest snapshot: A's txid (both are at txid 0), a later time.
+    stolen = b_gen / "snapshots" / f"{0:016x}-{int(time.time() * 1000) + 1000}.snap.lz4"
+    stolen.write_bytes(a_snap.read_bytes())
+    out = tmp_path / "out.db"
+    p = subprocess.run([str(WALSHIP), "restore", "file://" + str(reps["b"]), "-o", str(out),
+                        "--encryption-key-file", str(key)], capture_output=True, text=True)
+    assert p.returncode == 1, f"A's snapshot restored as B's (exit {p.returncode}): {p.stdout}{p.stderr}"
+    assert stolen.name in p.stderr and "belongs to generation" in p.stderr, p.stderr
+    assert not out.exists()
+    p = subprocess.run([str(WALSHIP), "verify", "file://" + str(reps["b"]), "--encryption-key-file", str(key)],
+                       capture_output=True, text=True)
+    assert p.returncode == 1 and "belongs to generation" in p.stdout + p.stderr, p.stdout + p.stderr
+
+
+def test_secrets_in_urls_never_reach_messages(tmp_path, agent_factory):
+    """A webhook URL carries its token in the path, and credentials can be written into an S3
+    endpoint URL. Neither appears in a log line or an error: a webhook is named by its host,
+    and an endpoint with credentials is refused with the URL redacted."""
+    import subprocess
+    from conftest import WALSHIP, checkpoint_truncate
+    from relayproxy import free_port
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=2)
+    hook = f"http://127.0.0.1:{free_port()}/services/T0/B0/WEBHOOKTOKEN42"   # nobody listens there
+    args = ["--sync-interval", "100ms", "--webhook-url", hook]
+    first = agent_factory(db, ["file://" + str(replica)], args, log_path=tmp_path / "first.log").start().wait_ready()
+    first.stop()
+    con = sqlite3.connect(str(db), isolation_level=None, timeout=10)
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('x', 'x@example.com')")
+    con.close()
+    checkpoint_truncate(db)   # continuity lost while stopped: a new generation, and an alert
+    second = agent_factory(db, ["file://" + str(replica)], args, log_path=tmp_path / "second.log").start().wait_ready()
+    second.wait_for_log("webhook unreachable", timeout=20)
+    second.stop()
+    log = second.read_log()
+    assert "WEBHOOKTOKEN42" not in log, [l for l in log.splitlines() if "WEBHOOKTOKEN42" in l][:2]
+
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="AKIAWALSHIPTEST00001", AWS_SECRET_ACCESS_KEY="secretsecretsecret")
+    for endpoint in (f"http://AKIAX:ENDPOINTSECRET9@127.0.0.1:{free_port()}",
+                     f"http%3A%2F%2FAKIAX%3AENDPOINTSECRET9%40127.0.0.1%3A{free_port()}"):
+        url = f"s3://bucket/prefix?endpoint={endpoint}&region=us-east-1"
+        for cmd in (["list", url], ["restore", url, "-o", tmp_path / "out.db"]):
+            p = subprocess.run([str(WALSHIP), *map(str, cmd)], capture_output=True, text=True, env=env, timeout=60)
+            assert p.returncode != 0, p.stdout + p.stderr
+            assert "ENDPOINTSECRET9" not in p.stdout + p.stderr, p.stdout + p.stderr
+            assert "credentials" in p.stderr, p.stderr

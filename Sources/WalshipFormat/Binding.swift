@@ -1,0 +1,41 @@
+// An object's key (generation, txids, commit times) is what listings, plans and retention go
+// by; its metadata is what the writer recorded, and with encryption it is authenticated. A
+// reader checks that both say the same thing, so an object copied or renamed from another
+// generation, another database or another point in time is refused instead of applied.
+
+extension ObjectMetadata {
+    /// Why this metadata does not belong under the snapshot key `name`, or nil when it does.
+    public func mismatch(snapshot name: SnapshotName) -> String? {
+        if kind != .snapshot { return "is a \(kind), stored under a snapshot's name" }
+        if generation != name.generation { return "belongs to generation \(generation.isEmpty ? "(none)" : generation), not to \(name.generation) where it is stored" }
+        if lastTxid != name.txid { return "holds txid \(lastTxid), its name says \(name.txid)" }
+        if floorMs(lastTimeUs) != name.timeMs { return "was taken at \(floorMs(lastTimeUs)) ms, its name says \(name.timeMs) ms" }
+        return nil
+    }
+
+    /// Why this metadata does not belong under the segment key `name`, or nil when it does.
+    public func mismatch(segment name: SegmentName) -> String? {
+        if kind != .segment { return "is a \(kind), stored under a segment's name" }
+        if generation != name.generation { return "belongs to generation \(generation.isEmpty ? "(none)" : generation), not to \(name.generation) where it is stored" }
+        if firstTxid != name.firstTxid || lastTxid != name.lastTxid {
+            return "holds txids \(firstTxid)-\(lastTxid), its name says \(name.firstTxid)-\(name.lastTxid)"
+        }
+        if floorMs(firstTimeUs) != name.firstTimeMs || floorMs(lastTimeUs) != name.lastTimeMs {
+            return "holds commits from \(floorMs(firstTimeUs)) to \(floorMs(lastTimeUs)) ms, its name says \(name.firstTimeMs) to \(name.lastTimeMs) ms"
+        }
+        return nil
+    }
+
+    /// Why this metadata does not belong under `key`, or nil when it does (or when the key is
+    /// not a snapshot's or a segment's).
+    public func mismatch(key: String) -> String? {
+        switch ObjectKey.parse(key) {
+        case .snapshot(let s)?: return mismatch(snapshot: s)
+        case .segment(let s)?: return mismatch(segment: s)
+        default: return nil
+        }
+    }
+}
+
+/// Milliseconds as names carry them: writers divide microseconds by 1000.
+private func floorMs(_ us: Int64) -> Int64 { us / 1000 }
