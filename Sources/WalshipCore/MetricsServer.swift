@@ -16,12 +16,19 @@ public enum MetricsServerError: Error, CustomStringConvertible {
 }
 
 /// A minimal HTTP/1.1 server for Prometheus: GET /metrics (text format) and GET /healthz.
-/// One request per connection, answered on a single thread: scrapes are rare and small.
+/// One request per connection. The accept loop only accepts: each connection is served on a
+/// worker, at most `maxConnections` at once (one more gets 503 and is closed), and a whole
+/// request must arrive within `requestDeadlineUs`, so a client that trickles bytes (or none)
+/// holds one slot for two seconds at most and never blocks the others.
 public final class MetricsServer {
     public let address: String
     public private(set) var port: Int = 0
     private var fd: Int32 = -1
     private let queue = DispatchQueue(label: "walship.metrics")
+    private let workers = DispatchQueue(label: "walship.metrics.connection", attributes: .concurrent)
+    static let maxConnections = 16
+    static let requestDeadlineUs: Int64 = 2_000_000
+    private let slots = DispatchSemaphore(value: MetricsServer.maxConnections)
 
     public init(address: String) { self.address = address }
 
@@ -59,24 +66,48 @@ public final class MetricsServer {
         while true {
             let c = accept(fd, nil, nil)
             if c < 0 { if errno == EINTR { continue }; usleep(10_000); continue }
+            _ = fcntl(c, F_SETFD, FD_CLOEXEC)
             var tv = timeval(tv_sec: 2, tv_usec: 0)
-            setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
             setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-            handle(c)
-            close(c)
+            guard slots.wait(timeout: .now()) == .success else {
+                // Every slot is busy: say so at once, without waiting on this client either.
+                let busy = Array("HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".utf8)
+                _ = busy.withUnsafeBytes { send(c, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
+                close(c)
+                continue
+            }
+            workers.async { [self] in
+                defer { close(c); slots.signal() }
+                handle(c)
+            }
         }
     }
 
-    private func handle(_ c: Int32) {
+    /// Reads a request head until its blank line, 16 KiB, or the deadline; nil when the
+    /// client gave up or ran out of time.
+    private func readRequest(_ c: Int32) -> [UInt8]? {
+        let deadline = monotonicMicroseconds() + Self.requestDeadlineUs
         var req: [UInt8] = []
         var buf = [UInt8](repeating: 0, count: 4096)
         while req.count < 16384 {
+            let left = deadline - monotonicMicroseconds()
+            if left <= 0 { return nil }
+            var p = pollfd(fd: c, events: Int16(POLLIN), revents: 0)
+            let r = poll(&p, 1, Int32((left + 999) / 1000))
+            if r < 0 { if errno == EINTR { continue }; return nil }
+            if r == 0 { return nil }
             let n = read(c, &buf, buf.count)
+            if n < 0 && errno == EINTR { continue }
             if n <= 0 { break }
             req += buf[0..<n]
             if req.count >= 4 && req.suffix(4) == [13, 10, 13, 10] { break }
             if let text = String(validating: req, as: UTF8.self), text.contains("\r\n\r\n") { break }
         }
+        return req
+    }
+
+    private func handle(_ c: Int32) {
+        guard let req = readRequest(c) else { return }
         let line = String(decoding: req.prefix { $0 != 13 && $0 != 10 }, as: UTF8.self).split(separator: " ")
         let method = line.first.map(String.init) ?? "", target = line.count > 1 ? String(line[1]) : ""
         let path = String(target.split(separator: "?", omittingEmptySubsequences: false).first ?? "")

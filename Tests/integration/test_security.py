@@ -204,3 +204,54 @@ def test_secrets_in_urls_never_reach_messages(tmp_path, agent_factory):
             assert p.returncode != 0, p.stdout + p.stderr
             assert "ENDPOINTSECRET9" not in p.stdout + p.stderr, p.stdout + p.stderr
             assert "credentials" in p.stderr, p.stderr
+
+
+def test_slow_metrics_clients_never_block_a_scrape(tmp_path, agent_factory):
+    """Clients that send a byte now and then (or nothing) held the metrics server, which
+    served one connection at a time, for as long as they liked. Now a request must arrive
+    whole within 2 s, connections are served side by side (at most 16; more get 503), and a
+    scrape beside 24 slow clients is answered."""
+    import re
+    import socket
+    import threading
+    import urllib.request
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=2)
+    agent = agent_factory(db, ["file://" + str(replica)], ["--sync-interval", "100ms", "--metrics-addr", "127.0.0.1:0"]).start().wait_ready()
+    m = re.search(r"metrics\.url=http://127\.0\.0\.1:(\d+)/metrics", agent.read_log())
+    assert m, agent.read_log()
+    port = int(m.group(1))
+    stop = threading.Event()
+    closed_after = []
+
+    def slow_client():
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        t0 = time.time()
+        try:
+            for b in b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n":
+                if stop.is_set():
+                    return
+                s.sendall(bytes([b]))
+                time.sleep(1.5)
+        except OSError:
+            closed_after.append(time.time() - t0)   # the server hung up on it
+        finally:
+            s.close()
+    clients = [threading.Thread(target=slow_client, daemon=True) for _ in range(24)]
+    for c in clients:
+        c.start()
+    time.sleep(0.5)
+    answered, deadline = None, time.time() + 8
+    while answered is None and time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as r:
+                answered = (r.status, r.read())
+        except OSError:   # 503 while every slot is taken, or a timeout
+            time.sleep(0.2)
+    stop.set()
+    assert answered is not None and answered[0] == 200 and b"walship_txid" in answered[1], \
+        "no scrape answered within 8 s beside slow clients"
+    for c in clients:
+        c.join(timeout=30)
+    assert agent.proc.poll() is None
+    agent.stop()
