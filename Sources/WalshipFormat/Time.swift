@@ -152,6 +152,8 @@ public enum ByteSize {
         default: throw FormatError.invalidArgument("bad size '\(text)': use forms like 512MB or 2GB")
         }
         guard let v = Double(digits), v >= 0 else { throw FormatError.invalidArgument("bad size '\(text)': use forms like 512MB or 2GB") }
+        // Checked before converting: a size past Int64 would trap, not fail.
+        guard v * scale < 9e18 else { throw FormatError.invalidArgument("size '\(text)' is out of range") }
         return Int64(v * scale)
     }
 

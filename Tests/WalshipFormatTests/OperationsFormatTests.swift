@@ -210,3 +210,13 @@ final class RedactionTests: XCTestCase {
         XCTAssertEqual(Redact.origin("no scheme"), "(url)")
     }
 }
+
+final class ParseRangeTests: XCTestCase {
+    /// Found by the fuzzer: a size past Int64 trapped (`--spool-limit 99999999999999999999`).
+    func testSizesAndDurationsOutOfRangeAreErrors() {
+        XCTAssertThrowsError(try ByteSize.parse("\t\t" + String(repeating: "9", count: 60)))
+        XCTAssertThrowsError(try ByteSize.parse("9000000000T"))
+        XCTAssertThrowsError(try DurationText.parseMicroseconds(String(repeating: "9", count: 60) + "d"))
+        XCTAssertEqual(try ByteSize.parse("2GB"), 2 << 30)
+    }
+}

@@ -329,12 +329,15 @@ def add_processes_replicas_and_replacement(seed, cfg, plan):
     the plan each seed always had)."""
     more = random.Random(seed * 15485863 + 11)
     # A second application process writes the same database in some runs: a third of the
-    # steps go to it. Readers held across steps and journal-mode switches stay in the first
-    # (with a second process open, a switch out of WAL mode fails, as it should).
+    # steps go to it. Readers held across steps, checkpoints (which release that reader
+    # first, as an application would before a RESTART or TRUNCATE of its own) and
+    # journal-mode switches stay in the first (with a second process open, a switch out of
+    # WAL mode fails, as it should).
     cfg["second_app"] = more.random() < 0.4
     if cfg["second_app"]:
         for st in plan:
-            if "op" in st and st["op"] not in ("reader_hold", "reader_release", "journal_switch") and more.random() < 0.35:
+            if "op" in st and st["op"] not in ("reader_hold", "reader_release", "journal_switch", "checkpoint") \
+                    and more.random() < 0.35:
                 st["proc"] = 2
     # An S3 replica (rclone on loopback) beside the directory one in some runs; an outage then
     # takes away either or both, the S3 server stopped (connections refused) or frozen
@@ -964,10 +967,10 @@ class Run:
         if said:
             # (app-checkpoint: the agent's pin stays where the hole stopped its reading, so a
             # RESTART or TRUNCATE of the application waits for it until the agent stops;
-            # sigterm: an agent that found the hole exits 1, its way of saying so.)
+            # sigterm, replace: an agent that found the hole exits 1, its way of saying so.)
             self.failures = [(c, m) for c, m in self.failures
                              if c not in ("self-check", "pitr", "latest", "verify", "agent-start", "snapshot", "app-checkpoint",
-                                          "sigterm")]
+                                          "sigterm", "replace")]
         elif self.failures:
             # Not excused: the agent did not notice, and something is wrong. (A hole that no
             # check suffered from, say in frames read before they were zeroed, fails nothing.)

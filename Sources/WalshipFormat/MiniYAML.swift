@@ -1,36 +1,36 @@
 /// The subset of YAML the config file uses: block mappings and sequences by indentation,
 /// plain and quoted scalars, comments. (A full YAML library would pull Foundation into the
 /// agent and add megabytes to its memory.) Anything else is reported as unsupported.
-indirect enum YAMLNode {
+public indirect enum YAMLNode {
     case scalar(String, line: Int)
     case mapping([(key: String, value: YAMLNode)], line: Int)
     case sequence([YAMLNode], line: Int)
     case empty(line: Int)
 
-    var line: Int {
+    public var line: Int {
         switch self {
         case .scalar(_, let l), .mapping(_, let l), .sequence(_, let l), .empty(let l): return l
         }
     }
 }
 
-struct YAMLError: Error, CustomStringConvertible {
-    let line: Int
-    let message: String
-    var description: String { "line \(line): \(message)" }
+public struct YAMLError: Error, CustomStringConvertible {
+    public let line: Int
+    public let message: String
+    public var description: String { "line \(line): \(message)" }
 }
 
-enum MiniYAML {
+public enum MiniYAML {
     struct Line { var indent: Int; var text: String; var number: Int; var isDash: Bool }
 
-    static func parse(_ source: String) throws -> YAMLNode {
+    public static func parse(_ source: String) throws -> YAMLNode {
         var lines: [Line] = []
         var number = 0
         for raw in source.split(separator: "\n", omittingEmptySubsequences: false) {
             number += 1
             var text = stripComment(String(raw))
             while text.last == " " || text.last == "\t" || text.last == "\r" { text.removeLast() }
-            if text.trimmedSpaces().isEmpty { continue }
+            if text.yamlTrimmed().isEmpty { continue }
             if text.contains("\t") && text.prefix(while: { $0 == " " || $0 == "\t" }).contains("\t") {
                 throw YAMLError(line: number, message: "tabs cannot indent YAML; use spaces")
             }
@@ -120,8 +120,8 @@ enum MiniYAML {
             if c == ":" && !inSingle && !inDouble {
                 let next = text.index(after: idx)
                 if next == text.endIndex || text[next] == " " {
-                    let key = String(text[..<idx]).trimmedSpaces()
-                    let value = next == text.endIndex ? "" : String(text[next...]).trimmedSpaces()
+                    let key = String(text[..<idx]).yamlTrimmed()
+                    let value = next == text.endIndex ? "" : String(text[next...]).yamlTrimmed()
                     guard !key.isEmpty else { return nil }
                     return (unquote(key), value)
                 }
@@ -139,7 +139,7 @@ enum MiniYAML {
     }
 
     static func scalar(_ text: String, _ line: Int) throws -> String {
-        let t = text.trimmedSpaces()
+        let t = text.yamlTrimmed()
         if let f = t.first, f == "[" || f == "{" || f == "|" || f == ">" || f == "&" || f == "*" || f == "!" {
             throw YAMLError(line: line, message: "this YAML form is not supported in walship's config (write plain values, one per line)")
         }
@@ -177,5 +177,11 @@ extension String {
 }
 
 extension String {
-    func trimmedSpaces() -> String { trimmingCharacters() }
+    /// Without leading and trailing spaces, tabs, newlines and NULs.
+    func yamlTrimmed() -> String {
+        var s = Substring(self)
+        while let c = s.first, c == " " || c == "\n" || c == "\t" || c == "\0" { s = s.dropFirst() }
+        while let c = s.last, c == " " || c == "\n" || c == "\t" || c == "\0" { s = s.dropLast() }
+        return String(s)
+    }
 }

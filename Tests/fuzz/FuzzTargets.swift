@@ -1,0 +1,71 @@
+// libFuzzer entry point for every parser of untrusted bytes in WalshipFormat. Built by
+// Tests/fuzz/run.sh together with that module's sources, with AddressSanitizer. The first
+// byte of an input picks the parser; the rest is its input. A crash, trap or sanitizer
+// report is a bug; errors are expected (bad input gets an error, never a crash).
+
+/// A cipher for the sealed-stream framing: "opens" every chunk as it is, tag or not, so the
+/// fuzzer reaches the framing and length arithmetic behind authentication.
+struct PassThroughCipher: AuthenticatedCipher {
+    func seal(nonce: [UInt8], aad: [UInt8], plain: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer) throws -> [UInt8] {
+        out.copyMemory(from: plain)
+        return [UInt8](repeating: 0, count: Sealing.tagSize)
+    }
+    func open(nonce: [UInt8], aad: [UInt8], cipher: UnsafeRawBufferPointer, tag: [UInt8], into out: UnsafeMutableRawBufferPointer) throws -> Bool {
+        out.copyMemory(from: cipher)
+        return true
+    }
+}
+
+/// Feeds `input` to `feed` in two pieces, split where its last byte says: parsers must not
+/// depend on how a stream is cut.
+func inTwoPieces(_ input: [UInt8], _ feed: (UnsafeRawBufferPointer) throws -> Void) rethrows {
+    let cut = input.isEmpty ? 0 : Int(input[input.count - 1]) % (input.count + 1)
+    try input.withUnsafeBytes { b in
+        try feed(UnsafeRawBufferPointer(rebasing: b[0..<cut]))
+        try feed(UnsafeRawBufferPointer(rebasing: b[cut...]))
+    }
+}
+
+@_cdecl("LLVMFuzzerTestOneInput")
+public func fuzzOne(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
+    guard let data, size > 0 else { return 0 }
+    let input = Array(UnsafeBufferPointer(start: data + 1, count: size - 1))
+    let text = String(decoding: input, as: UTF8.self)
+    switch data[0] % 8 {
+    case 0:   // object container metadata
+        if let m = try? ObjectMetadata.decode(input, objectName: "fuzz") {
+            _ = m.mismatch(key: "generations/\(m.generation)/snapshots/\(hex16(m.lastTxid))-\(m.lastTimeUs / 1000).snap.lz4")
+            _ = m.encoded()
+        }
+    case 1:   // segment decoding
+        var d = SegmentDecoder(name: "fuzz")
+        do { try inTwoPieces(input) { try d.feed($0) { _ in } }; try d.finish() } catch {}
+    case 2:   // sealed streams: metadata, then chunks
+        let metaSize = ObjectMetadata.encodedSize
+        guard input.count >= metaSize else { return 0 }
+        let r = SealedStreamReader(masterKey: [UInt8](repeating: 7, count: 32), metadata: Array(input[0..<metaSize]),
+                                   makeCipher: { _ in PassThroughCipher() })
+        do { try inTwoPieces(Array(input[metaSize...])) { try r.feed($0) { _ in } }; try r.finish() } catch {}
+    case 3:   // object names
+        if let k = ObjectKey.parse(text) { _ = k.generation; _ = k.segment }
+        _ = GenerationID.creationTimeUs(text)
+    case 4:   // S3 XML answers
+        _ = xmlValues(input, "Key")
+        _ = xmlValue(input, "Code")
+        _ = xmlUnescape(text)
+    case 5:   // the config file's YAML
+        _ = try? MiniYAML.parse(text)
+    case 6:   // times, durations, sizes, compaction levels
+        _ = try? Timestamp.parseMicroseconds(text)
+        _ = try? DurationText.parseMicroseconds(text)
+        _ = try? ByteSize.parse(text)
+        _ = try? CompactionLevels.parse(text)
+    default:  // WAL and wal-index headers, and a whole WAL
+        input.withUnsafeBytes { b in
+            _ = WalHeader.parse(b)
+            _ = WalIndexHeader.parse(b)
+        }
+        _ = committedTransactions(ofWal: input, chunkSize: max(1, Int(input.first ?? 1)))
+    }
+    return 0
+}
