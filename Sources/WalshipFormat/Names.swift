@@ -17,7 +17,7 @@ public struct SnapshotName: Equatable, Hashable, Sendable {
         guard fileName.hasSuffix(".snap.lz4") else { return nil }
         let parts = fileName.dropLast(".snap.lz4".count).split(separator: "-", omittingEmptySubsequences: false)
         guard parts.count == 2, parts[0].count == 16, let txid = UInt64(parts[0], radix: 16),
-              let ms = Int64(parts[1]) else { return nil }
+              let ms = Int64(parts[1]), ObjectNameLimits.valid(txid: txid), ObjectNameLimits.valid(timeMs: ms) else { return nil }
         return SnapshotName(generation: generation, txid: txid, timeMs: ms)
     }
 }
@@ -44,9 +44,19 @@ public struct SegmentName: Equatable, Hashable, Sendable {
         let squashed = parts.count == 5 && parts[4] == "s"
         guard parts.count == 4 || squashed, parts[0].count == 16, parts[1].count == 16,
               let a = UInt64(parts[0], radix: 16), let b = UInt64(parts[1], radix: 16),
-              let t0 = Int64(parts[2]), let t1 = Int64(parts[3]), a <= b, t0 <= t1 else { return nil }
+              let t0 = Int64(parts[2]), let t1 = Int64(parts[3]), a <= b, t0 <= t1,
+              a >= 1, ObjectNameLimits.valid(txid: b), ObjectNameLimits.valid(timeMs: t0), ObjectNameLimits.valid(timeMs: t1) else { return nil }
         return SegmentName(generation: generation, level: level, firstTxid: a, lastTxid: b, firstTimeMs: t0, lastTimeMs: t1, squashed: squashed)
     }
+}
+
+/// Bounds on what a name read from a replica may say, so that every sum and product made
+/// with it (txid + 1, milliseconds × 1000) stays in range. A name outside them is not one of
+/// walship's objects (a segment always starts at txid 1 or later: txid 0 is a snapshot's).
+enum ObjectNameLimits {
+    static func valid(txid: UInt64) -> Bool { txid < UInt64(Int64.max) }
+    /// Up to the year 2255, in milliseconds since 1970.
+    static func valid(timeMs: Int64) -> Bool { timeMs >= 0 && timeMs <= 9_000_000_000_000 }
 }
 
 /// What a replica key names, read back from the key alone.

@@ -181,6 +181,7 @@ public struct SegmentDecoder {
                 t = TransactionHeader(txid: readLE64(unit, 8), commitTimeUs: Int64(bitPattern: readLE64(unit, 16)),
                                       dbPages: readLE32(unit, 24), pageCount: readLE32(unit, 4))
             }
+            guard t.lastTxid < UInt64(Int64.max) else { throw FormatError.corrupt("\(name): txid \(t.lastTxid) is out of range") }
             if txnCount > 0 && t.txid != lastTxid + 1 {
                 throw FormatError.corrupt("\(name): transaction \(t.txid) follows \(lastTxid)")
             }

@@ -46,9 +46,26 @@ public func fuzzOne(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
         let r = SealedStreamReader(masterKey: [UInt8](repeating: 7, count: 32), metadata: Array(input[0..<metaSize]),
                                    makeCipher: { _ in PassThroughCipher() })
         do { try inTwoPieces(Array(input[metaSize...])) { try r.feed($0) { _ in } }; try r.finish() } catch {}
-    case 3:   // object names
-        if let k = ObjectKey.parse(text) { _ = k.generation; _ = k.segment }
-        _ = GenerationID.creationTimeUs(text)
+    case 3:   // object names, one per line, and every plan made from such a listing
+        var snaps: [String: [SnapshotName]] = [:], segs: [String: [SegmentName]] = [:]
+        for line in text.split(separator: "\n") {
+            _ = GenerationID.creationTimeUs(String(line))
+            switch ObjectKey.parse(String(line)) {
+            case .snapshot(let n)?: snaps[n.generation, default: []].append(n)
+            case .segment(let n)?: segs[n.generation, default: []].append(n)
+            default: break
+            }
+        }
+        let gens = Set(snaps.keys).union(segs.keys).map { GenerationListing(id: $0, snapshots: snaps[$0] ?? [], segments: segs[$0] ?? []) }
+        let n = UInt64(input.count)
+        for target in [RestoreTarget.latest, .txid(n), .txid(n * 7919), .timeUs(Int64(n) * 1_000_000_007)] {
+            _ = try? RestorePlanner.plan(gens, target: target)
+        }
+        _ = RetentionPlanner.plan(gens, cutoffMs: Int64(n) * 1_000_003, newestGeneration: gens.map(\.id).max())
+        for g in gens {
+            _ = CompactionPlanner.plan(g, levelsMs: [1_000, 60_000], nowMs: Int64(n) * 999_983, fineCutoffMs: Int64(n) * 500_000,
+                                       settleMs: 2_000, afterTxid: g.snapshots.first?.txid ?? 0)
+        }
     case 4:   // S3 XML answers
         _ = xmlValues(input, "Key")
         _ = xmlValue(input, "Code")

@@ -255,3 +255,26 @@ def test_crafted_metadata_is_one_clear_error(golden, replica, outdir, kind, what
     p = run_walship("verify", url(replica))
     assert p.returncode == 1, f"verify exit {p.returncode}\n{p.stdout}\n{p.stderr}"
     assert Path(key).name in p.stdout + p.stderr, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("name", [
+    "snapshots/0000000000000000-9223372036854775.snap.lz4",            # milliseconds x 1000 overflow
+    "segments/0/0000000000000000-0000000000000001-1-2.seg.lz4",          # a segment from txid 0: first - 1 underflows
+    "segments/0/0000000000000001-ffffffffffffffff-1-2.seg.lz4",          # last + 1 overflows
+])
+def test_planted_names_out_of_range_are_not_objects(golden, replica, outdir, name):
+    """Names are read from a replica before any object is: a txid or time in a planted name
+    that would overflow the planner's arithmetic (a trap, exit 132) is not a walship object,
+    and restores go on as if it were not there."""
+    gen = golden["gen"]["generation"]
+    p = replica / "generations" / gen / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(b"")
+    for k, args in enumerate(([], ["--timestamp", "2099-01-01T00:00:00Z"], ["--txid", "1"])):
+        out = outdir / f"out{k}.db"
+        r = run_walship("restore", url(replica), "-o", out, *args)
+        assert r.returncode == 0, f"restore {args} exited {r.returncode}\n{r.stderr}"
+    r = run_walship("list", url(replica))
+    assert r.returncode == 0, r.stderr
+    r = run_walship("verify", url(replica))
+    assert r.returncode == 0, r.stdout + r.stderr
