@@ -307,7 +307,7 @@ public final class Agent {
             try repin()
         }
         if !continued {
-            try startGeneration(reason: previous == nil ? "first run" : "continuity lost while the agent was stopped", previous: previous)
+            try startGeneration(reason: newGenerationReason(previous: previous, inode: ino, pageSize: pageSize), previous: previous)
         } else {
             // The backlog, read without the write lock: gigabytes committed while the agent
             // was away must not hold up the application. The pin taken above keeps those
@@ -511,6 +511,15 @@ public final class Agent {
         if !pin.isAutocommit { try pin.execute("COMMIT") }
         try beginReadTransaction(pin)
         lastRepinUs = monotonicMicroseconds()
+    }
+
+    /// Why a start cannot continue the saved generation, in words for the log and alerts.
+    private func newGenerationReason(previous: AgentState?, inode ino: (dev: UInt64, ino: UInt64), pageSize: Int) -> String {
+        guard let p = previous else { return "first run" }
+        if (p.keyID ?? 0) != (options.encryptionKey?.id ?? 0) { return "the encryption key changed" }
+        if p.dbDevice != ino.dev || p.dbInode != ino.ino { return "the database file was replaced" }
+        if p.pageSize != pageSize { return "the page size changed" }
+        return "continuity lost while the agent was stopped"
     }
 
     /// BEGIN, then a read, which is when SQLite takes the snapshot. If the read fails the
