@@ -80,6 +80,7 @@ public enum AgentError: Error, CustomStringConvertible {
     case writeLockUnavailable(String)
     case notShipped([String])
     case keyRequired(String, String, String)
+    case txidsExhausted(String, UInt64)
 
     public var description: String {
         switch self {
@@ -96,6 +97,8 @@ public enum AgentError: Error, CustomStringConvertible {
         case .writeLockUnavailable(let p): return "could not take the write lock on \(p) for a moment: the application holds long write transactions; retry later"
         case .keyRequired(let p, let id, let spool):
             return "\(p) is replicated encrypted (key id \(id)): give the key with --encryption-key-file (or encryption: key-file: in the config); to stop encrypting on purpose, remove the spool \(spool) first"
+        case .txidsExhausted(let r, let t):
+            return "replica \(r) names txid \(t), too near the top of the txid range for a generation to follow it: an object planted there, or not walship's? Remove it (`walship list` shows it), then start again"
         case .notShipped(let r): return "not every replica has the snapshot yet (it stays in the spool and ships at the next start): \(r.joined(separator: "; "))"
         }
     }
@@ -188,7 +191,7 @@ public final class Agent {
         }
     }
 
-    deinit { visibility.stop() }
+    deinit { visibility?.stop() }
 
     var meta: Logger.Metadata { ["db.path": "\(dbPath)"] }
 
@@ -232,8 +235,12 @@ public final class Agent {
         // could not tell a rolled-back spill from a commit, so it does not start.
         guard let shm = try RawFile.openIfExists(dbPath + "-shm") else { throw AgentError.noWalIndex(dbPath) }
         shmFile = shm
-        try visibility.start()
-        visibility.setBusy(true)   // until the main loop first waits for a change
+        // The sampling thread reads the -shm file itself, never through the agent: it holds
+        // no reference that could outlive (or end) the agent.
+        let log = VisibilityLog(everyUs: sampleEveryUs) { Agent.readWalIndex(shm) }
+        visibility = log
+        try log.start()
+        log.setBusy(true)   // until the main loop first waits for a change
         tailer.walIndex = { [weak self] in self?.readWalIndex() }
         table = try PageHashTable(path: spool.tablePath)
         for (i, r) in replicas.enumerated() {
@@ -716,7 +723,7 @@ public final class Agent {
             case .transactions(let txns):
                 for t in txns { try append(t) }
                 if tailer.hasMore { continue }   // read in bounded slices
-                if let h = tailer.header { visibility.forget(readTo: tailer.framesInLog, salt1: h.salt1, salt2: h.salt2) }
+                if let h = tailer.header { visibility?.forget(readTo: tailer.framesInLog, salt1: h.salt1, salt2: h.salt2) }
                 return
             }
         }
@@ -827,13 +834,16 @@ public final class Agent {
     // MARK: commit times
 
     private var shmFile: RawFile?
-    private lazy var visibility = VisibilityLog(everyUs: sampleEveryUs) { [weak self] in self?.readWalIndex() }
+    private var visibility: VisibilityLog?
 
     /// Reads the wal-index header from the -shm file (nil while it is being written). The file
     /// is kept open for the agent's lifetime: closing a descriptor would drop SQLite's locks on it.
-    /// Also called from the visibility log's thread: a positioned read shares no state.
     private func readWalIndex() -> WalIndexHeader? {
-        guard let f = shmFile else { return nil }
+        shmFile.flatMap { Agent.readWalIndex($0) }
+    }
+
+    /// One look at a wal-index header; a positioned read, safe from any thread.
+    static func readWalIndex(_ f: RawFile) -> WalIndexHeader? {
         var b = [UInt8](repeating: 0, count: WalIndexHeader.size)
         guard let n = try? b.withUnsafeMutableBytes({ try f.read(at: 0, into: $0) }), n == b.count else { return nil }
         return b.withUnsafeBytes { WalIndexHeader.parse($0) }
@@ -843,7 +853,7 @@ public final class Agent {
     /// wal-index, else now. Always an upper bound of the real commit, and close to it even
     /// when the WAL is read in batches or the main loop was busy.
     private func commitStamp(_ t: CommittedTransaction) -> Int64 {
-        visibility.firstSeen(salt1: t.header.salt1, salt2: t.header.salt2, commitFrame: t.commitFrame) ?? nowMicroseconds()
+        visibility?.firstSeen(salt1: t.header.salt1, salt2: t.header.salt2, commitFrame: t.commitFrame) ?? nowMicroseconds()
     }
 
     // MARK: cutting and state
@@ -1028,14 +1038,20 @@ public final class Agent {
         // With a saved state, its generation is the newest this database wrote; without one
         // (a first run, a lost spool), the replicas are asked.
         for r in replicas where previous == nil {
-            do {
-                let gens = try listGenerations(r)
-                if let last = gens.compactMap(\.lastTxid).max() { known = max(known ?? 0, last) }
-                for g in gens { newestUs = max(newestUs, GenerationID.creationTimeUs(g.id) ?? 0) }
-            } catch {
+            let gens: [GenerationListing]
+            do { gens = try listGenerations(r) } catch {
                 logger.warning("could not list a replica's generations before starting a new one; its id and txids follow what else is known",
                                metadata: meta.merging(["replica.url": "\(r.displayURL)", "error": "\(error)"]) { a, _ in a })
+                continue
             }
+            if let last = gens.compactMap(\.lastTxid).max() {
+                // Names may claim txids up to 2^62; a generation needs room above them.
+                if last >= 1 << 61 { throw AgentError.txidsExhausted(r.displayURL, last) }
+                known = max(known ?? 0, last)
+            }
+            // Ids claiming a time beyond 2^62 µs (a planted name) are not followed: one past
+            // them would leave the range of an id.
+            for g in gens { if let t = GenerationID.creationTimeUs(g.id), t < 1 << 62 { newestUs = max(newestUs, t) } }
         }
         let gen = GenerationID.make(timeUs: max(nowMicroseconds(), newestUs + 1), random: UInt16.random(in: 0...UInt16.max))
         let baseTxid = known.map { $0 + 1 } ?? 0
@@ -1263,25 +1279,25 @@ public final class Agent {
             let timeout = max(0, min(nextCutUs - now, options.pollIntervalUs - (now - lastWatchdogUs), checkpointerCheckUs))
             // While the loop waits, a change wakes it at once and it samples commit times
             // itself; everywhere else the visibility log's thread samples for it.
-            visibility.setBusy(false)
+            visibility?.setBusy(false)
             let changed = waitForChange(timeoutUs: timeout)
-            visibility.setBusy(true)
             if !changed && !stopRequested {
                 // Nothing new: the moment to notice an application checkpoint waiting for the pin.
                 if blockingCheckpointRunning() { try makeWayForCheckpoint() }
                 let t = monotonicMicroseconds()
                 if t < nextCutUs && t - lastWatchdogUs < options.pollIntervalUs { continue }
             }
+            visibility?.setBusy(true)   // (an idle look above leaves the sampling thread asleep)
             lastWatchdogUs = monotonicMicroseconds()
             if changed && debounceUs > 0 {
                 // Let a burst of commits land, then read them in one pass: far fewer WAL reads.
                 // Meanwhile the wal-index is sampled every few milliseconds, so each commit is
                 // still stamped with when it became visible. Never past the next cut.
                 let until = min(monotonicMicroseconds() + debounceUs, nextCutUs)
-                visibility.sample()
+                visibility?.sample()
                 while !stopRequested && monotonicMicroseconds() < until {
                     usleep(UInt32(max(500, min(checkpointerCheckUs, sampleEveryUs, until - monotonicMicroseconds()))))
-                    visibility.sample()
+                    visibility?.sample()
                     if blockingCheckpointRunning() { try makeWayForCheckpoint() }
                 }
             }
@@ -1542,7 +1558,7 @@ public final class Agent {
     private func shutdown() throws -> [String] {
         try pollAndAppend()
         try cutSegment()
-        visibility.stop()
+        visibility?.stop()
         kickShippers()
         let deadline = monotonicMicroseconds() + 30_000_000
         var pending: [String] = []

@@ -132,10 +132,15 @@ final class SegmentMerger {
                       into builder: ObjectBuilder, output: SegmentName, squash: Bool, encryption: EncryptionKey?) throws {
         let merger = try SegmentMerger(builder: builder, squash: squash, scratch: builder.path + ".pages")
         defer { merger.close() }
+        // The merged object starts when its first input starts. (Its first record's time is
+        // not that when the input is squashed: a squashed record carries the time of the
+        // last commit it holds.)
+        var firstTimeUs: Int64?
         for input in inputs {
             var decoder = SegmentDecoder(name: input.key)
             try streamObject(replica, key: storedKey(input), expect: .segment, encryption: encryption, onMetadata: { m in
                 if let why = m.mismatch(segment: input) { throw ObjectError(key: input.key, replica: replica.displayURL, problem: why) }
+                if firstTimeUs == nil { firstTimeUs = m.firstTimeUs }
             }) { chunk in
                 try decoder.feed(chunk) { ev in try merger.handle(ev, object: input.key) }
             }
@@ -146,10 +151,15 @@ final class SegmentMerger {
             throw ObjectError(key: output.key, replica: replica.displayURL,
                               problem: "merged txids \(m.firstTxid)-\(m.lastTxid), expected \(output.firstTxid)-\(output.lastTxid)")
         }
-        try builder.finish(ObjectMetadata(kind: .segment, pageSize: m.pageSize, firstTxid: m.firstTxid, lastTxid: m.lastTxid,
-                                          firstTimeUs: m.firstTimeUs, lastTimeUs: m.lastTimeUs, dbPages: m.dbPages,
-                                          transactionCount: m.records, dbChecksum: m.checksum, payloadBytes: 0,
-                                          generation: output.generation))
+        let meta = ObjectMetadata(kind: .segment, pageSize: m.pageSize, firstTxid: m.firstTxid, lastTxid: m.lastTxid,
+                                  firstTimeUs: firstTimeUs ?? m.firstTimeUs, lastTimeUs: m.lastTimeUs, dbPages: m.dbPages,
+                                  transactionCount: m.records, dbChecksum: m.checksum, payloadBytes: 0,
+                                  generation: output.generation)
+        // Never write an object that readers would refuse under its name.
+        if let why = meta.mismatch(segment: output) {
+            throw ObjectError(key: output.key, replica: replica.displayURL, problem: "would be written with metadata that \(why)")
+        }
+        try builder.finish(meta)
     }
 
     struct Summary {

@@ -30,22 +30,24 @@ public struct S3Location: Sendable {
         while prefix.hasSuffix("/") { prefix.removeLast() }
         while prefix.hasPrefix("/") { prefix.removeFirst() }
         var params: [String: String] = [:]
+        var unknown: String?
         for item in query.split(separator: "&") where !item.isEmpty {
             let kv = item.split(separator: "=", maxSplits: 1).map(String.init)
             let key = URIEncoding.decode(kv[0], plusAsSpace: true)
-            guard ["endpoint", "region", "path-style"].contains(key) else {
-                throw ReplicaError.badURL(url, "unknown parameter '\(key)': use endpoint, region or path-style")
-            }
+            guard ["endpoint", "region", "path-style"].contains(key) else { unknown = unknown ?? key; continue }
             params[key] = kv.count > 1 ? URIEncoding.decode(kv[1], plusAsSpace: true) : ""
         }
+        if params["endpoint"]?.contains("@") == true {
+            // Whatever precedes it may be a secret: the URL is shown without the endpoint.
+            let shown = "s3://\(bucket)/\(prefix)?endpoint=(withheld)"
+            throw ReplicaError.badURL(shown, "the endpoint holds credentials (user:password@): give them in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, never in the URL")
+        }
+        if let key = unknown { throw ReplicaError.badURL(url, "unknown parameter '\(key)': use endpoint, region or path-style") }
         let region = params["region"] ?? env["AWS_REGION"] ?? env["AWS_DEFAULT_REGION"] ?? "us-east-1"
         var endpoint = params["endpoint"] ?? "https://s3.\(region).amazonaws.com"
         while endpoint.hasSuffix("/") { endpoint.removeLast() }
         guard endpoint.hasPrefix("http://") || endpoint.hasPrefix("https://") else {
             throw ReplicaError.badURL(url, "endpoint must start with http:// or https://")
-        }
-        if Redact.url(endpoint) != endpoint {
-            throw ReplicaError.badURL(url, "the endpoint holds credentials (user:password@): give them in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, never in the URL")
         }
         var pathStyle = params["endpoint"] != nil
         if let p = params["path-style"] {

@@ -53,8 +53,9 @@ public struct SegmentName: Equatable, Hashable, Sendable {
 /// Bounds on what a name read from a replica may say, so that every sum and product made
 /// with it (txid + 1, milliseconds × 1000) stays in range. A name outside them is not one of
 /// walship's objects (a segment always starts at txid 1 or later: txid 0 is a snapshot's).
+/// Txids stay below 2^62, leaving room for generations that follow.
 enum ObjectNameLimits {
-    static func valid(txid: UInt64) -> Bool { txid < UInt64(Int64.max) }
+    static func valid(txid: UInt64) -> Bool { txid < 1 << 62 }
     /// Up to the year 2255, in milliseconds since 1970.
     static func valid(timeMs: Int64) -> Bool { timeMs >= 0 && timeMs <= 9_000_000_000_000 }
 }

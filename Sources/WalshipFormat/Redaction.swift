@@ -16,10 +16,11 @@ public enum Redact {
             let sepLen = plain ? 3 : 9
             out += s[i..<i + sepLen]
             i += sepLen
-            // The authority ends at the first of / ? & # or an encoded slash.
+            // The user:password part ends at the last @ before the URL's query, fragment or
+            // the next query parameter (a password may hold "/", so a slash does not end it).
             var end = i
-            while end < s.count, ![UInt8(ascii: "/"), UInt8(ascii: "?"), UInt8(ascii: "&"), UInt8(ascii: "#")].contains(s[end]),
-                  !match(s, end, "%2f") { end += 1 }
+            while end < s.count, ![UInt8(ascii: "?"), UInt8(ascii: "&"), UInt8(ascii: "#")].contains(s[end]),
+                  !match(s, end, "%3f"), !match(s, end, "%26") { end += 1 }
             var at: Int?, atLen = 0
             var j = i
             while j < end {
@@ -39,10 +40,14 @@ public enum Redact {
     public static func origin(_ url: String) -> String {
         let b = Array(url.utf8)
         guard let sep = (0..<b.count).first(where: { match(b, $0, "://") }) else { return "(url)" }
-        var end = sep + 3
-        while end < b.count, ![UInt8(ascii: "/"), UInt8(ascii: "?"), UInt8(ascii: "#")].contains(b[end]) { end += 1 }
+        // Credentials end at the last @ before the query or fragment (a password may hold
+        // "/"); the host then runs to the next "/".
+        var limit = sep + 3
+        while limit < b.count, b[limit] != UInt8(ascii: "?"), b[limit] != UInt8(ascii: "#") { limit += 1 }
         var hostStart = sep + 3
-        for k in hostStart..<end where b[k] == UInt8(ascii: "@") { hostStart = k + 1 }
+        for k in hostStart..<limit where b[k] == UInt8(ascii: "@") { hostStart = k + 1 }
+        var end = hostStart
+        while end < b.count, ![UInt8(ascii: "/"), UInt8(ascii: "?"), UInt8(ascii: "#")].contains(b[end]) { end += 1 }
         return String(decoding: b[0..<sep + 3] + b[hostStart..<end], as: UTF8.self) + (end < b.count ? "/…" : "")
     }
 

@@ -192,6 +192,7 @@ final class RedactionTests: XCTestCase {
             "s3://b/p?endpoint=https%3A%2F%2FAK%3ASECRET%40minio%3A9000&region=x",
             "https://user:SECRET@example.com/path",
             "http://SECRET@host/",
+            "s3://b/p?endpoint=https://AKIA:abc/SECRET/x@minio:9000&region=x",   // a slash in the secret
         ]
         for c in cases {
             let r = Redact.url(c)
@@ -208,6 +209,7 @@ final class RedactionTests: XCTestCase {
         XCTAssertEqual(Redact.origin("http://u:p@127.0.0.1:8080/x?y"), "http://127.0.0.1:8080/…")
         XCTAssertEqual(Redact.origin("http://127.0.0.1:8080"), "http://127.0.0.1:8080")
         XCTAssertEqual(Redact.origin("no scheme"), "(url)")
+        XCTAssertEqual(Redact.origin("https://user:pa/SECRET@hooks.example.com/x"), "https://hooks.example.com/…")
     }
 }
 

@@ -197,6 +197,8 @@ def test_secrets_in_urls_never_reach_messages(tmp_path, agent_factory):
 
     env = dict(os.environ, AWS_ACCESS_KEY_ID="AKIAWALSHIPTEST00001", AWS_SECRET_ACCESS_KEY="secretsecretsecret")
     for endpoint in (f"http://AKIAX:ENDPOINTSECRET9@127.0.0.1:{free_port()}",
+                     f"http://AKIAX:ab/ENDPOINTSECRET9@127.0.0.1:{free_port()}",        # a slash in the secret
+                     f"AKIAX:ENDPOINTSECRET9@127.0.0.1:{free_port()}",                   # no scheme
                      f"http%3A%2F%2FAKIAX%3AENDPOINTSECRET9%40127.0.0.1%3A{free_port()}"):
         url = f"s3://bucket/prefix?endpoint={endpoint}&region=us-east-1"
         for cmd in (["list", url], ["restore", url, "-o", tmp_path / "out.db"]):

@@ -606,6 +606,7 @@ class Run:
 
     def outage_start(self, ev):
         target, how = ev.get("target", "file"), ev.get("how", "down")
+        self.outage = self.had_outage = True    # first: cleanup puts back whatever was taken
         if target in ("file", "both"):
             conftest.unreachable(self.replica, self.work / "replica.away")
             self.out.append(("file", "down"))
@@ -658,6 +659,8 @@ class Run:
             line = proc.stdout.readline()
             if not line:
                 raise Failure("writer", f"application process {k} did not start: {Path(log.name).read_text()[-2000:]}")
+            # (the first process's creation of the schema is a commit too)
+            self.n_commits = max(self.n_commits, json.loads(line).get("commits", 0))
         self.writer = self.apps[1][0]
 
     def writer_step(self, step):
@@ -729,6 +732,7 @@ class Run:
         for suffix in ("-wal", "-shm"):
             if os.path.exists(str(self.db) + suffix):
                 os.rename(str(self.db) + suffix, aside / (self.db.name + suffix))
+        before = self.agent.read_log().count(" replicating") if self.agent else 0
         t = time.time_ns() // 1000
         os.rename(restored, self.db)
         self.replaced_at.append(t)
@@ -743,15 +747,16 @@ class Run:
             # Until the agent has started over on the new file, what is committed there is not
             # dated by a watching agent: that span is not live for the PITR check.
             self.close_live()
-            before = self.agent.read_log().count(" replicating")
-            deadline = time.time() + 30
+            # The agent ships what it read first, which can wait out a replica's backoff
+            # after an outage (its shutdown allows 30 s for that).
+            deadline = time.time() + 90
             while self.agent.read_log().count(" replicating") <= before and time.time() < deadline:
                 if self.agent.proc.poll() is not None:
                     raise Failure("replace", f"the agent exited {self.agent.proc.returncode} after the database "
                                              f"file was replaced: {self.agent.read_log()[-1500:]}")
                 time.sleep(0.05)
             if self.agent.read_log().count(" replicating") <= before:
-                raise Failure("replace", "the agent did not start over within 30 s after the database file was replaced")
+                raise Failure("replace", "the agent did not start over within 90 s after the database file was replaced")
             self.open_live()
         self.start_writer()
 
@@ -828,15 +833,25 @@ class Run:
             self.replace_database(ev["pick"])
 
     def cleanup(self):
+        """Each step on its own: one that fails must not leave the others undone."""
+        def attempt(f):
+            try:
+                f()
+            except Exception as e:   # noqa: BLE001 (recorded, the run is over anyway)
+                self.fail("harness", f"cleanup: {type(e).__name__}: {e}")
         if self.cont_timer:
-            self.cont_timer.join()
+            attempt(self.cont_timer.join)
         if self.agent and self.agent.proc and self.agent.proc.poll() is None:
-            self.agent.kill9()
-        self.stop_writer()
+            attempt(self.agent.kill9)
+        attempt(self.stop_writer)
         if self.outage:
-            self.outage_end()
+            if any(t == "file" for t, _ in self.out) or not self.out:
+                attempt(lambda: conftest.reachable(self.replica, self.work / "replica.away"))
+            self.out, self.outage = [], False
         if self.s3:
-            self.s3.stop()
+            if self.s3.proc and self.s3.proc.poll() is None:
+                attempt(lambda: os.kill(self.s3.proc.pid, signal.SIGCONT))
+            attempt(self.s3.stop)
 
     # -- the oracle ----------------------------------------------------------------------
 
