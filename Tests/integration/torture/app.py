@@ -478,6 +478,13 @@ class App:
                         raise RuntimeError(f"journal_mode is {back} after switching back")
                 return {"switched": True}
             finally:
+                if mode.lower() == "delete":
+                    # The connection that switched the database back to WAL mode never gets a
+                    # RESTART or TRUNCATE checkpoint through afterwards (SQLite 3.40.1: busy for
+                    # its whole timeout, with no other connection open): an application would
+                    # reopen it, and so does this one.
+                    self.a.close()
+                    self.a = self._connect(self.args)
                 self.b = self._connect(self.args)
         elif op == "reader_hold":
             if not self.b_reading:
