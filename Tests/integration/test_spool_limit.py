@@ -31,6 +31,15 @@ def test_spool_limit_drops_backlog_of_a_down_replica_then_new_generation(tmp_pat
         create_ticket_db(db, rows=10)
         agent = agent_factory(db, [s3url, fileurl], ["--sync-interval", "200ms", "--spool-limit", "200KB"],
                               env=env).start().wait_ready()
+        # The first generation reaches S3 before the outage (a slow agent may not be there yet
+        # when it logs that it is replicating).
+        deadline = time.time() + 60
+        def first_on_s3():
+            p = run_walship("list", s3url, "--json", env=env)   # fails while the prefix is empty
+            return p.returncode == 0 and any(g["snapshots"] for g in json.loads(p.stdout))
+        while not first_on_s3() and time.time() < deadline:
+            time.sleep(0.2)
+        assert first_on_s3(), "the first generation never reached S3"
         srv.stop()
         # Write well past the limit while S3 is down.
         for seed in range(4):
