@@ -140,7 +140,9 @@ def test_point_in_time_restore_by_timestamp_and_txid(tmp_path, agent_factory):
     agent.stop()
 
     summary = json.loads((dumps / "summary.json").read_text())
-    assert summary["transactions"] / summary["elapsed"] >= 200, summary
+    # Enough traffic for the instants to fall between busy commits; a count, not a rate, so a
+    # loaded machine does not fail the test (speed belongs in bench/).
+    assert summary["transactions"] >= 1000, summary
     instants = [json.loads(Path(p).read_text()) for p in summary["instants"]]
     assert len(instants) >= 20
     last_txid = int(list_json(replica)[0]["last_txid"])
