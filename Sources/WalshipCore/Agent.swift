@@ -34,6 +34,9 @@ public struct AgentOptions {
     public var oneShotSnapshot = false
     /// Encrypt every object with this key (AES-256-GCM); nil stores them in the clear.
     public var encryptionKey: EncryptionKey?
+    /// The database id to record in every object (`database-id`); nil keeps the spool's, or
+    /// draws a random one on a first run.
+    public var databaseID: UInt64?
     /// Snapshots older than this are deleted (the newest one before the cutoff is kept, so
     /// every point of the last `retention` stays restorable), with the segments only they need.
     public var retentionUs: Int64 = OperationsDefaults.retentionUs
@@ -263,7 +266,7 @@ public final class Agent {
             if previous != nil && !sameKey {
                 logger.warning("the encryption key changed (or encryption was turned on or off); starting a new generation so that no generation mixes keys", metadata: meta)
             }
-            if var s = previous, sameKey, s.dbDevice == ino.dev, s.dbInode == ino.ino, s.pageSize == pageSize, s.dbPath == dbPath {
+            if var s = previous, sameKey, sameDatabaseID(s), s.dbDevice == ino.dev, s.dbInode == ino.ino, s.pageSize == pageSize, s.dbPath == dbPath {
                 if try tailer.resume(at: s.wal) {
                     continued = true
                 } else if try tailer.readHeader() == nil || walHasNoCommittedFrames() {
@@ -520,10 +523,18 @@ public final class Agent {
         lastRepinUs = monotonicMicroseconds()
     }
 
+    /// Whether the saved generation's objects carry the id this agent must record.
+    private func sameDatabaseID(_ s: AgentState) -> Bool {
+        guard let id = s.databaseID else { return false }
+        return options.databaseID.map { $0 == id } ?? true
+    }
+
     /// Why a start cannot continue the saved generation, in words for the log and alerts.
     private func newGenerationReason(previous: AgentState?, inode ino: (dev: UInt64, ino: UInt64), pageSize: Int) -> String {
         guard let p = previous else { return "first run" }
         if (p.keyID ?? 0) != (options.encryptionKey?.id ?? 0) { return "the encryption key changed" }
+        if p.databaseID == nil { return "objects now record the database's id (the spool was written by an older walship)" }
+        if !sameDatabaseID(p) { return "the database id changed to \(DatabaseID.text(options.databaseID ?? 0)) (database-id)" }
         if p.dbDevice != ino.dev || p.dbInode != ino.ino { return "the database file was replaced" }
         if p.pageSize != pageSize { return "the page size changed" }
         return "continuity lost while the agent was stopped"
@@ -868,7 +879,7 @@ public final class Agent {
             try seg.builder.finish(ObjectMetadata(kind: .segment, pageSize: state.pageSize, firstTxid: seg.firstTxid, lastTxid: lastTxid,
                                                   firstTimeUs: seg.firstTimeUs, lastTimeUs: lastCommitTimeUs, dbPages: dbPages,
                                                   transactionCount: seg.count, dbChecksum: dbChecksum, payloadBytes: 0,
-                                                  generation: state.generation))
+                                                  generation: state.generation, databaseID: state.databaseID ?? 0))
             let queued = try spool.enqueue(file: seg.builder.path, key: name.key, sequence: state.nextSequence)
             state.nextSequence += 1
             status.update { $0.lastCutUnix = Double(nowMicroseconds()) / 1e6 }
@@ -1026,6 +1037,13 @@ public final class Agent {
 
     // MARK: generations and snapshots
 
+    /// A random nonzero id for a database replicated for the first time.
+    static func newDatabaseID() -> UInt64 {
+        var id: UInt64 = 0
+        while id == 0 { id = UInt64.random(in: 1...UInt64.max) }
+        return id
+    }
+
     private func startGeneration(reason: String, previous: AgentState?) throws {
         let ino = try dbFile.inode()
         let filePageSize = try databasePageSize()
@@ -1061,7 +1079,8 @@ public final class Agent {
         state = AgentState(dbPath: dbPath, dbDevice: ino.dev, dbInode: ino.ino, generation: gen, pageSize: pageSize,
                            lastTxid: baseTxid, lastCommitTimeUs: lastCommitTimeUs, dbPages: 0, dbChecksum: 0,
                            tableTxid: baseTxid, wal: tailer.position, nextSequence: nextSeq,
-                           lastSnapshotTimeUs: 0, lastSnapshotTxid: 0, keyID: options.encryptionKey?.id)
+                           lastSnapshotTimeUs: 0, lastSnapshotTxid: 0, keyID: options.encryptionKey?.id,
+                           databaseID: options.databaseID ?? previous?.databaseID ?? Self.newDatabaseID())
         lastTxid = baseTxid
         logger.notice("starting a new generation", metadata: meta.merging(["generation": "\(gen)", "reason": "\(reason)"]) { a, _ in a })
         status.update { $0.newGenerations += 1; $0.generation = gen }
@@ -1072,7 +1091,7 @@ public final class Agent {
         var info: [String: String] = [
             "generation": gen, "created": Timestamp.format(microseconds: nowMicroseconds()),
             "page_size": "\(pageSize)", "reason": reason, "format_version": "\(ObjectMetadata.formatVersion)",
-            "base_txid": "\(baseTxid)",
+            "base_txid": "\(baseTxid)", "database_id": DatabaseID.text(state.databaseID ?? 0),
         ]
         if let k = options.encryptionKey {
             // Encrypted replicas reveal nothing about the host or the database's path.
@@ -1132,7 +1151,8 @@ public final class Agent {
             let snap = SnapshotName(generation: state.generation, txid: lastTxid, timeMs: now / 1000)
             try builder.finish(ObjectMetadata(kind: .snapshot, pageSize: pageSize, firstTxid: lastTxid, lastTxid: lastTxid,
                                               firstTimeUs: now, lastTimeUs: now, dbPages: pages, transactionCount: 0,
-                                              dbChecksum: sum, payloadBytes: 0, generation: state.generation))
+                                              dbChecksum: sum, payloadBytes: 0, generation: state.generation,
+                                              databaseID: state.databaseID ?? 0))
             if rebuildTable {
                 table.discardPending()
                 try FS.rename(hashFile, spool.tablePath)
@@ -1426,6 +1446,7 @@ public final class Agent {
         status.update {
             $0.updatedUnix = Double(nowUs) / 1e6
             $0.generation = state.generation
+            $0.databaseID = state.databaseID.map(DatabaseID.text)
             $0.txid = lastTxid
             $0.lastCommitUnix = Double(lastCommitTimeUs) / 1e6
             $0.walBytes = walBytes
@@ -1508,7 +1529,7 @@ public final class Agent {
         guard verifyBusy.testAndSet() else { return }
         let urls = options.replicaURLs, envs = options.replicaEnvironments
         let key = options.encryptionKey, dir = spool.dir + "/verify", status = self.status, logger = self.logger
-        let busy = verifyBusy
+        let busy = verifyBusy, databaseID = state.databaseID
         verifyQueue.async {
             defer { busy.clear() }
             try? FS.makeDirectories(dir, mode: 0o700)
@@ -1516,7 +1537,8 @@ public final class Agent {
                 let report: VerifyReport
                 do {
                     let r = try ReplicaFactory.open(url, environment: i < envs.count ? envs[i] : nil)
-                    report = Verifier.run(replica: r, target: .latest, encryptionKey: key, tempDir: dir, scrub: .segments)
+                    report = Verifier.run(replica: r, target: .latest, encryptionKey: key, tempDir: dir, scrub: .segments,
+                                          databaseID: databaseID)
                 } catch {
                     var failed = VerifyReport(replica: url, target: RestoreTarget.latest.description)
                     failed.problems = ["\(error)"]

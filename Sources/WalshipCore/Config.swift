@@ -38,6 +38,9 @@ public struct DatabaseConfig {
     public var replicas: [ReplicaConfig]
     /// `encryption: {key-file: PATH}`: the 32-byte key objects are sealed with.
     public var encryptionKeyFile: String?
+    /// `database-id: HEX` (per database): the id recorded in every object and insisted on by
+    /// restores made with this file.
+    public var databaseID: UInt64?
 }
 
 public struct ReplicaConfig {
@@ -59,7 +62,7 @@ public enum ConfigLoader {
     static let intervalKeys: Set<String> = ["sync-interval", "snapshot-interval", "checkpoint-frames", "read-delay", "spool-limit",
                                             "retention", "fine-window", "compaction", "verify-interval", "webhook-url",
                                             "alert-lag", "alert-sync-failure", "encryption"]
-    static let databaseKeys: Set<String> = intervalKeys.union(["path", "spool-dir", "replicas"])
+    static let databaseKeys: Set<String> = intervalKeys.union(["path", "spool-dir", "replicas", "database-id"])
     static let replicaKeys: Set<String> = ["url", "access-key-id", "secret-access-key", "session-token", "region"]
 
     public static func load(path: String, environment env: [String: String] = ProcessEnvironment.all()) throws -> WalshipConfig {
@@ -179,6 +182,8 @@ public enum ConfigLoader {
                 switch k {
                 case "path": path = try scalar(v, l)
                 case "spool-dir": cfg.spoolDirectory = FS.absolute(try scalar(v, l))
+                case "database-id":
+                    do { cfg.databaseID = try DatabaseID.parse(try scalar(v, l)) } catch { throw fail(l, "\(error)") }
                 case "replicas":
                     guard case .sequence(let seq, _) = v else { throw fail(l, "expected a list of replicas") }
                     replicaNodes = seq

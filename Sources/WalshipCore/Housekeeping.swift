@@ -136,11 +136,16 @@ final class SegmentMerger {
         // not that when the input is squashed: a squashed record carries the time of the
         // last commit it holds.)
         var firstTimeUs: Int64?
+        var databaseID: UInt64?   // every input must come from the same database as the first
         for input in inputs {
             var decoder = SegmentDecoder(name: input.key)
             try streamObject(replica, key: storedKey(input), expect: .segment, encryption: encryption, onMetadata: { m in
                 if let why = m.mismatch(segment: input) { throw ObjectError(key: input.key, replica: replica.displayURL, problem: why) }
+                if let d = databaseID, let why = m.mismatch(database: d) {
+                    throw ObjectError(key: input.key, replica: replica.displayURL, problem: "\(why), as \(inputs[0].key) it would be merged with does")
+                }
                 if firstTimeUs == nil { firstTimeUs = m.firstTimeUs }
+                if databaseID == nil { databaseID = m.databaseID }
             }) { chunk in
                 try decoder.feed(chunk) { ev in try merger.handle(ev, object: input.key) }
             }
@@ -151,10 +156,11 @@ final class SegmentMerger {
             throw ObjectError(key: output.key, replica: replica.displayURL,
                               problem: "merged txids \(m.firstTxid)-\(m.lastTxid), expected \(output.firstTxid)-\(output.lastTxid)")
         }
-        let meta = ObjectMetadata(kind: .segment, pageSize: m.pageSize, firstTxid: m.firstTxid, lastTxid: m.lastTxid,
+        var meta = ObjectMetadata(kind: .segment, pageSize: m.pageSize, firstTxid: m.firstTxid, lastTxid: m.lastTxid,
                                   firstTimeUs: firstTimeUs ?? m.firstTimeUs, lastTimeUs: m.lastTimeUs, dbPages: m.dbPages,
                                   transactionCount: m.records, dbChecksum: m.checksum, payloadBytes: 0,
                                   generation: output.generation)
+        meta.databaseID = databaseID ?? 0
         // Never write an object that readers would refuse under its name.
         if let why = meta.mismatch(segment: output) {
             throw ObjectError(key: output.key, replica: replica.displayURL, problem: "would be written with metadata that \(why)")

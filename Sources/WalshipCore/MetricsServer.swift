@@ -19,7 +19,8 @@ public enum MetricsServerError: Error, CustomStringConvertible {
 /// One request per connection. The accept loop only accepts: each connection is served on a
 /// worker, at most `maxConnections` at once (one more gets 503 and is closed), and a whole
 /// request must arrive within `requestDeadlineUs`, so a client that trickles bytes (or none)
-/// holds one slot for two seconds at most and never blocks the others.
+/// holds one slot for two seconds at most and never blocks the others. The response too must be
+/// taken within `responseDeadlineUs`.
 public final class MetricsServer {
     public let address: String
     public private(set) var port: Int = 0
@@ -28,6 +29,8 @@ public final class MetricsServer {
     private let workers = DispatchQueue(label: "walship.metrics.connection", attributes: .concurrent)
     static let maxConnections = 16
     static let requestDeadlineUs: Int64 = 2_000_000
+    /// The response must be taken by the client within this (it is a few KiB per database).
+    static let responseDeadlineUs: Int64 = 5_000_000
     private let slots = DispatchSemaphore(value: MetricsServer.maxConnections)
 
     public init(address: String) { self.address = address }
@@ -125,10 +128,23 @@ public final class MetricsServer {
         let bytes = Array(body.utf8)
         var out = Array("HTTP/1.1 \(status)\r\nContent-Type: \(type)\r\nContent-Length: \(bytes.count)\r\nConnection: close\r\n\r\n".utf8)
         if method != "HEAD" { out += bytes }
+        sendWithin(out, to: c, deadlineUs: monotonicMicroseconds() + Self.responseDeadlineUs)
+    }
+
+    /// Writes `bytes` unless the client is too slow to take them before the deadline: a
+    /// client that reads a byte now and then is dropped, not waited for.
+    private func sendWithin(_ bytes: [UInt8], to c: Int32, deadlineUs: Int64) {
         var off = 0
-        while off < out.count {
-            let n = out[off...].withUnsafeBytes { send(c, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-            if n <= 0 { break }
+        while off < bytes.count {
+            let left = deadlineUs - monotonicMicroseconds()
+            if left <= 0 { return }
+            var p = pollfd(fd: c, events: Int16(POLLOUT), revents: 0)
+            let r = poll(&p, 1, Int32((left + 999) / 1000))
+            if r < 0 && errno == EINTR { continue }
+            if r <= 0 { return }
+            let n = bytes[off...].withUnsafeBytes { send(c, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
+            if n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) { continue }
+            if n <= 0 { return }
             off += n
         }
     }

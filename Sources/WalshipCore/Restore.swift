@@ -18,6 +18,9 @@ public struct RestoreOptions {
     public var encryptionKey: EncryptionKey?
     /// With a key: also accept objects stored in the clear (before encryption was turned on).
     public var allowUnencrypted = false
+    /// The database the replica must belong to (`--database-id`). Without it, the snapshot's
+    /// id is taken, and every segment applied after it must carry the same.
+    public var databaseID: UInt64?
     public init() {}
 }
 
@@ -53,6 +56,7 @@ public struct RestoreResult: Sendable {
     public var dbPages: UInt32 = 0
     public var pageSize = 0
     public var checksum: UInt64 = 0
+    public var databaseID: UInt64 = 0
     /// Something the user should know about the point reached (a compacted range).
     public var note: String?
 }
@@ -130,6 +134,10 @@ public enum Restorer {
             if let why = m.mismatch(snapshot: plan.snapshot) {
                 throw ObjectError(key: plan.snapshot.key, replica: replica.displayURL, problem: why)
             }
+            if let pinned = options.databaseID, let why = m.mismatch(database: pinned) {
+                throw ObjectError(key: plan.snapshot.key, replica: replica.displayURL,
+                                  problem: "\(why) (--database-id): this replica's newest data is another database's")
+            }
         }) { chunk in
             try file.write(at: offset, chunk)
             offset += chunk.count
@@ -141,6 +149,8 @@ public enum Restorer {
                               problem: "does not match its metadata (txid \(snapMeta.lastTxid), \(offset) bytes for \(snapMeta.dbPages) pages)")
         }
         let pageSize = snapMeta.pageSize
+        let databaseID = snapMeta.databaseID
+        result.databaseID = databaseID
         var applied = snapMeta.lastTxid
         var expectedChecksum = snapMeta.dbChecksum
         var commitTime = snapMeta.lastTimeUs
@@ -173,6 +183,9 @@ public enum Restorer {
             let meta = try streamObject(source, key: seg.key, expect: .segment, encryption: options.encryptionKey,
                                     allowUnencrypted: options.allowUnencrypted, onMetadata: { m in
                 if let why = m.mismatch(segment: seg) { throw ObjectError(key: seg.key, replica: replica.displayURL, problem: why) }
+                if let why = m.mismatch(database: databaseID) {
+                    throw ObjectError(key: seg.key, replica: replica.displayURL, problem: "\(why), whose snapshot \(plan.snapshot.key) it would be applied to")
+                }
                 guard m.pageSize == pageSize else {
                     throw ObjectError(key: seg.key, replica: replica.displayURL, problem: "has page size \(m.pageSize), the snapshot \(pageSize)")
                 }

@@ -29,6 +29,8 @@ struct AgentState: Codable {
     var lastSnapshotTxid: UInt64
     /// Id of the encryption key the generation's objects are sealed with (nil: not encrypted).
     var keyID: UInt64?
+    /// The database's id, recorded in every object (nil in states saved before it existed).
+    var databaseID: UInt64?
 }
 
 /// The local spool beside the database: state, page-hash table, outbox of objects waiting

@@ -36,6 +36,8 @@ public struct StatusReport: Codable, Sendable {
     public var pid: Int32 = getpid()
     public var updatedUnix: Double = 0
     public var generation = ""
+    /// The id recorded in every object (`--database-id` pins it; restores can insist on it).
+    public var databaseID: String?
     public var txid: UInt64 = 0
     public var lastCommitUnix: Double = 0
     /// When the newest level-0 segment was cut. Cuts run at a fixed rate from the agent's

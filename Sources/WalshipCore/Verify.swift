@@ -13,6 +13,8 @@ public struct VerifyReport: Codable, Sendable {
     public var txid: UInt64?
     public var commitTime: String?
     public var checksum: String?
+    /// The database id the restored generation's objects carry.
+    public var databaseID: String?
     public var integrity: String?
     public var tables: [String: Int] = [:]
     public var oldestRestorable: String?
@@ -34,7 +36,7 @@ public enum Verifier {
     /// counts rows per table, reads every other object of the replica to check it decodes
     /// (`scrub`), and reports the restorable window. Never throws: problems go in the report.
     public static func run(replica: Replica, target: RestoreTarget, encryptionKey: EncryptionKey?, tempDir: String,
-                           scrub: ScrubScope = .all, allowUnencrypted: Bool = false) -> VerifyReport {
+                           scrub: ScrubScope = .all, allowUnencrypted: Bool = false, databaseID: UInt64? = nil) -> VerifyReport {
         let start = monotonicMicroseconds()
         var report = VerifyReport(replica: replica.displayURL, target: target.description)
         defer { report.seconds = Double(monotonicMicroseconds() - start) / 1e6 }
@@ -69,6 +71,7 @@ public enum Verifier {
         options.integrity = .full
         options.encryptionKey = encryptionKey
         options.allowUnencrypted = allowUnencrypted
+        options.databaseID = databaseID
         var restoredSnapshot = ""
         do {
             let r = try Restorer.restore(replica: replica, output: out, options: options)
@@ -76,6 +79,7 @@ public enum Verifier {
             report.txid = r.txid
             report.commitTime = Timestamp.format(microseconds: r.commitTimeUs)
             report.checksum = hex16(r.checksum)
+            report.databaseID = DatabaseID.text(r.databaseID)
             report.integrity = "ok"
             report.objectsChecked += 1 + r.segmentCount
             restoredSnapshot = r.snapshotKey
@@ -91,12 +95,18 @@ public enum Verifier {
         }
         if scrub != .none {
             for g in gens {
+                // Every object of a generation belongs to the database of its first one read.
+                var generationDatabase: UInt64?
                 var objects: [(String, ObjectKind)] = g.segments.map { ($0.key, .segment) }
                 if scrub == .all { objects += g.snapshots.filter { $0.key != restoredSnapshot }.map { ($0.key, .snapshot) } }
                 for (key, kind) in objects {
                     do {
-                        try checkObject(replica, key: key, kind: kind, encryptionKey: encryptionKey, allowUnencrypted: allowUnencrypted)
+                        let m = try checkObject(replica, key: key, kind: kind, encryptionKey: encryptionKey, allowUnencrypted: allowUnencrypted)
                         report.objectsChecked += 1
+                        if let expected = generationDatabase, let why = m.mismatch(database: expected) {
+                            report.problems.append("\(ObjectError(key: key, replica: replica.displayURL, problem: "\(why), like the rest of generation \(g.id)"))")
+                        }
+                        generationDatabase = generationDatabase ?? m.databaseID
                     } catch ReplicaError.missingObject(_, _) {
                         continue   // deleted by retention or compaction since the listing
                     } catch let e as EncryptionError where g.id != report.generation {
@@ -116,7 +126,8 @@ public enum Verifier {
 
     /// Reads one object through: metadata, decryption, LZ4 content checksum, and for a
     /// segment its structure and trailer.
-    static func checkObject(_ replica: Replica, key: String, kind: ObjectKind, encryptionKey: EncryptionKey?, allowUnencrypted: Bool) throws {
+    @discardableResult
+    static func checkObject(_ replica: Replica, key: String, kind: ObjectKind, encryptionKey: EncryptionKey?, allowUnencrypted: Bool) throws -> ObjectMetadata {
         var decoder = SegmentDecoder(name: key)
         var bytes: UInt64 = 0
         let meta = try streamObject(replica, key: key, expect: kind, encryption: encryptionKey, allowUnencrypted: allowUnencrypted, onMetadata: { m in
@@ -131,5 +142,6 @@ public enum Verifier {
         guard bytes == meta.payloadBytes else {
             throw ObjectError(key: key, replica: replica.displayURL, problem: "holds \(bytes) payload bytes, its metadata says \(meta.payloadBytes)")
         }
+        return meta
     }
 }

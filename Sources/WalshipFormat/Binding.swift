@@ -26,6 +26,14 @@ extension ObjectMetadata {
         return nil
     }
 
+    /// Why this metadata does not belong to the database `expected`, or nil when it does.
+    /// Objects written before the id was recorded carry 0, and belong only where 0 is expected:
+    /// a generation is all of one database.
+    public func mismatch(database expected: UInt64) -> String? {
+        if databaseID == expected { return nil }
+        return "belongs to database \(DatabaseID.text(databaseID)), not to \(DatabaseID.text(expected))"
+    }
+
     /// Why this metadata does not belong under `key`, or nil when it does (or when the key is
     /// not a snapshot's or a segment's).
     public func mismatch(key: String) -> String? {
@@ -39,3 +47,18 @@ extension ObjectMetadata {
 
 /// Milliseconds as names carry them: writers divide microseconds by 1000.
 private func floorMs(_ us: Int64) -> Int64 { us / 1000 }
+
+/// A database's identity in its replica: 16 lowercase hex digits of a random nonzero 64-bit
+/// number, recorded in every object's metadata (authenticated when objects are encrypted).
+public enum DatabaseID {
+    public static func text(_ id: UInt64) -> String { id == 0 ? "(not recorded)" : hex16(id) }
+
+    /// Parses what `text` prints (or what an operator pinned): exactly 16 hex digits, not all zero.
+    public static func parse(_ s: String) throws -> UInt64 {
+        let hexDigit = { (c: UInt8) in (48...57).contains(c) || (97...102).contains(c) || (65...70).contains(c) }
+        guard s.utf8.count == 16, s.utf8.allSatisfy(hexDigit), let v = UInt64(s, radix: 16), v != 0 else {
+            throw FormatError.invalidArgument("database id '\(s)' is not 16 hexadecimal digits, not all zero (as `walship status` prints it)")
+        }
+        return v
+    }
+}

@@ -30,17 +30,21 @@ public struct ObjectMetadata: Equatable, Sendable {
     public var generation: String
     /// Sealing.keyID of the key that encrypted the object; 0 when it is not encrypted.
     public var keyID: UInt64 = 0
+    /// The database the object was taken from: a random nonzero id the agent keeps for it
+    /// (`DatabaseID`). 0 in objects written before it was recorded.
+    public var databaseID: UInt64 = 0
 
     public static let flagEncrypted: UInt8 = 1
     public var isEncrypted: Bool { flags & ObjectMetadata.flagEncrypted != 0 }
 
     public init(kind: ObjectKind, pageSize: Int, firstTxid: UInt64, lastTxid: UInt64, firstTimeUs: Int64,
                 lastTimeUs: Int64, dbPages: UInt32, transactionCount: UInt32, dbChecksum: UInt64,
-                payloadBytes: UInt64, generation: String, flags: UInt8 = 0) {
+                payloadBytes: UInt64, generation: String, flags: UInt8 = 0, databaseID: UInt64 = 0) {
         self.kind = kind; self.pageSize = pageSize; self.firstTxid = firstTxid; self.lastTxid = lastTxid
         self.firstTimeUs = firstTimeUs; self.lastTimeUs = lastTimeUs; self.dbPages = dbPages
         self.transactionCount = transactionCount; self.dbChecksum = dbChecksum
         self.payloadBytes = payloadBytes; self.generation = generation; self.flags = flags
+        self.databaseID = databaseID
     }
 
     public func encoded() -> [UInt8] {
@@ -58,7 +62,7 @@ public struct ObjectMetadata: Equatable, Sendable {
         while gen.count < 32 { gen.append(0) }
         w.raw(gen)
         w.u64(keyID)
-        w.pad(to: 8 + 120)
+        w.u64(databaseID)
         let sum = w.bytes.withUnsafeBytes { XXH64.hash(UnsafeRawBufferPointer(rebasing: $0[8..<128])) }
         w.u64(sum)
         return w.bytes
@@ -92,6 +96,7 @@ public struct ObjectMetadata: Equatable, Sendable {
         let checksum = try r.u64(), payload = try r.u64()
         let genBytes = try r.raw(32).prefix { $0 != 0 }
         let keyID = try r.u64()
+        let databaseID = try r.u64()
         // Checked before anything does arithmetic with them (an object may have been planted).
         func bad(_ why: String) -> FormatError { .corrupt("\(objectName): metadata \(why)") }
         guard (512...65536).contains(pageSize), pageSize & (pageSize - 1) == 0 else {
@@ -111,6 +116,7 @@ public struct ObjectMetadata: Equatable, Sendable {
                               transactionCount: count, dbChecksum: checksum, payloadBytes: payload,
                               generation: String(decoding: genBytes, as: UTF8.self), flags: flags)
         m.keyID = keyID
+        m.databaseID = databaseID
         return m
     }
 }

@@ -95,6 +95,8 @@ struct Replicate: ParsableCommand {
     var spoolLimit: String = "1GB"
     @Option(help: ArgumentHelp("Encrypt every stored object with AES-256-GCM using this key (a file of 32 random bytes, e.g. `head -c 32 /dev/urandom > key`). Keep a copy: without it nothing can be restored.", valueName: "path"))
     var encryptionKeyFile: String?
+    @Option(help: ArgumentHelp("Record this id (16 hex digits, as `walship status` prints it) in every object, so that restores can insist on it (`restore --database-id`). Default: the id the spool keeps, or a random one on a first run.", valueName: "id"))
+    var databaseId: String?
     @Option(help: "Keep snapshots this long (always at least one); segments go when no kept snapshot needs them. Points in time stay restorable for this long.")
     var retention: String = "7d"
     @Option(help: ArgumentHelp("Compaction level windows, smallest first: segments are merged into one object per window ('off' to disable). The last level squashes history older than --fine-window.", valueName: "windows"))
@@ -119,6 +121,7 @@ struct Replicate: ParsableCommand {
         if let v = verifyInterval { guard try parseDuration(v, "--verify-interval") >= 1_000_000 else { throw ValidationError("--verify-interval must be at least 1s") } }
         _ = try parseDuration(alertLag, "--alert-lag")
         _ = try parseDuration(alertSyncFailure, "--alert-sync-failure")
+        if let d = databaseId { do { _ = try DatabaseID.parse(d) } catch { throw ValidationError("--database-id: \(error)") } }
         if let w = webhookUrl, !(w.hasPrefix("http://") || w.hasPrefix("https://")) { throw ValidationError("--webhook-url must be an http:// or https:// URL") }
         if config == nil && database == nil { throw ValidationError("give a database path, or --config FILE") }
         if config != nil && (database != nil || !replicas.isEmpty) { throw ValidationError("with --config, databases and replicas come from the file; give no paths") }
@@ -127,7 +130,7 @@ struct Replicate: ParsableCommand {
             // values (or defaults) instead of what was typed would be worse than an error.
             let perDatabase = ["--sync-interval", "--snapshot-interval", "--checkpoint-frames", "--read-delay", "--spool-dir",
                                "--spool-limit", "--encryption-key-file", "--retention", "--compaction", "--fine-window",
-                               "--verify-interval", "--webhook-url", "--alert-lag", "--alert-sync-failure"]
+                               "--verify-interval", "--webhook-url", "--alert-lag", "--alert-sync-failure", "--database-id"]
             let given = CommandLine.arguments.compactMap { a in perDatabase.first { a == $0 || a.hasPrefix($0 + "=") } }
             if !given.isEmpty {
                 throw ValidationError("with --config, set \(given.joined(separator: ", ")) in the file (under defaults: or per database, without the dashes; encryption: key-file: for the key)")
@@ -160,6 +163,7 @@ struct Replicate: ParsableCommand {
                     o.retentionUs = d.retentionUs; o.compactionLevelsUs = d.compactionLevelsUs; o.fineWindowUs = d.fineWindowUs
                     o.verifyIntervalUs = d.verifyIntervalUs; o.webhookURL = d.webhookURL
                     o.alertLagUs = d.alertLagUs; o.alertSyncFailureUs = d.alertSyncFailureUs
+                    o.databaseID = d.databaseID
                     all.append(o)
                 }
             } else {
@@ -177,6 +181,7 @@ struct Replicate: ParsableCommand {
                 o.fineWindowUs = try parseDuration(fineWindow, "--fine-window")
                 o.verifyIntervalUs = try verifyInterval.map { try parseDuration($0, "--verify-interval") } ?? 0
                 o.webhookURL = webhookUrl
+                o.databaseID = try databaseId.map(DatabaseID.parse)
                 o.alertLagUs = try parseDuration(alertLag, "--alert-lag")
                 o.alertSyncFailureUs = try parseDuration(alertSyncFailure, "--alert-sync-failure")
                 all.append(o)
@@ -270,6 +275,7 @@ struct Restore: ParsableCommand {
         o.force = force; o.ifNotExists = ifNotExists; o.ifReplicaExists = ifReplicaExists
         o.allowUnencrypted = key.allowUnencrypted
         o.integrity = IntegrityMode(rawValue: integrity)!
+        o.databaseID = try key.databaseID()
         do {
             var out = output ?? ""
             let r: Replica
@@ -281,6 +287,7 @@ struct Restore: ParsableCommand {
                 }
                 if out.isEmpty { out = d.path }
                 if o.encryptionKey == nil { o.encryptionKey = try loadKey(d.encryptionKeyFile) }
+                if o.databaseID == nil { o.databaseID = d.databaseID }
                 r = try firstHealthyReplica(d.replicas)
             } else {
                 r = try ReplicaFactory.open(replica)
@@ -290,7 +297,7 @@ struct Restore: ParsableCommand {
             }
             if let s = res.skipped { print("walship: \(s)"); return }
             if let n = res.note { FileHandleStderr.write("walship: note: \(n)\n") }
-            print("restored \(FS.absolute(out)): generation \(res.generation), txid \(res.txid), committed \(Timestamp.format(microseconds: res.commitTimeUs)), \(res.transactionsApplied) transaction(s) from \(res.segmentCount) segment(s) after \(res.snapshotKey), checksum \(hex16(res.checksum)) verified, integrity \(o.integrity.rawValue == "none" ? "not checked" : "ok")")
+            print("restored \(FS.absolute(out)): generation \(res.generation) (database \(DatabaseID.text(res.databaseID))), txid \(res.txid), committed \(Timestamp.format(microseconds: res.commitTimeUs)), \(res.transactionsApplied) transaction(s) from \(res.segmentCount) segment(s) after \(res.snapshotKey), checksum \(hex16(res.checksum)) verified, integrity \(o.integrity.rawValue == "none" ? "not checked" : "ok")")
         } catch { fail(error) }
     }
 }
@@ -316,6 +323,13 @@ struct RestorePointOptions: ParsableArguments {
 struct ReadKeyOptions: ParsableArguments {
     @Option(help: ArgumentHelp("The key the replica was encrypted with (32-byte file).", valueName: "path")) var encryptionKeyFile: String?
     @Flag(help: "With a key, also accept objects stored unencrypted (written before encryption was turned on).") var allowUnencrypted = false
+    @Option(help: ArgumentHelp("Refuse objects of any other database than this id (16 hex digits, as `walship status` prints it; `database-id` in the config).", valueName: "id"))
+    var databaseId: String?
+
+    func validate() throws {
+        if let d = databaseId { do { _ = try DatabaseID.parse(d) } catch { throw ValidationError("--database-id: \(error)") } }
+    }
+    func databaseID() throws -> UInt64? { try databaseId.map(DatabaseID.parse) }
 }
 
 /// Pretty, key-sorted JSON on stdout: what `--json` prints.
@@ -483,14 +497,14 @@ struct Verify: ParsableCommand {
             guard FS.isDirectory(dir) else { throw ValidationError("temporary directory \(dir) does not exist") }
             let r = try ReplicaFactory.open(replica)
             report = Verifier.run(replica: r, target: target, encryptionKey: masterKey, tempDir: dir, scrub: ScrubScope(rawValue: scrub)!,
-                                  allowUnencrypted: key.allowUnencrypted)
+                                  allowUnencrypted: key.allowUnencrypted, databaseID: try key.databaseID())
         } catch { fail(error) }
         if json {
             try printJSON(report)
         } else {
             print("verify \(report.replica): \(report.ok ? "OK" : "FAILED")")
             if let t = report.txid {
-                print("  restored \(report.target): txid \(t) of generation \(report.generation ?? "-"), committed \(report.commitTime ?? "-"), checksum \(report.checksum ?? "-") verified, integrity \(report.integrity ?? "-")")
+                print("  restored \(report.target): txid \(t) of generation \(report.generation ?? "-") (database \(report.databaseID ?? "-")), committed \(report.commitTime ?? "-"), checksum \(report.checksum ?? "-") verified, integrity \(report.integrity ?? "-")")
                 print("  tables: " + report.tables.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
             }
             print("  restorable window: \(report.oldestRestorable ?? "-") (txid \(report.oldestTxid.map { "\($0)" } ?? "-")) .. \(report.newestRestorable ?? "-") (txid \(report.newestTxid.map { "\($0)" } ?? "-"))")
@@ -551,7 +565,7 @@ struct Status: ParsableCommand {
                     continue
                 }
                 let head = e.running ? "agent running (pid \(e.pid!))" : "NO AGENT RUNNING (last status \(ago(r.updatedUnix)))"
-                print("\(e.database): \(head), generation \(r.generation), txid \(r.txid), last commit \(ago(r.lastCommitUnix))")
+                print("\(e.database): \(head), generation \(r.generation), database id \(r.databaseID ?? "-"), txid \(r.txid), last commit \(ago(r.lastCommitUnix))")
                 let cps = r.checkpoints.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
                 print("  WAL \(ByteSize.format(Int64(r.walBytes))), spool \(ByteSize.format(Int64(r.spoolBytes))), last snapshot \(ago(r.lastSnapshotUnix)), checkpoints: \(cps.isEmpty ? "none yet" : cps)")
                 for rep in r.replicas {

@@ -88,7 +88,8 @@ final class SegmentTests: XCTestCase {
 
     func testMetadataRoundTripAndCorruption() throws {
         let m = ObjectMetadata(kind: .segment, pageSize: 4096, firstTxid: 5, lastTxid: 9, firstTimeUs: 1, lastTimeUs: 2,
-                               dbPages: 77, transactionCount: 5, dbChecksum: 0xfeed, payloadBytes: 1234, generation: "0006616277058590abcd")
+                               dbPages: 77, transactionCount: 5, dbChecksum: 0xfeed, payloadBytes: 1234, generation: "0006616277058590abcd",
+                               databaseID: 0x0123_4567_89ab_cdef)
         let enc = m.encoded()
         XCTAssertEqual(enc.count, ObjectMetadata.encodedSize)
         XCTAssertEqual(try ObjectMetadata.decode(enc), m)
@@ -96,6 +97,17 @@ final class SegmentTests: XCTestCase {
         bad[40] ^= 1
         XCTAssertThrowsError(try ObjectMetadata.decode(bad))
         XCTAssertThrowsError(try ObjectMetadata.decode(Array(enc.prefix(50))))
+        XCTAssertEqual(try ObjectMetadata.decode(enc).databaseID, 0x0123_4567_89ab_cdef)
+        XCTAssertNil(m.mismatch(database: 0x0123_4567_89ab_cdef))
+        XCTAssertNotNil(m.mismatch(database: 0))
+    }
+
+    func testDatabaseIDText() throws {
+        XCTAssertEqual(try DatabaseID.parse("00000000000000a1"), 0xa1)
+        XCTAssertEqual(DatabaseID.text(0xa1), "00000000000000a1")
+        for bad in ["", "0000000000000000", "a1", "00000000000000a1f", "+0000000000000a1", "0x000000000000a1", "00000000000000zz"] {
+            XCTAssertThrowsError(try DatabaseID.parse(bad), bad)
+        }
     }
 }
 

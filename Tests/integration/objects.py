@@ -56,7 +56,8 @@ def xxh64(data, seed=0):
 FIELDS = {"version": (16, "<H"), "kind": (18, "<B"), "flags": (19, "<B"), "page_size": (20, "<I"),
           "first_txid": (24, "<Q"), "last_txid": (32, "<Q"), "first_time_us": (40, "<q"),
           "last_time_us": (48, "<q"), "db_pages": (56, "<I"), "transactions": (60, "<I"),
-          "checksum": (64, "<Q"), "payload_bytes": (72, "<Q"), "key_id": (112, "<Q")}
+          "checksum": (64, "<Q"), "payload_bytes": (72, "<Q"), "key_id": (112, "<Q"),
+          "database_id": (120, "<Q")}
 
 
 def read_metadata(path):

@@ -172,6 +172,84 @@ def test_snapshot_copied_from_another_database_is_refused(tmp_path, agent_factor
     assert p.returncode == 1 and "belongs to generation" in p.stdout + p.stderr, p.stdout + p.stderr
 
 
+def test_generation_copied_whole_from_another_database_is_refused_by_its_id(tmp_path, agent_factory):
+    """Two databases replicated with the same key: A's whole generation, copied under B's
+    replica, is consistent in itself and newer than B's, so a restore of B's latest state
+    returned A's rows. Every object now records its database's id (authenticated with the
+    key); a restore or drill pinned to B's id (`--database-id`, or `database-id` in the
+    config) refuses A's objects, and a restore never mixes objects of two databases."""
+    import subprocess
+    from conftest import WALSHIP
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    os.chmod(key, 0o600)
+    b_id = "b0b0b0b0b0b0b0b0"
+    reps = {}
+    for name, rows, extra in (("b", 5, ["--database-id", b_id]), ("a", 3, [])):   # A's generation is the newer
+        db, rep = tmp_path / f"{name}.db", tmp_path / f"replica-{name}"
+        create_ticket_db(db, rows=rows)
+        ag = agent_factory(db, ["file://" + str(rep)], ["--sync-interval", "100ms", "--encryption-key-file", key] + extra,
+                           log_path=tmp_path / f"{name}.log").start().wait_ready()
+        time.sleep(0.5)
+        ag.stop()
+        reps[name] = rep
+    run = lambda *a: subprocess.run([str(WALSHIP), *map(str, a)], capture_output=True, text=True)
+    # B's own objects carry B's id.
+    out = tmp_path / "out.db"
+    p = run("restore", "file://" + str(reps["b"]), "-o", out, "--encryption-key-file", key, "--database-id", b_id)
+    assert p.returncode == 0 and f"database {b_id}" in p.stdout, p.stdout + p.stderr
+    os.remove(out)
+    a_gen = next((reps["a"] / "generations").iterdir())
+    import shutil
+    shutil.copytree(a_gen, reps["b"] / "generations" / a_gen.name)
+    p = run("restore", "file://" + str(reps["b"]), "-o", out, "--encryption-key-file", key, "--database-id", b_id)
+    assert p.returncode == 1, f"A's generation restored as B's (exit {p.returncode}): {p.stdout}{p.stderr}"
+    assert "belongs to database" in p.stderr and b_id in p.stderr, p.stderr
+    assert not out.exists()
+    cfg = tmp_path / "walship.yml"
+    cfg.write_text(f"databases:\n  - path: {tmp_path / 'b.db'}\n    database-id: {b_id}\n"
+                   f"    encryption:\n      key-file: {key}\n    replicas:\n      - url: file://{reps['b']}\n")
+    p = run("restore", "--config", cfg, tmp_path / "b.db", "-o", out)
+    assert p.returncode == 1 and "belongs to database" in p.stderr, p.stdout + p.stderr
+    assert not out.exists()
+    p = run("verify", "file://" + str(reps["b"]), "--encryption-key-file", key, "--database-id", b_id)
+    assert p.returncode == 1 and "belongs to database" in p.stdout + p.stderr, p.stdout + p.stderr
+    p = run("restore", "file://" + str(reps["b"]), "-o", out, "--encryption-key-file", key, "--database-id", "00000000000000zz")
+    assert p.returncode != 0 and "16 hexadecimal digits" in p.stderr, p.stderr
+
+
+def test_a_restore_never_mixes_objects_of_two_databases(tmp_path, agent_factory):
+    """A segment whose metadata names another database than the snapshot it would be applied
+    to (all else matching) was applied. Restore, verify and compaction now refuse it."""
+    import subprocess
+    from conftest import WALSHIP
+    from objects import read_metadata, rewrite_metadata
+    db, rep = tmp_path / "app.db", tmp_path / "replica"
+    create_ticket_db(db, rows=2)
+    ag = agent_factory(db, ["file://" + str(rep)], ["--sync-interval", "100ms", "--compaction", "off"]).start().wait_ready()
+    con = sqlite3.connect(db)
+    con.execute("INSERT INTO usuarios(nombre, email) VALUES('later', 'later@example.com')")
+    con.commit()
+    con.close()
+    segs = []
+    deadline = time.time() + 10
+    while not segs and time.time() < deadline:
+        time.sleep(0.2)
+        segs = sorted(rep.glob("generations/*/segments/*/*.seg.lz4"))
+    ag.stop()
+    assert segs, "no segment shipped"
+    snap = next(rep.glob("generations/*/snapshots/*.snap.lz4"))
+    own = read_metadata(snap)["database_id"]
+    assert read_metadata(segs[0])["database_id"] == own
+    rewrite_metadata(segs[0], database_id=own ^ 1)
+    out = tmp_path / "out.db"
+    p = subprocess.run([str(WALSHIP), "restore", "file://" + str(rep), "-o", str(out)], capture_output=True, text=True)
+    assert p.returncode == 1, f"a segment of another database was applied (exit {p.returncode}): {p.stdout}{p.stderr}"
+    assert segs[0].name in p.stderr and "belongs to database" in p.stderr, p.stderr
+    assert not out.exists()
+    assert own != 0, "objects record no database id"
+
+
 def test_secrets_in_urls_never_reach_messages(tmp_path, agent_factory):
     """A webhook URL carries its token in the path, and credentials can be written into an S3
     endpoint URL. Neither appears in a log line or an error: a webhook is named by its host,
