@@ -89,6 +89,7 @@ final class PrefetchedObject: Replica {
     var requestCounts: Counters { original.requestCounts }
     func prepareForWriting() throws {}
     func checkReadable() throws {}
+    func isEmpty() throws -> Bool { false }
     func put(key: String, fromFile path: String) throws { throw ReplicaError.unsupported("read-only") }
     func put(key: String, bytes: [UInt8]) throws { throw ReplicaError.unsupported("read-only") }
     func list(prefix: String) throws -> [String] { [key] }

@@ -33,6 +33,10 @@ public protocol Replica: AnyObject {
     func prepareForWriting() throws
     /// Checks the location holds a walship replica, before reading.
     func checkReadable() throws
+    /// True when the location answers and holds nothing at all (a replica never written to);
+    /// false when it holds a walship replica. Anything else throws: an error reaching it, a
+    /// location that does not exist, or one that holds something that is not walship's.
+    func isEmpty() throws -> Bool
     func put(key: String, fromFile path: String) throws
     func put(key: String, bytes: [UInt8]) throws
     /// Streams an object's bytes to `handle` in chunks.
@@ -117,6 +121,18 @@ public final class FileReplica: Replica {
             let what = entries.isEmpty ? "the directory is empty" : "it holds other files (\(entries.prefix(3).joined(separator: ", "))) and no \(replicaMarkerKey)"
             throw ReplicaError.notAReplica(root, what)
         }
+    }
+
+    public func isEmpty() throws -> Bool {
+        // A directory that does not exist is not "empty": it may be a typo, or a volume that
+        // is not mounted. Whoever provisions a directory replica creates it.
+        guard FS.isDirectory(root) else {
+            throw ReplicaError.notAReplica(root, FS.exists(root) ? "it is not a directory"
+                                           : "no such directory (create it when you provision the replica, so that a typo or a missing mount is not taken for an empty replica)")
+        }
+        if try FS.list(root).isEmpty { return true }
+        try checkReadable()
+        return false
     }
 
     private func path(_ key: String) -> String { root + "/" + key }

@@ -72,9 +72,11 @@ public enum Restorer {
         let dir = FS.dirname(out)
         guard FS.isDirectory(dir) else { throw RestoreError.outputDirectoryMissing(dir) }
         if options.ifReplicaExists {
-            let readable = (try? replica.checkReadable()) != nil
-            if !readable || ((try? listGenerations(replica))?.isEmpty ?? true) {
-                return RestoreResult(skipped: "no replica at \(replica.displayURL); --if-replica-exists leaves \(out) absent")
+            // Only a replica that answers and holds nothing counts as absent. A refused
+            // connection, a wrong secret or a missing bucket is an error: starting the
+            // application on an empty database would lose the data.
+            if try replica.isEmpty() || listGenerations(replica).isEmpty {
+                return RestoreResult(skipped: "the replica \(replica.displayURL) holds no backup yet; --if-replica-exists leaves \(out) absent")
             }
         }
         try replica.checkReadable()

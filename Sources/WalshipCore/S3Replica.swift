@@ -204,6 +204,17 @@ public final class S3Replica: Replica {
         }
     }
 
+    public func isEmpty() throws -> Bool {
+        try mutex.locked {
+            let keys = try topLevelLocked()
+            if keys.isEmpty { return true }
+            guard keys.contains(replicaMarkerKey) || keys.contains("generations/") else {
+                throw ReplicaError.notAReplica(displayURL, "it holds other objects (\(keys.prefix(3).joined(separator: ", "))) and no \(replicaMarkerKey): is the prefix right?")
+            }
+            return false
+        }
+    }
+
     public func put(key: String, bytes: [UInt8]) throws {
         try mutex.locked { try putBytesLocked(key: key, bytes: bytes) }
     }

@@ -257,7 +257,7 @@ struct Restore: ParsableCommand {
     @OptionGroup var point: RestorePointOptions
     @Flag(help: "Overwrite OUT if it exists.") var force = false
     @Flag(help: "Do nothing (exit 0) if OUT already exists.") var ifNotExists = false
-    @Flag(help: "Do nothing (exit 0) if the replica holds nothing yet.") var ifReplicaExists = false
+    @Flag(help: "Do nothing (exit 0) if the replica answers and holds nothing yet. Any error reaching it (refused, denied, no such bucket or directory) still fails.") var ifReplicaExists = false
     @Option(help: "Integrity check after restore: full, quick or none.") var integrity: String = "full"
     @OptionGroup var key: ReadKeyOptions
     @OptionGroup var log: LogOptions
@@ -339,17 +339,24 @@ func printJSON<T: Encodable>(_ value: T) throws {
     print(String(decoding: try enc.encode(value), as: UTF8.self))
 }
 
-/// The first replica, in config order, that answers a LIST and holds a generation.
+/// The first replica, in config order, that answers a LIST and holds a generation. When every
+/// replica answers and holds nothing, the first one (a restore then finds it empty); when some
+/// fail and the rest are empty, nobody can say there is no backup: that is an error.
 func firstHealthyReplica(_ replicas: [ReplicaConfig]) throws -> Replica {
     var problems: [String] = []
+    var empty: [Replica] = []
     for rc in replicas {
         do {
             let r = try ReplicaFactory.open(rc.url, environment: rc.environment)
-            try r.checkReadable()
-            if try listGenerations(r).isEmpty { problems.append("\(r.displayURL): no generation"); continue }
+            if try r.isEmpty() || listGenerations(r).isEmpty {
+                empty.append(r)
+                problems.append("\(r.displayURL): holds no backup yet")
+                continue
+            }
             return r
         } catch { problems.append("\(error)") }
     }
+    if let first = empty.first, empty.count == replicas.count { return first }
     throw ValidationError("no healthy replica: " + problems.joined(separator: "; "))
 }
 
