@@ -975,11 +975,12 @@ public final class Agent {
                     continue
                 }
                 waitingForSnapshotRoom = false
-                logger.notice("replica answers again after its backlog was dropped; starting a new generation",
-                              metadata: ["replica.url": "\(s.replica.displayURL)"])
+                let why = s.dropReason ?? "it answers again after its backlog was dropped"
+                logger.notice("a replica needs a new base; starting a new generation",
+                              metadata: ["replica.url": "\(s.replica.displayURL)", "reason": "\(why)"])
                 try movePinToEnd(patient: true)
                 try cutSegment()
-                try startGeneration(reason: "replica \(s.replica.displayURL) returned after its backlog was dropped", previous: state)
+                try startGeneration(reason: "replica \(s.replica.displayURL): \(why)", previous: state)
                 return
             }
         }
@@ -1529,7 +1530,7 @@ public final class Agent {
         guard verifyBusy.testAndSet() else { return }
         let urls = options.replicaURLs, envs = options.replicaEnvironments
         let key = options.encryptionKey, dir = spool.dir + "/verify", status = self.status, logger = self.logger
-        let busy = verifyBusy, databaseID = state.databaseID
+        let busy = verifyBusy
         verifyQueue.async {
             defer { busy.clear() }
             try? FS.makeDirectories(dir, mode: 0o700)
@@ -1537,8 +1538,7 @@ public final class Agent {
                 let report: VerifyReport
                 do {
                     let r = try ReplicaFactory.open(url, environment: i < envs.count ? envs[i] : nil)
-                    report = Verifier.run(replica: r, target: .latest, encryptionKey: key, tempDir: dir, scrub: .segments,
-                                          databaseID: databaseID)
+                    report = Verifier.run(replica: r, target: .latest, encryptionKey: key, tempDir: dir, scrub: .segments)
                 } catch {
                     var failed = VerifyReport(replica: url, target: RestoreTarget.latest.description)
                     failed.problems = ["\(error)"]

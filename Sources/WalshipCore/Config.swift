@@ -194,6 +194,9 @@ public enum ConfigLoader {
             cfg.path = FS.absolute(p)
             if let j = seen[cfg.path] { throw fail(loc, "database \(cfg.path) is listed twice (also databases[\(j)])") }
             seen[cfg.path] = i
+            if let id = cfg.databaseID, let j = out.firstIndex(where: { $0.databaseID == id }) {
+                throw fail("\(loc).database-id", "databases[\(j)] has the same id; each database needs its own")
+            }
             guard cfg.syncIntervalUs >= 10_000 else { throw fail("\(loc).sync-interval", "must be at least 10ms") }
             for (j, rn) in (replicaNodes ?? []).enumerated() {
                 let rl = "\(loc).replicas[\(j)]"

@@ -145,7 +145,7 @@ final class SegmentMerger {
                     throw ObjectError(key: input.key, replica: replica.displayURL, problem: "\(why), as \(inputs[0].key) it would be merged with does")
                 }
                 if firstTimeUs == nil { firstTimeUs = m.firstTimeUs }
-                if databaseID == nil { databaseID = m.databaseID }
+                if (databaseID ?? 0) == 0 { databaseID = m.databaseID }
             }) { chunk in
                 try decoder.feed(chunk) { ev in try merger.handle(ev, object: input.key) }
             }

@@ -44,6 +44,12 @@ public enum RestoreError: Error, CustomStringConvertible {
     }
 }
 
+/// A generation whose snapshot records another database than the one asked for.
+struct ForeignGeneration: Error {
+    let generation: String
+    let databaseID: UInt64
+}
+
 public struct RestoreResult: Sendable {
     public var skipped: String?
     public var generation = ""
@@ -80,7 +86,17 @@ public enum Restorer {
             }
         }
         try replica.checkReadable()
-        var plan = try RestorePlanner.plan(try listGenerations(replica), target: options.target)
+        // With --database-id, generations of another database are left out (named on the
+        // log); the plan is made from the rest.
+        var foreign: [String: UInt64] = [:]
+        func makePlan() throws -> RestorePlan {
+            let gens = try listGenerations(replica).filter { foreign[$0.id] == nil }
+            do { return try RestorePlanner.plan(gens, target: options.target) } catch let e as PlanError where !foreign.isEmpty {
+                let others = foreign.sorted { $0.key < $1.key }.map { "\($0.key) (database \(DatabaseID.text($0.value)))" }
+                throw RestoreError.chainBroken("\(e), among the generations of database \(DatabaseID.text(options.databaseID ?? 0)); the replica's other generations belong to other databases: \(others.joined(separator: ", "))")
+            }
+        }
+        var plan = try makePlan()
         log("restoring \(options.target) from generation \(plan.generation): snapshot \(plan.snapshot.key) and \(plan.segments.count) segment(s)")
 
         // Everything is built in a private directory beside the output (unguessable name,
@@ -94,18 +110,24 @@ public enum Restorer {
         defer { FS.removeTree(work) }
         do {
             var result: RestoreResult
-            do {
-                result = try build(replica: replica, plan: plan, into: tmp, options: options)
-            } catch ReplicaError.missingObject(_, let key) {
-                // Retention or compaction removed an object after the listing: plan once more.
-                log("object \(key) vanished during the restore (retention or compaction replaced it); planning again")
-                cleanup()
-                plan = try RestorePlanner.plan(try listGenerations(replica), target: options.target)
+            var vanished = false
+            while true {
                 do {
                     result = try build(replica: replica, plan: plan, into: tmp, options: options)
-                } catch ReplicaError.missingObject(let r, let key2) {
-                    throw RestoreError.chainBroken("object '\(key2)' in \(r) vanished during the restore, twice: retention or compaction keeps changing the replica; retry the restore")
+                    break
+                } catch let f as ForeignGeneration {
+                    log("generation \(f.generation) belongs to database \(DatabaseID.text(f.databaseID)), not \(DatabaseID.text(options.databaseID ?? 0)) (--database-id): leaving it out")
+                    foreign[f.generation] = f.databaseID
+                } catch ReplicaError.missingObject(let r, let key) {
+                    // Retention or compaction removed an object after the listing: plan once more.
+                    if vanished {
+                        throw RestoreError.chainBroken("object '\(key)' in \(r) vanished during the restore, twice: retention or compaction keeps changing the replica; retry the restore")
+                    }
+                    vanished = true
+                    log("object \(key) vanished during the restore (retention or compaction replaced it); planning again")
                 }
+                cleanup()
+                plan = try makePlan()
             }
             try verifyIntegrity(tmp, mode: options.integrity)
             cleanup_sidecars(tmp)
@@ -131,19 +153,23 @@ public enum Restorer {
         // (the restored file keeps it; chmod it for the application).
         let file = try RawFile(path: tmp, flags: O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode: 0o600)
         var offset = 0
+        var foreignID: UInt64?
         let snapMeta = try streamObject(replica, key: plan.snapshot.key, expect: .snapshot, encryption: options.encryptionKey,
                                     allowUnencrypted: options.allowUnencrypted, onMetadata: { m in
             if let why = m.mismatch(snapshot: plan.snapshot) {
                 throw ObjectError(key: plan.snapshot.key, replica: replica.displayURL, problem: why)
             }
-            if let pinned = options.databaseID, let why = m.mismatch(database: pinned) {
-                throw ObjectError(key: plan.snapshot.key, replica: replica.displayURL,
-                                  problem: "\(why) (--database-id): this replica's newest data is another database's")
+            if let pinned = options.databaseID, m.mismatch(database: pinned) != nil {
+                // Encrypted metadata is authentic only once the whole object has been read:
+                // a generation is left out only for what the key vouches for.
+                foreignID = m.databaseID
+                if !m.isEncrypted { throw ForeignGeneration(generation: plan.generation, databaseID: m.databaseID) }
             }
         }) { chunk in
             try file.write(at: offset, chunk)
             offset += chunk.count
         }
+        if let id = foreignID { throw ForeignGeneration(generation: plan.generation, databaseID: id) }
         result.bytesDownloaded += UInt64(offset)
         guard snapMeta.lastTxid == plan.snapshot.txid, UInt64(offset) == snapMeta.payloadBytes,
               offset == Int(snapMeta.dbPages) * snapMeta.pageSize else {

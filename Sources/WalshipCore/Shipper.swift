@@ -43,9 +43,14 @@ final class Shipper {
     /// generation are skipped, and the agent starts a new generation once it answers again.
     private var _droppedGeneration: String?
     private var _reachableAgain = false
+    /// Why the backlog was dropped, for the new generation's reason (nil: the spool limit).
+    private var _dropReason: String?
     /// The generation of the last object this replica acknowledged (its generation.json was
     /// acknowledged before it: objects ship in order).
     private var _lastShippedGeneration: String?
+    /// The generation this replica was last found able to take the next object of (checked
+    /// once per generation and process, on this queue only).
+    private var positionCheckedGeneration: String?
 
     init(replica: Replica, spool: Spool, logger: Logger) {
         self.replica = replica
@@ -60,6 +65,7 @@ final class Shipper {
     var acked: UInt64 { mutex.locked { _acked } }
     var droppedGeneration: String? { mutex.locked { _droppedGeneration } }
     var reachableAgain: Bool { mutex.locked { _reachableAgain } }
+    var dropReason: String? { mutex.locked { _dropReason } }
 
     /// Gives up this replica's backlog up to `sequence` (it stays failing and the spool is
     /// over its limit). Persisted like an acknowledgement.
@@ -68,6 +74,7 @@ final class Shipper {
             _acked = max(_acked, sequence)
             _droppedGeneration = generation
             _reachableAgain = false
+            _dropReason = nil
         }
         try? spool.saveAck(id, sequence)
         spool.saveDropped(id, generation)
@@ -157,6 +164,15 @@ final class Shipper {
                     }
                 }
                 do {
+                    if !e.key.hasPrefix(Spool.deletionPrefix), let object = ObjectKey.parse(e.key),
+                       object.generation != positionCheckedGeneration {
+                        if let hole = try missingBase(before: object) {
+                            lostGeneration(object.generation, through: mutex.locked { _acked }, because: hole)
+                            failed = true
+                            break
+                        }
+                        positionCheckedGeneration = object.generation
+                    }
                     if e.key.hasPrefix(Spool.deletionPrefix) {
                         // Objects replaced by a compacted one shipped just before. A failure
                         // (a bucket that forbids deletes, say) must not hold up the uploads
@@ -215,12 +231,49 @@ final class Shipper {
     /// backlog of that generation goes (the rest of it is skipped as it comes), and the agent
     /// starts a new generation (a snapshot first), as for a replica that returns after its
     /// backlog was dropped.
-    private func lostGeneration(_ gen: String, through sequence: UInt64) {
+    private func lostGeneration(_ gen: String, through sequence: UInt64,
+                                because why: String = "the replica lost the current generation (deleted under the agent?)") {
         onError?()
-        logger.error("the replica lost the current generation (deleted under the agent?); a new generation with a snapshot follows",
+        logger.error("\(why); a new generation with a snapshot follows",
                      metadata: ["replica.url": "\(replica.displayURL)", "generation": "\(gen)"])
         dropBacklog(through: sequence, generation: gen)
-        mutex.locked { _reachableAgain = true; _lastError = "generation \(gen) vanished from the replica"; if _failingSinceUs == nil { _failingSinceUs = nowMicroseconds() } }
+        mutex.locked { _reachableAgain = true; _dropReason = why; _lastError = "generation \(gen): \(why)"; if _failingSinceUs == nil { _failingSinceUs = nowMicroseconds() } }
+    }
+
+    /// Before the first object of a generation this process ships here (unless it is the
+    /// generation's own generation.json, which starts it): whether the replica holds what the
+    /// object builds on. A replica added to the list, one that missed objects while others
+    /// took them, or one emptied while the agent was stopped would otherwise take segments
+    /// that no restore can use. Nil when it holds the base and an unbroken chain up to the
+    /// object; otherwise what is missing. One LIST of the generation.
+    private func missingBase(before object: ObjectKey) throws -> String? {
+        let needTxid: UInt64?
+        switch object {
+        case .generationInfo: return nil
+        case .snapshot: needTxid = nil
+        case .segment(let s): needTxid = s.firstTxid - 1
+        }
+        let gen = object.generation
+        var hasInfo = false
+        var snaps: [SnapshotName] = [], segs: [SegmentName] = []
+        for key in try replica.list(prefix: "generations/\(gen)/") {
+            switch ObjectKey.parse(key) {
+            case .generationInfo?: hasInfo = true
+            case .snapshot(let s)? where s.generation == gen: snaps.append(s)
+            case .segment(let s)? where s.generation == gen: segs.append(s)
+            default: break
+            }
+        }
+        guard hasInfo else { return "the replica does not hold generation \(gen) (added to the replica list, or emptied, while the agent was away)" }
+        guard let need = needTxid else { return nil }
+        guard !snaps.isEmpty else { return "the replica holds no snapshot of generation \(gen)" }
+        do {
+            let plan = try RestorePlanner.plan([GenerationListing(id: gen, snapshots: snaps, segments: segs)], target: .latest)
+            if plan.reachesTxid >= need { return nil }
+            return "the replica's chain of generation \(gen) ends at txid \(plan.reachesTxid), and the next object it would take starts at \(need + 1) (it missed objects while the agent shipped to other replicas)"
+        } catch let e as PlanError {
+            return "the replica's chain of generation \(gen) is broken (\(e))"
+        }
     }
 
     /// On this replica's queue (from housekeeping): the generation the agent ships into must

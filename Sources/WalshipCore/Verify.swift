@@ -106,7 +106,10 @@ public enum Verifier {
                         if let expected = generationDatabase, let why = m.mismatch(database: expected) {
                             report.problems.append("\(ObjectError(key: key, replica: replica.displayURL, problem: "\(why), like the rest of generation \(g.id)"))")
                         }
-                        generationDatabase = generationDatabase ?? m.databaseID
+                        if generationDatabase == nil, let pinned = databaseID, m.mismatch(database: pinned) != nil {
+                            report.notes.append("generation \(g.id) belongs to database \(DatabaseID.text(m.databaseID)), not \(DatabaseID.text(pinned)): restores with --database-id leave it out")
+                        }
+                        if (generationDatabase ?? 0) == 0 { generationDatabase = m.databaseID }
                     } catch ReplicaError.missingObject(_, _) {
                         continue   // deleted by retention or compaction since the listing
                     } catch let e as EncryptionError where g.id != report.generation {

@@ -27,10 +27,10 @@ extension ObjectMetadata {
     }
 
     /// Why this metadata does not belong to the database `expected`, or nil when it does.
-    /// Objects written before the id was recorded carry 0, and belong only where 0 is expected:
-    /// a generation is all of one database.
+    /// 0 means "not recorded" (objects written by a walship that did not record the id, on
+    /// either side), which nothing can be checked against.
     public func mismatch(database expected: UInt64) -> String? {
-        if databaseID == expected { return nil }
+        if databaseID == expected || databaseID == 0 || expected == 0 { return nil }
         return "belongs to database \(DatabaseID.text(databaseID)), not to \(DatabaseID.text(expected))"
     }
 

@@ -133,7 +133,7 @@ struct Replicate: ParsableCommand {
                                "--verify-interval", "--webhook-url", "--alert-lag", "--alert-sync-failure", "--database-id"]
             let given = CommandLine.arguments.compactMap { a in perDatabase.first { a == $0 || a.hasPrefix($0 + "=") } }
             if !given.isEmpty {
-                throw ValidationError("with --config, set \(given.joined(separator: ", ")) in the file (under defaults: or per database, without the dashes; encryption: key-file: for the key)")
+                throw ValidationError("with --config, set \(given.joined(separator: ", ")) in the file (under defaults: or per database, without the dashes; encryption: key-file: for the key; database-id per database only)")
             }
         }
         _ = try parseDuration(syncInterval, "--sync-interval")

@@ -76,6 +76,10 @@ def test_bad_configs_name_their_place(tmp_path):
         "unset variable": (f"databases:\n  - path: ${{NOPE_NOT_SET}}\n", "${NOPE_NOT_SET} is not set"),
         "no databases": ("defaults:\n  sync-interval: 1s\n", "databases"),
         "not yaml": ("databases: [\n", "not valid YAML"),
+        "shared database id": (f"databases:\n  - path: {db}\n    database-id: 00000000000000a1\n"
+                               f"  - path: {tmp_path / 'b.db'}\n    database-id: 00000000000000a1\n", "databases[1].database-id"),
+        "bad database id": (f"databases:\n  - path: {db}\n    database-id: a1\n", "16 hexadecimal digits"),
+        "database id in defaults": (f"defaults:\n  database-id: 00000000000000a1\ndatabases:\n  - path: {db}\n", "unknown key 'database-id'"),
     }
     env = dict(os.environ, AWS_ACCESS_KEY_ID="AKIAWALSHIPTEST0001", AWS_SECRET_ACCESS_KEY="x" * 40)
     env.pop("NOPE_NOT_SET", None)

@@ -74,3 +74,43 @@ def test_if_replica_exists_with_a_config_fails_when_a_replica_cannot_answer(tmp_
     p = run_walship("restore", "--config", cfg, tmp_path / "app.db", "--if-not-exists", "--if-replica-exists",
                     env=s3server.env(secret_key="not-the-secret"))
     assert p.returncode != 0 and not out.exists(), p.stdout + p.stderr
+
+
+def _write(db, n, tag):
+    import sqlite3
+    con = sqlite3.connect(db, timeout=10)
+    for i in range(n):
+        con.execute("INSERT INTO usuarios(nombre, email) VALUES(?, ?)", (f"{tag}{i}", f"{tag}{i}@example.com"))
+        con.commit()
+    con.close()
+
+
+def _restores_to(db, url, out, env):
+    from conftest import table_contents
+    if out.exists():
+        out.unlink()
+    p = run_walship("restore", url, "-o", out, env=env)
+    assert p.returncode == 0, f"{url} cannot be restored: {p.stderr}"
+    assert table_contents(out) == table_contents(db), f"{url} restores another state than the database's"
+
+
+def test_changing_the_replica_list_never_leaves_a_replica_unrestorable(tmp_path, s3server, agent_factory):
+    """`replicate x.db A` with writes, then `replicate x.db B`: B took segments but never a
+    snapshot. Then `replicate x.db A C`: A had a gap (its missed objects were gone from the
+    spool) and C no snapshot. Now a replica is checked (one LIST of the generation) before
+    the first object the agent ships to it, and one that lacks the base or missed objects
+    gets a new generation, with a snapshot, before anything else."""
+    db = tmp_path / "x.db"
+    create_ticket_db(db, rows=2)
+    env = s3server.env()
+    url = {n: s3server.url("walship", n) for n in "abc"}
+    out = tmp_path / "out.db"
+    phases = [("a",), ("b",), ("a", "c"), ("c",), ("a", "b", "c")]
+    for i, names in enumerate(phases):
+        agent = agent_factory(db, [url[n] for n in names], ["--sync-interval", "100ms"], env=env,
+                              log_path=tmp_path / f"agent-{i}.log").start().wait_ready()
+        _write(db, 5, f"p{i}-")
+        time.sleep(1.0)
+        agent.stop()
+        for n in names:
+            _restores_to(db, url[n], out, env)

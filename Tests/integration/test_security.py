@@ -172,14 +172,14 @@ def test_snapshot_copied_from_another_database_is_refused(tmp_path, agent_factor
     assert p.returncode == 1 and "belongs to generation" in p.stdout + p.stderr, p.stdout + p.stderr
 
 
-def test_generation_copied_whole_from_another_database_is_refused_by_its_id(tmp_path, agent_factory):
+def test_generation_copied_whole_from_another_database_is_left_out_by_its_id(tmp_path, agent_factory):
     """Two databases replicated with the same key: A's whole generation, copied under B's
     replica, is consistent in itself and newer than B's, so a restore of B's latest state
     returned A's rows. Every object now records its database's id (authenticated with the
-    key); a restore or drill pinned to B's id (`--database-id`, or `database-id` in the
-    config) refuses A's objects, and a restore never mixes objects of two databases."""
+    key); a restore pinned to B's id (`--database-id`, or `database-id` in the config)
+    leaves A's generation out and restores B's own, and `verify` says what it left out."""
     import subprocess
-    from conftest import WALSHIP
+    from conftest import WALSHIP, table_contents
     key = tmp_path / "key"
     key.write_bytes(os.urandom(32))
     os.chmod(key, 0o600)
@@ -194,7 +194,6 @@ def test_generation_copied_whole_from_another_database_is_refused_by_its_id(tmp_
         ag.stop()
         reps[name] = rep
     run = lambda *a: subprocess.run([str(WALSHIP), *map(str, a)], capture_output=True, text=True)
-    # B's own objects carry B's id.
     out = tmp_path / "out.db"
     p = run("restore", "file://" + str(reps["b"]), "-o", out, "--encryption-key-file", key, "--database-id", b_id)
     assert p.returncode == 0 and f"database {b_id}" in p.stdout, p.stdout + p.stderr
@@ -203,17 +202,23 @@ def test_generation_copied_whole_from_another_database_is_refused_by_its_id(tmp_
     import shutil
     shutil.copytree(a_gen, reps["b"] / "generations" / a_gen.name)
     p = run("restore", "file://" + str(reps["b"]), "-o", out, "--encryption-key-file", key, "--database-id", b_id)
-    assert p.returncode == 1, f"A's generation restored as B's (exit {p.returncode}): {p.stdout}{p.stderr}"
-    assert "belongs to database" in p.stderr and b_id in p.stderr, p.stderr
-    assert not out.exists()
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert table_contents(out) == table_contents(tmp_path / "b.db"), f"A's generation restored as B's: {p.stdout}{p.stderr}"
+    assert a_gen.name in p.stderr and "leaving it out" in p.stderr, p.stderr
+    os.remove(out)
     cfg = tmp_path / "walship.yml"
     cfg.write_text(f"databases:\n  - path: {tmp_path / 'b.db'}\n    database-id: {b_id}\n"
                    f"    encryption:\n      key-file: {key}\n    replicas:\n      - url: file://{reps['b']}\n")
     p = run("restore", "--config", cfg, tmp_path / "b.db", "-o", out)
-    assert p.returncode == 1 and "belongs to database" in p.stderr, p.stdout + p.stderr
-    assert not out.exists()
+    assert p.returncode == 0 and table_contents(out) == table_contents(tmp_path / "b.db"), p.stdout + p.stderr
     p = run("verify", "file://" + str(reps["b"]), "--encryption-key-file", key, "--database-id", b_id)
-    assert p.returncode == 1 and "belongs to database" in p.stdout + p.stderr, p.stdout + p.stderr
+    assert p.returncode == 0 and f"generation {a_gen.name} belongs to database" in p.stdout, p.stdout + p.stderr
+    # Only B's generations: the pinned restore says so.
+    shutil.rmtree(reps["b"] / "generations")
+    (reps["b"] / "generations").mkdir()
+    shutil.copytree(a_gen, reps["b"] / "generations" / a_gen.name)
+    p = run("restore", "file://" + str(reps["b"]), "-o", tmp_path / "none.db", "--encryption-key-file", key, "--database-id", b_id)
+    assert p.returncode == 1 and "belong to other databases" in p.stderr and not (tmp_path / "none.db").exists(), p.stderr
     p = run("restore", "file://" + str(reps["b"]), "-o", out, "--encryption-key-file", key, "--database-id", "00000000000000zz")
     assert p.returncode != 0 and "16 hexadecimal digits" in p.stderr, p.stderr
 
