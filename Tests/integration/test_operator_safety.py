@@ -95,17 +95,19 @@ def _restores_to(db, url, out, env):
 
 
 def test_changing_the_replica_list_never_leaves_a_replica_unrestorable(tmp_path, s3server, agent_factory):
-    """`replicate x.db A` with writes, then `replicate x.db B`: B took segments but never a
-    snapshot. Then `replicate x.db A C`: A had a gap (its missed objects were gone from the
-    spool) and C no snapshot. Now a replica is checked (one LIST of the generation) before
-    the first object the agent ships to it, and one that lacks the base or missed objects
-    gets a new generation, with a snapshot, before anything else."""
+    """Replica lists change between runs. A replica left out of a run misses what the others
+    took (the spool keeps an object only until every replica of the run has it): with A
+    back in the list, the agent shipped it segments after a hole, and A's latest state
+    could not be restored ("gap after txid 17"). Now a replica is checked (one LIST of the
+    generation) before the first object the agent ships to it in a run, and one that lacks
+    the base or missed objects gets a new generation, with a snapshot, before anything else.
+    The same holds for a replica emptied while the agent was stopped."""
     db = tmp_path / "x.db"
     create_ticket_db(db, rows=2)
     env = s3server.env()
     url = {n: s3server.url("walship", n) for n in "abc"}
     out = tmp_path / "out.db"
-    phases = [("a",), ("b",), ("a", "c"), ("c",), ("a", "b", "c")]
+    phases = [("a",), ("b",), ("a", "c"), ("c",), ("a", "c"), ("b", "c")]
     for i, names in enumerate(phases):
         agent = agent_factory(db, [url[n] for n in names], ["--sync-interval", "100ms"], env=env,
                               log_path=tmp_path / f"agent-{i}.log").start().wait_ready()
@@ -114,3 +116,10 @@ def test_changing_the_replica_list_never_leaves_a_replica_unrestorable(tmp_path,
         agent.stop()
         for n in names:
             _restores_to(db, url[n], out, env)
+    import shutil
+    shutil.rmtree(s3server.root / "walship" / "c")
+    agent = agent_factory(db, [url["c"]], ["--sync-interval", "100ms"], env=env, log_path=tmp_path / "agent-wiped.log").start().wait_ready()
+    _write(db, 5, "wiped-")
+    time.sleep(1.0)
+    agent.stop()
+    _restores_to(db, url["c"], out, env)
