@@ -116,8 +116,13 @@ def test_changing_the_replica_list_never_leaves_a_replica_unrestorable(tmp_path,
         agent.stop()
         for n in names:
             _restores_to(db, url[n], out, env)
-    import shutil
-    shutil.rmtree(s3server.root / "walship" / "c")
+    import subprocess
+    from s3server import REGION
+    for key in s3server.objects("walship", "c"):   # emptied through S3, as an operator's tool would
+        subprocess.run(["curl", "-sf", "-X", "DELETE", "--aws-sigv4", f"aws:amz:{REGION}:s3",
+                        "--user", f"{env['AWS_ACCESS_KEY_ID']}:{env['AWS_SECRET_ACCESS_KEY']}",
+                        f"{s3server.endpoint}/walship/{key}"], check=True, timeout=30)
+    assert not s3server.objects("walship", "c")
     agent = agent_factory(db, [url["c"]], ["--sync-interval", "100ms"], env=env, log_path=tmp_path / "agent-wiped.log").start().wait_ready()
     _write(db, 5, "wiped-")
     time.sleep(1.0)
