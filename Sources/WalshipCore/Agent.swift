@@ -83,6 +83,7 @@ public enum AgentError: Error, CustomStringConvertible {
     case writeLockUnavailable(String)
     case notShipped([String])
     case keyRequired(String, String, String)
+    case otherReplicas(String, [String], [String])
     case txidsExhausted(String, UInt64)
 
     public var description: String {
@@ -100,6 +101,8 @@ public enum AgentError: Error, CustomStringConvertible {
         case .writeLockUnavailable(let p): return "could not take the write lock on \(p) for a moment: the application holds long write transactions; retry later"
         case .keyRequired(let p, let id, let spool):
             return "\(p) is replicated encrypted (key id \(id)): give the key with --encryption-key-file (or encryption: key-file: in the config); to stop encrypting on purpose, remove the spool \(spool) first"
+        case .otherReplicas(let p, let before, let now):
+            return "\(p) was last replicated to \(before.joined(separator: ", ")); this snapshot would ship to \(now.joined(separator: ", ")) only, and the others would miss objects: give the same replica URLs, or --config FILE"
         case .txidsExhausted(let r, let t):
             return "replica \(r) names txid \(t), too near the top of the txid range for a generation to follow it: an object planted there, or not walship's? Remove it (`walship list` shows it), then start again"
         case .notShipped(let r): return "not every replica has the snapshot yet (it stays in the spool and ships at the next start): \(r.joined(separator: "; "))"
@@ -210,7 +213,6 @@ public final class Agent {
         for (i, url) in options.replicaURLs.enumerated() {
             let env = i < options.replicaEnvironments.count ? options.replicaEnvironments[i] : nil
             let r = try ReplicaFactory.open(url, environment: env)
-            try r.prepareForWriting()
             // The shipper retries forever with its own backoff: two attempts a request from
             // now on, so that a failure shows (log, metrics, alerts) within seconds.
             (r as? S3Replica)?.maxAttempts = 2
@@ -218,6 +220,17 @@ public final class Agent {
         }
         try spool.prepare()
         if let pid = try spool.lock() { throw AgentError.alreadyRunning(dbPath, pid) }
+        // A run with other replicas than the last leaves out replicas that then miss objects
+        // (each is checked, and given a new generation, before the next object it takes). A
+        // one-off snapshot must not do that to the configured replicas behind their back.
+        let urls = replicas.map(\.displayURL)
+        if let last = try spool.loadReplicaURLs(), Set(last) != Set(urls) {
+            if options.oneShotSnapshot { throw AgentError.otherReplicas(dbPath, last, urls) }
+            logger.notice("the replica list changed since the last run; a replica that missed objects gets a new generation before anything else",
+                          metadata: meta.merging(["replicas.before": "\(last.joined(separator: " "))", "replicas.now": "\(urls.joined(separator: " "))"]) { a, _ in a })
+        }
+        for r in replicas { try r.prepareForWriting() }
+        try spool.saveReplicaURLs(urls)
         // With one compaction level, that level squashes (built from the replicas, beyond the
         // fine window); with more, level 1 is built here from the spool.
         if options.compactionLevelsUs.count >= 2 {

@@ -163,6 +163,19 @@ final class Spool {
         else { try? FS.remove(droppedPath(replicaID)) }
     }
 
+    /// The replicas of the last run (display URLs, no credentials); nil before any run
+    /// recorded them.
+    var replicasPath: String { dir + "/replicas.json" }
+    func loadReplicaURLs() throws -> [String]? {
+        guard FS.exists(replicasPath) else { return nil }
+        do { return try JSONDecoder().decode([String].self, from: Data(try FS.readAll(replicasPath))) } catch {
+            throw SystemError(errno: EINVAL, context: "read \(replicasPath) (remove it if it is damaged: \(error))")
+        }
+    }
+    func saveReplicaURLs(_ urls: [String]) throws {
+        try FS.writeAtomically(replicasPath, Array(try JSONEncoder().encode(urls)))
+    }
+
     func loadAck(_ replicaID: String) -> UInt64 {
         guard let b = try? FS.readAll(ackPath(replicaID)) else { return 0 }
         return UInt64(String(decoding: b, as: UTF8.self).trimmingCharacters()) ?? 0

@@ -438,12 +438,22 @@ struct Snapshot: ParsableCommand {
         abstract: "Take a base snapshot now.",
         discussion: "If an agent is replicating DB, it is asked to take the snapshot; otherwise walship takes it, ships it and exits.")
     @Argument(help: "Path of the SQLite database.") var database: String
-    @Argument(help: "Replica URLs (default: file://<dir of DB>/<name>-replica).") var replicas: [String] = []
+    @Argument(help: "Replica URLs (default: file://<dir of DB>/<name>-replica; with --config, the file's).") var replicas: [String] = []
+    @Option(help: "YAML config file: take DB's replicas, spool, key and database id from it.") var config: String?
     @Option(help: "Spool directory (default: .<name>-walship beside the database).") var spoolDir: String?
     @Option(help: "How long to wait for a running agent.") var timeout: String = "120s"
     @Option(help: ArgumentHelp("Encrypt the snapshot with this key (as `replicate --encryption-key-file`), when no agent runs.", valueName: "path"))
     var encryptionKeyFile: String?
+    @Option(help: ArgumentHelp("The database id to record (as `replicate --database-id`), when no agent runs.", valueName: "id"))
+    var databaseId: String?
     @OptionGroup var log: LogOptions
+
+    func validate() throws {
+        if config != nil && (!replicas.isEmpty || spoolDir != nil || encryptionKeyFile != nil || databaseId != nil) {
+            throw ValidationError("with --config, replicas, --spool-dir, --encryption-key-file and --database-id come from the file")
+        }
+        if let d = databaseId { do { _ = try DatabaseID.parse(d) } catch { throw ValidationError("--database-id: \(error)") } }
+    }
 
     func run() throws {
         log.bootstrap()
@@ -454,6 +464,17 @@ struct Snapshot: ParsableCommand {
         opts.oneShotSnapshot = true
         do {
             opts.encryptionKey = try loadKey(encryptionKeyFile)
+            opts.databaseID = try databaseId.map(DatabaseID.parse)
+            if let file = config {
+                guard let d = try ConfigLoader.load(path: file).databases.first(where: { $0.path == db }) else {
+                    throw ValidationError("\(db) is not a database in \(file)")
+                }
+                opts.replicaURLs = d.replicas.map(\.url)
+                opts.replicaEnvironments = d.replicas.map(\.environment)
+                opts.spoolDirectory = d.spoolDirectory
+                opts.encryptionKey = try loadKey(d.encryptionKeyFile)
+                opts.databaseID = d.databaseID
+            }
             guard FS.exists(db) else { throw AgentError.databaseMissing(db) }
             if let pid = SnapshotRequest.runningAgent(database: db, spoolDirectory: opts.spoolDirectory) {
                 switch try SnapshotRequest.ask(database: db, spoolDirectory: opts.spoolDirectory, timeoutUs: try parseDuration(timeout, "--timeout")) {

@@ -128,3 +128,41 @@ def test_changing_the_replica_list_never_leaves_a_replica_unrestorable(tmp_path,
     time.sleep(1.0)
     agent.stop()
     _restores_to(db, url["c"], out, env)
+
+
+def test_snapshot_while_the_agent_is_stopped_keeps_the_configured_replicas_whole(tmp_path, s3server):
+    """`walship snapshot DB` with the agent stopped shipped to the default replica beside the
+    database, not the configured ones, and left those with a gap. It now takes `--config`,
+    and without it refuses to ship to other replicas than the spool's last run."""
+    import subprocess
+    from conftest import WALSHIP
+    db = tmp_path / "x.db"
+    create_ticket_db(db, rows=2)
+    env = s3server.env()
+    dir_replica = tmp_path / "dir-replica"
+    cfg = tmp_path / "walship.yml"
+    cfg.write_text(f"defaults:\n  sync-interval: 100ms\ndatabases:\n  - path: {db}\n    replicas:\n"
+                   f"      - url: {s3server.url('walship', 'x')}\n      - url: file://{dir_replica}\n")
+    agent = subprocess.Popen([str(WALSHIP), "replicate", "--config", str(cfg)], env=env,
+                             stdout=open(tmp_path / "agent.log", "a"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 30
+        while not list(dir_replica.glob("generations/*/snapshots/*")) or not s3server.objects("walship", "x"):
+            assert time.time() < deadline and agent.poll() is None, (tmp_path / "agent.log").read_text()
+            time.sleep(0.1)
+        _write(db, 5, "before-")
+        time.sleep(1.0)
+    finally:
+        agent.terminate()
+        agent.wait(timeout=60)
+    _write(db, 3, "while-stopped-")
+    p = run_walship("snapshot", db, env=env)
+    assert p.returncode != 0 and "was last replicated to" in p.stderr, f"shipped elsewhere: {p.stdout}{p.stderr}"
+    assert not (tmp_path / "x.db-replica").exists()
+    p = run_walship("snapshot", "--config", cfg, db, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = tmp_path / "out.db"
+    for url in (s3server.url("walship", "x"), f"file://{dir_replica}"):
+        _restores_to(db, url, out, env)
+        p = run_walship("verify", url, env=env)
+        assert p.returncode == 0, p.stdout + p.stderr
