@@ -54,6 +54,8 @@ public struct ConfigError: Error, CustomStringConvertible {
     public let file: String
     public let location: String
     public let problem: String
+    /// The value names an environment variable that is not set.
+    public var unsetVariable = false
     public var description: String { "\(file): \(location.isEmpty ? "" : location + ": ")\(problem)" }
 }
 
@@ -65,15 +67,30 @@ public enum ConfigLoader {
     static let databaseKeys: Set<String> = intervalKeys.union(["path", "spool-dir", "replicas", "database-id"])
     static let replicaKeys: Set<String> = ["url", "access-key-id", "secret-access-key", "session-token", "region"]
 
-    public static func load(path: String, environment env: [String: String] = ProcessEnvironment.all()) throws -> WalshipConfig {
+    /// What the file is read for. `replicate` uses every key. The other commands use only a
+    /// database's path, spool, replicas, key and id: a variable they do not need (a webhook's,
+    /// say) may be unset for them.
+    public enum Purpose: Sendable { case replicate, read }
+
+    /// Keys the commands other than `replicate` use.
+    static let readKeys: Set<String> = ["path", "spool-dir", "replicas", "encryption", "database-id"]
+
+    public static func load(path: String, purpose: Purpose = .replicate,
+                            environment env: [String: String] = ProcessEnvironment.all()) throws -> WalshipConfig {
         let text: String
         do { text = String(decoding: try FS.readAll(path), as: UTF8.self) } catch {
             throw ConfigError(file: path, location: "", problem: "cannot read the config file (\(error))")
         }
-        return try parse(text, file: path, environment: env)
+        return try parse(text, file: path, purpose: purpose, environment: env)
     }
 
-    public static func parse(_ text: String, file: String, environment env: [String: String]) throws -> WalshipConfig {
+    public static func parse(_ text: String, file: String, purpose: Purpose = .replicate,
+                             environment env: [String: String]) throws -> WalshipConfig {
+        /// Runs `body` for `key`; when the key is not one this purpose uses, a value naming an
+        /// unset variable is ignored instead of failing.
+        func unlessUnneeded(_ key: String, _ body: () throws -> Void) throws {
+            do { try body() } catch let e as ConfigError where e.unsetVariable && purpose == .read && !readKeys.contains(key) {}
+        }
         func fail(_ loc: String, _ msg: String) -> ConfigError { ConfigError(file: file, location: loc, problem: msg) }
         var metricsAddress: String?
         let root: YAMLNode
@@ -103,9 +120,20 @@ public enum ConfigLoader {
                 out += rest[..<start]
                 let after = rest[rest.index(after: start)...]
                 guard after.first == "{", let close = after.firstIndex(of: "}") else { out += "$"; rest = after; continue }
-                let name = String(after[after.index(after: after.startIndex)..<close])
-                guard let value = env[name] else { throw fail(loc, "${\(name)} is not set in the environment") }
-                out += value
+                let inner = String(after[after.index(after: after.startIndex)..<close])
+                // ${NAME}, or ${NAME:-default} for a value that may be unset (or empty).
+                if let colon = inner.firstIndex(of: ":"), inner[inner.index(after: colon)...].hasPrefix("-") {
+                    let name = String(inner[..<colon])
+                    let value = env[name] ?? ""
+                    out += value.isEmpty ? String(inner[inner.index(colon, offsetBy: 2)...]) : value
+                } else {
+                    guard let value = env[inner] else {
+                        var e = fail(loc, "${\(inner)} is not set in the environment (write ${\(inner):-} for a value that may be empty)")
+                        e.unsetVariable = true
+                        throw e
+                    }
+                    out += value
+                }
                 rest = after[after.index(after: close)...]
             }
             return out + rest
@@ -164,9 +192,9 @@ public enum ConfigLoader {
         var databasesNode: YAMLNode?
         for (k, v) in try mapping(root, "", allowed: topKeys) {
             if k == "databases" { databasesNode = v; continue }
-            if k == "metrics-addr" { metricsAddress = try scalar(v, k); continue }
+            if k == "metrics-addr" { try unlessUnneeded(k) { metricsAddress = try scalar(v, k) }; continue }
             for (dk, dv) in try mapping(v, "defaults", allowed: intervalKeys) {
-                try applyCommon(dk, dv, "defaults.\(dk)", &template)
+                try unlessUnneeded(dk) { try applyCommon(dk, dv, "defaults.\(dk)", &template) }
             }
         }
         guard case .sequence(let dbs, _)? = databasesNode, !dbs.isEmpty else { throw fail("databases", "a non-empty list of databases is required") }
@@ -187,7 +215,7 @@ public enum ConfigLoader {
                 case "replicas":
                     guard case .sequence(let seq, _) = v else { throw fail(l, "expected a list of replicas") }
                     replicaNodes = seq
-                default: try applyCommon(k, v, l, &cfg)
+                default: try unlessUnneeded(k) { try applyCommon(k, v, l, &cfg) }
                 }
             }
             guard let p = path, !p.isEmpty else { throw fail(loc, "'path' (the database file) is required") }

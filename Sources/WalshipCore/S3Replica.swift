@@ -44,6 +44,8 @@ public struct S3Location: Sendable {
         }
         if let key = unknown { throw ReplicaError.badURL(url, "unknown parameter '\(key)': use endpoint, region or path-style") }
         let region = params["region"] ?? env["AWS_REGION"] ?? env["AWS_DEFAULT_REGION"] ?? "us-east-1"
+        // An empty endpoint (`endpoint=${S3_ENDPOINT:-}` in a config, unset) means AWS.
+        if params["endpoint"]?.isEmpty == true { params["endpoint"] = nil }
         var endpoint = params["endpoint"] ?? "https://s3.\(region).amazonaws.com"
         while endpoint.hasSuffix("/") { endpoint.removeLast() }
         guard endpoint.hasPrefix("http://") || endpoint.hasPrefix("https://") else {

@@ -282,9 +282,7 @@ struct Restore: ParsableCommand {
             o.encryptionKey = try loadKey(key.encryptionKeyFile)
             if let file = config {
                 let db = FS.absolute(replica)
-                guard let d = try ConfigLoader.load(path: file).databases.first(where: { $0.path == db }) else {
-                    throw ValidationError("\(db) is not a database in \(file)")
-                }
+                let d = try configuredDatabase(db, in: file)
                 if out.isEmpty { out = d.path }
                 if o.encryptionKey == nil { o.encryptionKey = try loadKey(d.encryptionKeyFile) }
                 if o.databaseID == nil { o.databaseID = d.databaseID }
@@ -335,8 +333,17 @@ struct ReadKeyOptions: ParsableArguments {
 /// Pretty, key-sorted JSON on stdout: what `--json` prints.
 func printJSON<T: Encodable>(_ value: T) throws {
     let enc = JSONEncoder()
-    enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+    enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
     print(String(decoding: try enc.encode(value), as: UTF8.self))
+}
+
+/// The database `db` (an absolute path) of the config file, read for a command other than
+/// `replicate`.
+func configuredDatabase(_ db: String, in file: String) throws -> DatabaseConfig {
+    guard let d = try ConfigLoader.load(path: file, purpose: .read).databases.first(where: { $0.path == db }) else {
+        throw ValidationError("\(db) is not a database in \(file)")
+    }
+    return d
 }
 
 /// The first replica, in config order, that answers a LIST and holds a generation. When every
@@ -362,8 +369,9 @@ func firstHealthyReplica(_ replicas: [ReplicaConfig]) throws -> Replica {
 
 struct List: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "List a replica's generations, snapshots, segments and time ranges.")
-    @Argument(help: "Replica URL.") var replica: String
-    @Flag(help: "Print JSON.") var json = false
+    @Argument(help: "Replica URL; with --config, the database path from the file (each of its replicas is listed).") var replica: String
+    @Option(help: "YAML config file: list every replica of the database named by the argument, checked against the file's key.") var config: String?
+    @Flag(help: "Print JSON (with --config, an object keyed by replica URL).") var json = false
     @Option(help: ArgumentHelp("Check each generation against this key (32-byte file): its id must match the one the generation was encrypted with.", valueName: "path"))
     var encryptionKeyFile: String?
 
@@ -375,8 +383,35 @@ struct List: ParsableCommand {
 
     func run() throws {
         do {
-            let key = try loadKey(encryptionKeyFile)
-            let r = try ReplicaFactory.open(replica)
+            var key = try loadKey(encryptionKeyFile)
+            guard let file = config else { try list(try ReplicaFactory.open(replica), key: key, json: json); return }
+            let d = try configuredDatabase(FS.absolute(replica), in: file)
+            if key == nil { key = try loadKey(d.encryptionKeyFile) }
+            if json { print("{") }
+            for (i, rc) in d.replicas.enumerated() {
+                let r = try ReplicaFactory.open(rc.url, environment: rc.environment)
+                if json {
+                    print("\(try jsonString(r.displayURL)): ", terminator: "")
+                    try list(r, key: key, json: true)
+                    if i + 1 < d.replicas.count { print(",") }
+                } else {
+                    if i > 0 { print("") }
+                    try list(r, key: key, json: false)
+                }
+            }
+            if json { print("}") }
+        } catch { fail(error) }
+    }
+
+    /// JSON text of a string (quotes and escapes).
+    func jsonString(_ s: String) throws -> String {
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.withoutEscapingSlashes]
+        return String(decoding: try enc.encode(s), as: UTF8.self)
+    }
+
+    func list(_ r: Replica, key: EncryptionKey?, json: Bool) throws {
+        do {
             try r.checkReadable()
             let gens = try listGenerations(r)
             var keyNotes: [String: String] = [:]
@@ -466,9 +501,7 @@ struct Snapshot: ParsableCommand {
             opts.encryptionKey = try loadKey(encryptionKeyFile)
             opts.databaseID = try databaseId.map(DatabaseID.parse)
             if let file = config {
-                guard let d = try ConfigLoader.load(path: file).databases.first(where: { $0.path == db }) else {
-                    throw ValidationError("\(db) is not a database in \(file)")
-                }
+                let d = try configuredDatabase(db, in: file)
                 opts.replicaURLs = d.replicas.map(\.url)
                 opts.replicaEnvironments = d.replicas.map(\.environment)
                 opts.spoolDirectory = d.spoolDirectory
@@ -503,9 +536,10 @@ struct Verify: ParsableCommand {
         reads every other stored object through (decryption, LZ4 checksums, segment structure), and \
         reports the restorable window. Nothing is written outside the temporary directory.
         """)
-    @Argument(help: "Replica URL.") var replica: String
+    @Argument(help: "Replica URL; with --config, the database path from the file (every replica of it is verified).") var replica: String
+    @Option(help: "YAML config file: verify every replica of the database named by the argument, with the file's key and database id.") var config: String?
     @OptionGroup var point: RestorePointOptions
-    @Flag(help: "Print the report as JSON.") var json = false
+    @Flag(help: "Print the report as JSON (with --config, a list of reports).") var json = false
     @Option(help: "Objects to read through besides the restore: all, segments or none.") var scrub: String = "all"
     @Option(help: "Directory for the temporary restore (default: $TMPDIR or /tmp).") var tempDir: String?
     @OptionGroup var key: ReadKeyOptions
@@ -518,30 +552,44 @@ struct Verify: ParsableCommand {
     func run() throws {
         log.bootstrap()
         let target = try point.target()
-        let report: VerifyReport
+        var reports: [VerifyReport] = []
         do {
-            let masterKey = try loadKey(key.encryptionKeyFile)
+            var masterKey = try loadKey(key.encryptionKeyFile)
+            var databaseID = try key.databaseID()
             let dir = FS.absolute(tempDir ?? ProcessEnvironment.all()["TMPDIR"] ?? "/tmp")
             guard FS.isDirectory(dir) else { throw ValidationError("temporary directory \(dir) does not exist") }
-            let r = try ReplicaFactory.open(replica)
-            report = Verifier.run(replica: r, target: target, encryptionKey: masterKey, tempDir: dir, scrub: ScrubScope(rawValue: scrub)!,
-                                  allowUnencrypted: key.allowUnencrypted, databaseID: try key.databaseID())
+            var replicas: [Replica] = []
+            if let file = config {
+                let d = try configuredDatabase(FS.absolute(replica), in: file)
+                if masterKey == nil { masterKey = try loadKey(d.encryptionKeyFile) }
+                if databaseID == nil { databaseID = d.databaseID }
+                replicas = try d.replicas.map { try ReplicaFactory.open($0.url, environment: $0.environment) }
+            } else {
+                replicas = [try ReplicaFactory.open(replica)]
+            }
+            for r in replicas {
+                reports.append(Verifier.run(replica: r, target: target, encryptionKey: masterKey, tempDir: dir, scrub: ScrubScope(rawValue: scrub)!,
+                                            allowUnencrypted: key.allowUnencrypted, databaseID: databaseID))
+            }
         } catch { fail(error) }
         if json {
-            try printJSON(report)
+            if config != nil { try printJSON(reports) } else { try printJSON(reports[0]) }
         } else {
-            print("verify \(report.replica): \(report.ok ? "OK" : "FAILED")")
-            if let t = report.txid {
-                print("  restored \(report.target): txid \(t) of generation \(report.generation ?? "-") (database \(report.databaseID ?? "-")), committed \(report.commitTime ?? "-"), checksum \(report.checksum ?? "-") verified, integrity \(report.integrity ?? "-")")
-                print("  tables: " + report.tables.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
+            for report in reports {
+                print("verify \(report.replica): \(report.ok ? "OK" : "FAILED")")
+                if let t = report.txid {
+                    print("  restored \(report.target): txid \(t) of generation \(report.generation ?? "-") (database \(report.databaseID ?? "-")), committed \(report.commitTime ?? "-"), checksum \(report.checksum ?? "-") verified, integrity \(report.integrity ?? "-")")
+                    print("  tables: " + report.tables.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
+                }
+                print("  restorable window: \(report.oldestRestorable ?? "-") (txid \(report.oldestTxid.map { "\($0)" } ?? "-")) .. \(report.newestRestorable ?? "-") (txid \(report.newestTxid.map { "\($0)" } ?? "-"))")
+                print("  objects checked: \(report.objectsChecked) in \(oneDecimal(report.seconds)) s")
+                for p in report.problems { print("  problem: \(p)") }
+                for n in report.notes { print("  note: \(n)") }
             }
-            print("  restorable window: \(report.oldestRestorable ?? "-") (txid \(report.oldestTxid.map { "\($0)" } ?? "-")) .. \(report.newestRestorable ?? "-") (txid \(report.newestTxid.map { "\($0)" } ?? "-"))")
-            print("  objects checked: \(report.objectsChecked) in \(oneDecimal(report.seconds)) s")
-            for p in report.problems { print("  problem: \(p)") }
-            for n in report.notes { print("  note: \(n)") }
         }
-        if !report.ok {
-            FileHandleStderr.write("walship: error: verify failed: \(report.problems.first ?? "unknown problem")\n")
+        let failed = reports.filter { !$0.ok }
+        if let first = failed.first {
+            FileHandleStderr.write("walship: error: verify failed\(reports.count > 1 ? " for \(failed.count) of \(reports.count) replicas" : ""): \(first.problems.first ?? "unknown problem")\n")
             Glibc.exit(1)
         }
     }
@@ -572,7 +620,7 @@ struct Status: ParsableCommand {
         do {
             var dbs: [(String, String?)] = []
             if let file = config {
-                dbs = try ConfigLoader.load(path: file).databases.map { ($0.path, $0.spoolDirectory) }
+                dbs = try ConfigLoader.load(path: file, purpose: .read).databases.map { ($0.path, $0.spoolDirectory) }
             } else {
                 dbs = [(FS.absolute(database!), spoolDir.map(FS.absolute))]
             }

@@ -166,3 +166,66 @@ def test_snapshot_while_the_agent_is_stopped_keeps_the_configured_replicas_whole
         _restores_to(db, url, out, env)
         p = run_walship("verify", url, env=env)
         assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_reading_commands_take_the_config_and_need_only_its_variables(tmp_path, s3server, agent_factory):
+    """The sample config turns encryption on, but `verify` and `list` took no --config (so no
+    key), and every command failed on an unset variable it did not need
+    (`${WALSHIP_WEBHOOK_URL}`). Now list, verify, restore, snapshot and status read the
+    config, with its key; only `replicate` needs every variable; `${NAME:-default}` gives a
+    value that may be unset, and an empty S3 endpoint means AWS."""
+    import json
+    import os
+    import subprocess
+    from conftest import WALSHIP, table_contents
+    db = tmp_path / "x.db"
+    create_ticket_db(db, rows=4)
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    os.chmod(key, 0o600)
+    dir_replica = tmp_path / "dir-replica"
+    cfg = tmp_path / "walship.yml"
+    cfg.write_text(
+        "defaults:\n  sync-interval: 100ms\n  webhook-url: ${WALSHIP_WEBHOOK_URL}\n"
+        f"databases:\n  - path: {db}\n    encryption:\n      key-file: {key}\n    replicas:\n"
+        f"      - url: s3://walship/x?endpoint=${{TEST_S3_ENDPOINT}}&region=us-east-1&path-style=true\n"
+        f"      - url: file://{dir_replica}\n")
+    env = s3server.env()
+    env.pop("WALSHIP_WEBHOOK_URL", None)
+    env["TEST_S3_ENDPOINT"] = s3server.endpoint
+    p = run_walship("replicate", "--config", cfg, env=env, timeout=30)
+    assert p.returncode == 1 and "WALSHIP_WEBHOOK_URL" in p.stderr, p.stderr   # replicate needs it
+    env_agent = dict(env, WALSHIP_WEBHOOK_URL="http://127.0.0.1:9/hook")
+    agent = subprocess.Popen([str(WALSHIP), "replicate", "--config", str(cfg)], env=env_agent,
+                             stdout=open(tmp_path / "agent.log", "a"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 30
+        while not list(dir_replica.glob("generations/*/snapshots/*")) or not s3server.objects("walship", "x"):
+            assert time.time() < deadline and agent.poll() is None, (tmp_path / "agent.log").read_text()
+            time.sleep(0.1)
+        _write(db, 3, "more-")
+        time.sleep(1.0)
+        p = run_walship("status", "--config", cfg, env=env)
+        assert p.returncode == 0 and str(db) in p.stdout, p.stdout + p.stderr
+    finally:
+        agent.terminate()
+        agent.wait(timeout=60)
+    p = run_walship("list", "--config", cfg, db, "--json", env=env)
+    assert p.returncode == 0, p.stderr
+    listing = json.loads(p.stdout)
+    assert len(listing) == 2 and all("encrypted with this key" in g[-1]["encryption"] for g in listing.values()), p.stdout
+    assert "\\/" not in p.stdout
+    p = run_walship("verify", "--config", cfg, db, env=env)
+    assert p.returncode == 0 and p.stdout.count(": OK") == 2, p.stdout + p.stderr
+    out = tmp_path / "out.db"
+    p = run_walship("restore", "--config", cfg, db, "-o", out, env=env)
+    assert p.returncode == 0 and table_contents(out) == table_contents(db), p.stdout + p.stderr
+    p = run_walship("snapshot", "--config", cfg, db, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    # ${NAME:-} unset, and the endpoint it leaves empty means AWS: the file loads.
+    aws = tmp_path / "aws.yml"
+    aws.write_text(f"databases:\n  - path: {db}\n    replicas:\n"
+                   "      - url: s3://bucket/app?endpoint=${TEST_UNSET_ENDPOINT:-}&region=eu-west-1\n")
+    env.pop("TEST_UNSET_ENDPOINT", None)
+    p = run_walship("status", "--config", aws, env=env)
+    assert p.returncode == 3 and "error" not in p.stderr, p.stdout + p.stderr   # 3: no agent runs
