@@ -92,6 +92,10 @@ public enum ConfigLoader {
             do { try body() } catch let e as ConfigError where e.unsetVariable && purpose == .read && !readKeys.contains(key) {}
         }
         func fail(_ loc: String, _ msg: String) -> ConfigError { ConfigError(file: file, location: loc, problem: msg) }
+        /// A relative path in the file is relative to the file's directory, not to wherever
+        /// the command runs.
+        let baseDir = FS.dirname(FS.absolute(file))
+        func resolved(_ p: String) -> String { FS.absolute(p.hasPrefix("/") ? p : baseDir + "/" + p) }
         var metricsAddress: String?
         let root: YAMLNode
         do { root = try MiniYAML.parse(text) } catch {
@@ -155,7 +159,9 @@ public enum ConfigLoader {
         /// Keys allowed both under `defaults:` and per database.
         func applyCommon(_ k: String, _ v: YAMLNode, _ l: String, _ cfg: inout DatabaseConfig) throws {
             switch k {
-            case "sync-interval": cfg.syncIntervalUs = try duration(v, l)
+            case "sync-interval":
+                cfg.syncIntervalUs = try duration(v, l)
+                guard cfg.syncIntervalUs >= 10_000 else { throw fail(l, "must be at least 10ms") }
             case "snapshot-interval": cfg.snapshotIntervalUs = try duration(v, l)
             case "read-delay": cfg.readDelayUs = try duration(v, l)
             case "checkpoint-frames": cfg.checkpointFrames = try integer(v, l)
@@ -181,7 +187,7 @@ public enum ConfigLoader {
                     _ = ek
                     // Only its presence is checked here (readers such as `walship status` may not
                     // be allowed to read it); the commands that use it load it.
-                    let path = FS.absolute(try scalar(ev, "\(l).key-file"))
+                    let path = resolved(try scalar(ev, "\(l).key-file"))
                     guard FS.exists(path) else { throw fail("\(l).key-file", "encryption key file \(path) does not exist") }
                     cfg.encryptionKeyFile = path
                 }
@@ -209,7 +215,7 @@ public enum ConfigLoader {
                 let l = "\(loc).\(k)"
                 switch k {
                 case "path": path = try scalar(v, l)
-                case "spool-dir": cfg.spoolDirectory = FS.absolute(try scalar(v, l))
+                case "spool-dir": cfg.spoolDirectory = resolved(try scalar(v, l))
                 case "database-id":
                     do { cfg.databaseID = try DatabaseID.parse(try scalar(v, l)) } catch { throw fail(l, "\(error)") }
                 case "replicas":
@@ -219,13 +225,12 @@ public enum ConfigLoader {
                 }
             }
             guard let p = path, !p.isEmpty else { throw fail(loc, "'path' (the database file) is required") }
-            cfg.path = FS.absolute(p)
+            cfg.path = resolved(p)
             if let j = seen[cfg.path] { throw fail(loc, "database \(cfg.path) is listed twice (also databases[\(j)])") }
             seen[cfg.path] = i
             if let id = cfg.databaseID, let j = out.firstIndex(where: { $0.databaseID == id }) {
                 throw fail("\(loc).database-id", "databases[\(j)] has the same id; each database needs its own")
             }
-            guard cfg.syncIntervalUs >= 10_000 else { throw fail("\(loc).sync-interval", "must be at least 10ms") }
             for (j, rn) in (replicaNodes ?? []).enumerated() {
                 let rl = "\(loc).replicas[\(j)]"
                 var url: String?
@@ -241,6 +246,9 @@ public enum ConfigLoader {
                     }
                 }
                 guard let u = url, !u.isEmpty else { throw fail(rl, "'url' is required (file:///path or s3://bucket/prefix)") }
+                if !creds.isEmpty && !u.hasPrefix("s3://") {
+                    throw fail(rl, "access-key-id, secret-access-key, session-token and region apply to s3:// replicas only")
+                }
                 let replicaEnv = creds.isEmpty ? nil : env.merging(creds) { _, b in b }
                 // Validate the URL now, so a typo fails at start-up with its location.
                 do {

@@ -54,7 +54,7 @@ public enum Verifier {
             report.oldestTxid = oldest.txid
         }
         if let newest = withSnapshots.last {
-            report.newestRestorable = newest.lastTimeMs.map { Timestamp.format(microseconds: $0 * 1000) }
+            report.newestRestorable = newest.lastTimeMs.map { Timestamp.format(milliseconds: $0) }
             report.newestTxid = newest.lastTxid
         }
         // A private directory (unguessable name, 0700) holds the scratch restore and every

@@ -102,6 +102,13 @@ public enum Timestamp {
         return "\(y)-\(p2(m))-\(p2(d))T\(p2(sod / 3600)):\(p2(sod / 60 % 60)):\(p2(sod % 60)).\(f)Z"
     }
 
+    /// Millisecond precision (".650Z"): for times that object names carry, floored to the
+    /// millisecond, so that nothing finer than what is known is printed.
+    public static func format(milliseconds ms: Int64) -> String {
+        let full = format(microseconds: ms * 1000)   // "...ss.ffffffZ"
+        return String(full.dropLast(4)) + "Z"
+    }
+
     // Howard Hinnant's civil-calendar algorithms (public domain description).
     static func daysFromCivil(_ y0: Int, _ m: Int, _ d: Int) -> Int {
         let y = m <= 2 ? y0 - 1 : y0

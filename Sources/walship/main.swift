@@ -378,7 +378,7 @@ struct List: ParsableCommand {
     /// Restore granularity of a generation: exact per transaction, except squashed history.
     static func granularity(_ g: GenerationListing) -> String {
         guard let edge = g.segments.filter(\.squashed).map(\.lastTimeMs).max() else { return "transaction" }
-        return "transaction after \(Timestamp.format(microseconds: edge * 1000)); compacted boundaries before"
+        return "transaction after \(Timestamp.format(milliseconds: edge)); compacted boundaries before"
     }
 
     func run() throws {
@@ -431,15 +431,15 @@ struct List: ParsableCommand {
                 for g in gens {
                     out.append([
                         "generation": AnyEncodable(g.id),
-                        "snapshots": AnyEncodable(g.snapshots.map { ["key": $0.key, "txid": "\($0.txid)", "time": Timestamp.format(microseconds: $0.timeMs * 1000)] }),
+                        "snapshots": AnyEncodable(g.snapshots.map { ["key": $0.key, "txid": "\($0.txid)", "time": Timestamp.format(milliseconds: $0.timeMs)] }),
                         "segments": AnyEncodable(g.segments.map { ["key": $0.key, "first_txid": "\($0.firstTxid)", "last_txid": "\($0.lastTxid)",
-                                                                    "first_time": Timestamp.format(microseconds: $0.firstTimeMs * 1000),
-                                                                    "last_time": Timestamp.format(microseconds: $0.lastTimeMs * 1000), "level": "\($0.level)",
+                                                                    "first_time": Timestamp.format(milliseconds: $0.firstTimeMs),
+                                                                    "last_time": Timestamp.format(milliseconds: $0.lastTimeMs), "level": "\($0.level)",
                                                                     "granularity": $0.squashed ? "boundary" : "transaction"] }),
                         "first_txid": AnyEncodable(g.snapshots.first.map { "\($0.txid)" } ?? ""),
                         "last_txid": AnyEncodable(g.lastTxid.map { "\($0)" } ?? ""),
-                        "first_time": AnyEncodable(g.firstTimeMs.map { Timestamp.format(microseconds: $0 * 1000) } ?? ""),
-                        "last_time": AnyEncodable(g.lastTimeMs.map { Timestamp.format(microseconds: $0 * 1000) } ?? ""),
+                        "first_time": AnyEncodable(g.firstTimeMs.map { Timestamp.format(milliseconds: $0) } ?? ""),
+                        "last_time": AnyEncodable(g.lastTimeMs.map { Timestamp.format(milliseconds: $0) } ?? ""),
                         "granularity": AnyEncodable(List.granularity(g)),
                         "encryption": AnyEncodable(keyNotes[g.id] ?? ""),
                     ])
@@ -450,12 +450,12 @@ struct List: ParsableCommand {
             if gens.isEmpty { print("no generations in \(r.displayURL)"); return }
             print("replica \(r.displayURL)")
             for g in gens {
-                let first = g.firstTimeMs.map { Timestamp.format(microseconds: $0 * 1000) } ?? "-"
-                let last = g.lastTimeMs.map { Timestamp.format(microseconds: $0 * 1000) } ?? "-"
+                let first = g.firstTimeMs.map { Timestamp.format(milliseconds: $0) } ?? "-"
+                let last = g.lastTimeMs.map { Timestamp.format(milliseconds: $0) } ?? "-"
                 print("generation \(g.id)  txids \(g.snapshots.first.map { "\($0.txid)" } ?? "-")..\(g.lastTxid.map { "\($0)" } ?? "-")  \(first) .. \(last)  \(g.snapshots.count) snapshot(s), \(g.segments.count) segment(s), restore points: \(List.granularity(g))\(keyNotes[g.id].map { ", " + $0 } ?? "")")
-                for s in g.snapshots { print("  snapshot txid \(s.txid)  \(Timestamp.format(microseconds: s.timeMs * 1000))  \(s.key)") }
+                for s in g.snapshots { print("  snapshot txid \(s.txid)  \(Timestamp.format(milliseconds: s.timeMs))  \(s.key)") }
                 for s in g.segments {
-                    print("  segment  txids \(s.firstTxid)..\(s.lastTxid)  \(Timestamp.format(microseconds: s.firstTimeMs * 1000)) .. \(Timestamp.format(microseconds: s.lastTimeMs * 1000))  level \(s.level)\(s.squashed ? " (boundaries only)" : "")")
+                    print("  segment  txids \(s.firstTxid)..\(s.lastTxid)  \(Timestamp.format(milliseconds: s.firstTimeMs)) .. \(Timestamp.format(milliseconds: s.lastTimeMs))  level \(s.level)\(s.squashed ? " (boundaries only)" : "")")
                 }
             }
         } catch { fail(error) }

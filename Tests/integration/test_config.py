@@ -79,6 +79,9 @@ def test_bad_configs_name_their_place(tmp_path):
         "shared database id": (f"databases:\n  - path: {db}\n    database-id: 00000000000000a1\n"
                                f"  - path: {tmp_path / 'b.db'}\n    database-id: 00000000000000a1\n", "databases[1].database-id"),
         "bad database id": (f"databases:\n  - path: {db}\n    database-id: a1\n", "16 hexadecimal digits"),
+        "bad default": (f"defaults:\n  sync-interval: 1ms\ndatabases:\n  - path: {db}\n", "defaults.sync-interval: must be at least 10ms"),
+        "credentials on a directory replica": (f"databases:\n  - path: {db}\n    replicas:\n      - url: file://{tmp_path}/r\n        region: eu-west-1\n",
+                                               "databases[0].replicas[0]: access-key-id, secret-access-key, session-token and region apply to s3:// replicas only"),
         "database id in defaults": (f"defaults:\n  database-id: 00000000000000a1\ndatabases:\n  - path: {db}\n", "unknown key 'database-id'"),
     }
     env = dict(os.environ, AWS_ACCESS_KEY_ID="AKIAWALSHIPTEST0001", AWS_SECRET_ACCESS_KEY="x" * 40)
@@ -91,3 +94,17 @@ def test_bad_configs_name_their_place(tmp_path):
         lines = [l for l in p.stderr.splitlines() if l.strip()]
         assert len(lines) == 1 and lines[0].startswith("walship: error:"), (name, p.stderr)
         assert expected in lines[0] and cfg.name in lines[0], (name, lines[0])
+
+
+def test_relative_paths_in_a_config_are_relative_to_the_file(tmp_path):
+    """A relative `path:` (and spool-dir, key-file) resolved against the directory the
+    command ran in, so the same file named another database from elsewhere."""
+    conf_dir, elsewhere = tmp_path / "etc", tmp_path / "elsewhere"
+    conf_dir.mkdir()
+    elsewhere.mkdir()
+    create_ticket_db(conf_dir / "app.db", rows=1)
+    cfg = conf_dir / "walship.yml"
+    cfg.write_text("databases:\n  - path: app.db\n    spool-dir: spool\n")
+    p = subprocess.run([str(WALSHIP), "status", "--config", str(cfg)], capture_output=True, text=True, cwd=elsewhere)
+    assert p.returncode == 3 and str(conf_dir / "app.db") in p.stdout + p.stderr, p.stdout + p.stderr
+    assert str(elsewhere) not in p.stdout + p.stderr, p.stdout + p.stderr
