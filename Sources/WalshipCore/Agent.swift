@@ -209,7 +209,12 @@ public final class Agent {
         // which keeps its pages out of the agent's memory for directory replicas.
         guard FS.exists(dbPath) else { throw AgentError.databaseMissing(dbPath) }
         guard FS.isRegularFile(dbPath) else { throw AgentError.notADatabase(dbPath) }
-        try openConnections()
+        // Before anything is created (spool, replica): a file that is not SQLite's is refused
+        // here, and one that is gets its connections only once the replicas are checked.
+        let head = try RawFile(path: dbPath, flags: O_RDONLY | O_CLOEXEC).read(at: 0, count: 16)
+        if head.count == 16 && head != Array("SQLite format 3\0".utf8) || (1..<16).contains(head.count) {
+            throw AgentError.notADatabase(dbPath)
+        }
         for (i, url) in options.replicaURLs.enumerated() {
             let env = i < options.replicaEnvironments.count ? options.replicaEnvironments[i] : nil
             let r = try ReplicaFactory.open(url, environment: env)
@@ -231,6 +236,9 @@ public final class Agent {
         }
         for r in replicas { try r.prepareForWriting() }
         try spool.saveReplicaURLs(urls)
+        // Only now that every replica has been checked: a bad replica URL or credentials must
+        // not leave the database switched to WAL mode.
+        try openConnections()
         // With one compaction level, that level squashes (built from the replicas, beyond the
         // fine window); with more, level 1 is built here from the spool.
         if options.compactionLevelsUs.count >= 2 {
@@ -330,6 +338,7 @@ public final class Agent {
             try repin()
         }
         if !continued {
+            startedGeneration = true
             try startGeneration(reason: newGenerationReason(previous: previous, inode: ino, pageSize: pageSize), previous: previous)
         } else {
             // The backlog, read without the write lock: gigabytes committed while the agent
@@ -1297,7 +1306,10 @@ public final class Agent {
     public func run() throws {
         try setUpWakeups()
         if options.oneShotSnapshot {
-            if state.lastSnapshotTxid != lastTxid || segment != nil { try snapshotNow() }
+            if state.lastSnapshotTxid != lastTxid || segment != nil {
+                try snapshotNow()
+                oneShotTookSnapshot = true
+            }
             let pending = try shutdown()
             if !pending.isEmpty { throw AgentError.notShipped(pending) }
             return
@@ -1670,6 +1682,12 @@ public final class Agent {
 
     public var currentGeneration: String { state.generation }
     public var currentTxid: UInt64 { lastTxid }
+    /// Whether the one-off run wrote a snapshot (false: the newest one already was at the
+    /// current txid, or a new generation's first snapshot was the one).
+    public private(set) var oneShotTookSnapshot = false
+    /// Whether start() began a new generation (with its snapshot).
+    public private(set) var startedGeneration = false
+    public var lastSnapshotTxid: UInt64 { state.lastSnapshotTxid }
 }
 
 /// The pid holding an flock on `file`, from /proc/locks (nil when it cannot be told).

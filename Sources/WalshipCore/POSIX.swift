@@ -12,8 +12,7 @@ public struct SystemError: Error, CustomStringConvertible {
         var hint = ""
         switch errno {
         case ENOSPC: hint = " (the disk is full: free space or move the spool)"
-        case EACCES, EPERM: hint = " (permission denied: check the owner and mode)"
-        case ENOENT: hint = " (no such file or directory)"
+        case EACCES, EPERM: hint = " (check the owner and mode)"
         default: break
         }
         return "\(context): \(String(cString: strerror(errno)))\(hint)"

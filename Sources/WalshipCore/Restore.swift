@@ -28,6 +28,7 @@ public struct RestoreOptions {
 public enum RestoreError: Error, CustomStringConvertible {
     case outputExists(String)
     case outputDirectoryMissing(String)
+    case outputIsDirectory(String)
     case checksumMismatch(expected: UInt64, actual: UInt64, after: String)
     case integrityFailed(String)
     case chainBroken(String)
@@ -35,6 +36,7 @@ public enum RestoreError: Error, CustomStringConvertible {
     public var description: String {
         switch self {
         case .outputExists(let p): return "\(p) already exists; pass --force to overwrite it, or --if-not-exists to keep it"
+        case .outputIsDirectory(let p): return "\(p) is a directory; -o names the database file to write (for example \(p)/app.db)"
         case .outputDirectoryMissing(let p): return "the output directory \(p) does not exist; create it first"
         case .checksumMismatch(let e, let a, let after):
             return "restored database checksum \(hex16(a)) does not match the recorded \(hex16(e)) after \(after): the replica is corrupt; nothing was written"
@@ -74,6 +76,8 @@ public enum Restorer {
         if FS.exists(out) {
             if options.ifNotExists { return RestoreResult(skipped: "\(out) already exists; --if-not-exists leaves it as it is") }
             if !options.force { throw RestoreError.outputExists(out) }
+            // Checked before any download: a directory cannot be replaced by the restore.
+            if FS.isDirectory(out) { throw RestoreError.outputIsDirectory(out) }
         }
         let dir = FS.dirname(out)
         guard FS.isDirectory(dir) else { throw RestoreError.outputDirectoryMissing(dir) }
@@ -89,8 +93,10 @@ public enum Restorer {
         // With --database-id, generations of another database are left out (named on the
         // log); the plan is made from the rest.
         var foreign: [String: UInt64] = [:]
+        var listed: [GenerationListing] = []
         func makePlan() throws -> RestorePlan {
             let gens = try listGenerations(replica).filter { foreign[$0.id] == nil }
+            listed = gens
             do { return try RestorePlanner.plan(gens, target: options.target) } catch let e as PlanError where !foreign.isEmpty {
                 let others = foreign.sorted { $0.key < $1.key }.map { "\($0.key) (database \(DatabaseID.text($0.value)))" }
                 throw RestoreError.chainBroken("\(e), among the generations of database \(DatabaseID.text(options.databaseID ?? 0)); the replica's other generations belong to other databases: \(others.joined(separator: ", "))")
@@ -137,6 +143,14 @@ public enum Restorer {
             try FS.rename(tmp, out)
             try FS.syncDirectory(dir)
             result.generation = plan.generation
+            // A time after everything the replica holds gives its latest state: say so, since
+            // commits after it may not have reached the replica (or the clock is off).
+            if case .timeUs(let ts) = options.target, ts > result.commitTimeUs,
+               let newest = listed.filter({ !$0.snapshots.isEmpty }).max(by: { $0.id < $1.id }),
+               newest.id == plan.generation, result.txid == newest.lastTxid {
+                let after = "the time asked for is after the newest commit the replica holds (txid \(result.txid), \(Timestamp.format(microseconds: result.commitTimeUs))): this is its latest state"
+                result.note = result.note.map { $0 + "; " + after } ?? after
+            }
             return result
         } catch {
             cleanup()

@@ -33,6 +33,12 @@ struct LogOptions: ParsableArguments {
     @Option(help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel: String = "info"
 
+    func validate() throws {
+        guard Logger.Level(rawValue: logLevel) != nil else {
+            throw ValidationError("--log-level must be one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+    }
+
     func bootstrap() {
         let level = Logger.Level(rawValue: logLevel) ?? .info
         LoggingSystem.bootstrap { label in
@@ -331,8 +337,9 @@ struct ReadKeyOptions: ParsableArguments {
 }
 
 /// Pretty, key-sorted JSON on stdout: what `--json` prints.
-func printJSON<T: Encodable>(_ value: T) throws {
+func printJSON<T: Encodable>(_ value: T, snakeCase: Bool = false) throws {
     let enc = JSONEncoder()
+    if snakeCase { enc.keyEncodingStrategy = .convertToSnakeCase }
     enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
     print(String(decoding: try enc.encode(value), as: UTF8.self))
 }
@@ -521,7 +528,11 @@ struct Snapshot: ParsableCommand {
             let agent = Agent(options: opts, logger: logger)
             try agent.start()
             try agent.run()
-            print("snapshot of \(db) at txid \(agent.currentTxid) shipped (generation \(agent.currentGeneration))")
+            if agent.oneShotTookSnapshot || agent.startedGeneration {
+                print("snapshot of \(db) at txid \(agent.currentTxid) shipped (generation \(agent.currentGeneration))")
+            } else {
+                print("nothing committed since the last snapshot (txid \(agent.lastSnapshotTxid), generation \(agent.currentGeneration)): no new snapshot needed")
+            }
         } catch { fail(error) }
     }
 }
@@ -625,19 +636,23 @@ struct Status: ParsableCommand {
                 dbs = [(FS.absolute(database!), spoolDir.map(FS.absolute))]
             }
             for (db, spool) in dbs {
+                if config == nil && !FS.exists(db) { throw AgentError.databaseMissing(db) }
                 let pid = SnapshotRequest.runningAgent(database: db, spoolDirectory: spool)
                 let report = try StatusFile.read(spool: StatusFile.spoolDirectory(forDatabase: db, configured: spool))
                 entries.append(Entry(database: db, running: pid != nil, pid: pid, status: report))
             }
         } catch { fail(error) }
         if json {
-            try printJSON(entries)
+            // snake_case like `list`, versioned: {"format_version": 1, "databases": [...]}.
+            struct Output: Encodable { var formatVersion = 1; var databases: [Entry] }
+            try printJSON(Output(databases: entries), snakeCase: true)
         } else {
             let now = Double(nowMicroseconds()) / 1e6
             func ago(_ t: Double) -> String { t <= 0 ? "never" : "\(oneDecimal(max(0, now - t)))s ago" }
             for e in entries {
                 guard let r = e.status else {
-                    print("\(e.database): \(e.running ? "agent running (pid \(e.pid!)), no status yet" : "no agent running, and no status recorded")")
+                    let note = FS.exists(e.database) ? "" : " (the database file does not exist)"
+                    print("\(e.database): \(e.running ? "agent running (pid \(e.pid!)), no status yet" : "no agent running, and no status recorded")\(note)")
                     continue
                 }
                 let head = e.running ? "agent running (pid \(e.pid!))" : "NO AGENT RUNNING (last status \(ago(r.updatedUnix)))"
@@ -673,6 +688,9 @@ do {
 } catch {
     if Walship.exitCode(for: error) == .success { Walship.exit(withError: error) }
     let message = Walship.message(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
-    FileHandleStderr.write("walship: error: \(message) (see `walship --help`)\n")
+    // Point at the help of the subcommand that was typed, if one was.
+    let names = Walship.configuration.subcommands.map { $0._commandName }
+    let help = CommandLine.arguments.dropFirst().first(where: names.contains).map { "walship \($0) --help" } ?? "walship --help"
+    FileHandleStderr.write("walship: error: \(message) (see `\(help)`)\n")
     exit(1)
 }

@@ -20,7 +20,7 @@ from conftest import (HERE, checkpoint_truncate, create_ticket_db, file_bytes_eq
                       run_walship, table_contents)
 
 WRITER = HERE / "writer.py"
-SUMMARY_RE = re.compile(r"^restored (.+): generation (\S+), txid (\d+), committed (\S+),", re.M)
+SUMMARY_RE = re.compile(r"^restored (.+): generation (\S+)(?: \(database [0-9a-f]{16}\))?, txid (\d+), committed (\S+),", re.M)
 
 
 # ---------------------------------------------------------------- helpers

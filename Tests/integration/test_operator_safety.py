@@ -229,3 +229,57 @@ def test_reading_commands_take_the_config_and_need_only_its_variables(tmp_path, 
     env.pop("TEST_UNSET_ENDPOINT", None)
     p = run_walship("status", "--config", aws, env=env)
     assert p.returncode == 3 and "error" not in p.stderr, p.stdout + p.stderr   # 3: no agent runs
+
+
+def test_common_mistakes_get_one_clear_answer(tmp_path, agent_factory):
+    """Small things a new user hit, each with the answer it now gets."""
+    import json
+    import sqlite3
+    db = tmp_path / "x.db"
+    create_ticket_db(db, rows=2)
+    replica = tmp_path / "replica"
+    # A log level that does not exist was taken for "info".
+    p = run_walship("replicate", db, "--log-level", "verbose", timeout=30)
+    assert p.returncode != 0 and "--log-level must be one of" in p.stderr, p.stderr
+    # A parse error points at the subcommand's help, not the top-level one.
+    p = run_walship("restore", "file://" + str(replica), "-o", tmp_path / "o.db", "--txid", "x")
+    assert p.returncode != 0 and "walship restore --help" in p.stderr, p.stderr
+    # A missing file is said once.
+    p = run_walship("verify", "--config", tmp_path / "missing.yml", db)
+    assert p.returncode != 0 and p.stderr.lower().count("no such file") == 1, p.stderr
+    # A bad replica leaves the database in the journal mode it had.
+    plain = tmp_path / "plain.db"
+    con = sqlite3.connect(plain)
+    con.execute("CREATE TABLE t(a)")
+    con.commit()
+    con.close()
+    p = run_walship("replicate", plain, "s3://bucket/p?endpoint=http://127.0.0.1:1&region=us-east-1",
+                    env={**__import__("os").environ, "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}, timeout=120)
+    assert p.returncode != 0
+    con = sqlite3.connect(plain)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete", "a failed start switched the database to WAL"
+    con.close()
+    # `snapshot` with nothing new since the last one says so instead of "shipped".
+    p = run_walship("snapshot", db, "file://" + str(replica))
+    assert p.returncode == 0 and "shipped" in p.stdout, p.stdout + p.stderr
+    p = run_walship("snapshot", db, "file://" + str(replica))
+    assert p.returncode == 0 and "no new snapshot needed" in p.stdout, p.stdout + p.stderr
+    # A time after the newest commit restores the latest state, and says so.
+    p = run_walship("restore", "file://" + str(replica), "-o", tmp_path / "late.db", "--timestamp", "2100-01-01T00:00:00Z")
+    assert p.returncode == 0 and "after the newest commit the replica holds" in p.stderr, p.stderr
+    # -o naming a directory fails before anything is downloaded.
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    p = run_walship("restore", "file://" + str(replica), "-o", outdir, "--force")
+    assert p.returncode == 1 and "is a directory" in p.stderr and "restoring" not in p.stderr, p.stderr
+    # `status` of a database that does not exist says that, not only "no agent running".
+    p = run_walship("status", tmp_path / "typo.db")
+    assert p.returncode != 0 and "does not exist" in p.stderr, p.stdout + p.stderr
+    # `status --json` is snake_case like `list --json`, and versioned.
+    agent = agent_factory(db, ["file://" + str(replica)], ["--sync-interval", "100ms"]).start().wait_ready()
+    time.sleep(1.5)
+    p = run_walship("status", db, "--json")
+    agent.stop()
+    out = json.loads(p.stdout)
+    assert out["format_version"] == 1 and "last_commit_unix" in out["databases"][0]["status"], p.stdout
+    assert "\\/" not in p.stdout

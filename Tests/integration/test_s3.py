@@ -28,7 +28,7 @@ from workload import chain_problems, digest_of, rfc3339, start_writer
 
 WRITER = HERE / "writer.py"
 WORKLOAD = HERE / "workload.py"
-SUMMARY_RE = re.compile(r"^restored (.+): generation (\S+), txid (\d+), committed (\S+),", re.M)
+SUMMARY_RE = re.compile(r"^restored (.+): generation (\S+)(?: \(database [0-9a-f]{16}\))?, txid (\d+), committed (\S+),", re.M)
 AGENT_ARGS = ["--sync-interval", "200ms"]
 RSS_LIMIT_KB = 64 * 1024
 

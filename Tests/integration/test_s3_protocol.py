@@ -22,7 +22,7 @@ from relayproxy import RelayProxy
 from s3server import REGION, S3Server
 from workload import chain_problems, run_writer
 
-SUMMARY_RE = re.compile(r"^restored (.+): generation (\S+), txid (\d+), committed (\S+),", re.M)
+SUMMARY_RE = re.compile(r"^restored (.+): generation (\S+)(?: \(database [0-9a-f]{16}\))?, txid (\d+), committed (\S+),", re.M)
 AGENT_ARGS = ["--sync-interval", "200ms"]
 ALL_TABLES = ("usuarios", "tickets", "interacciones", "blobs")
 

@@ -110,11 +110,11 @@ def test_backlog_of_a_down_replica_never_fills_the_spool_filesystem(tmp_path, ag
             time.sleep(1)   # the status file is refreshed every second
             p = run_walship("status", db, "--spool-dir", spool, "--json")
             assert p.returncode == 0, p.stdout + p.stderr
-            st = json.loads(p.stdout)[0]["status"]
+            st = json.loads(p.stdout)["databases"][0]["status"]
             assert st["errors"].get("spool-disk-full", 0) >= 1, st
 
             srv.start()   # same port: S3 gets a new generation
-            agent.wait_for_log("replica answers again")
+            agent.wait_for_log("it answers again after its backlog was dropped")
             churn(db, 20)
             time.sleep(1.5)
             agent.stop()

@@ -53,7 +53,7 @@ def test_spool_limit_drops_backlog_of_a_down_replica_then_new_generation(tmp_pat
         assert p.returncode == 0, p.stderr
 
         srv.start()   # same port
-        agent.wait_for_log("replica answers again")
+        agent.wait_for_log("it answers again after its backlog was dropped")
         run_py(WORKLOAD, "mixed", db, "--seed", 99, "--tx", 20)
         time.sleep(1.5)
         agent.stop()
@@ -89,7 +89,7 @@ def test_dropped_backlog_survives_an_agent_restart(tmp_path, agent_factory):
 
         srv.start()
         again = agent_factory(db, [s3url], args, env=env, log_path=tmp_path / "again.log").start().wait_ready()
-        again.wait_for_log("replica answers again")
+        again.wait_for_log("it answers again after its backlog was dropped")
         run_py(WORKLOAD, "mixed", db, "--seed", 99, "--tx", 20)
         time.sleep(1.5)
         again.stop()
