@@ -829,8 +829,8 @@ def test_runbook_e_replica_region_down(host):
         assert time.time() < deadline, "walship did not log the failed upload"
         time.sleep(0.3)
     while True:                               # the agent's status shows the primary falling behind
-        report = json.loads(host.sh('walship status --config "$CONFIG" --json'))[0]["status"]
-        lag = {r["url"]: r["lagSeconds"] for r in report["replicas"]}
+        report = json.loads(host.sh('walship status --config "$CONFIG" --json'))["databases"][0]["status"]
+        lag = {r["url"]: r["lag_seconds"] for r in report["replicas"]}
         if lag[host.s3url] >= 2:
             break
         assert time.time() < deadline, f"the primary's lag does not grow: {report}"
