@@ -211,7 +211,10 @@ public final class Agent {
         guard FS.isRegularFile(dbPath) else { throw AgentError.notADatabase(dbPath) }
         // Before anything is created (spool, replica): a file that is not SQLite's is refused
         // here, and one that is gets its connections only once the replicas are checked.
-        let head = try RawFile(path: dbPath, flags: O_RDONLY | O_CLOEXEC).read(at: 0, count: 16)
+        // (Through the descriptor the agent keeps for its life: closing any descriptor of the
+        // file would drop the POSIX locks SQLite holds on it in this process.)
+        dbFile = try RawFile(path: dbPath, flags: O_RDONLY | O_CLOEXEC)
+        let head = try dbFile.read(at: 0, count: 16)
         if head.count == 16 && head != Array("SQLite format 3\0".utf8) || (1..<16).contains(head.count) {
             throw AgentError.notADatabase(dbPath)
         }
@@ -246,7 +249,6 @@ public final class Agent {
                                             settleUs: options.syncIntervalUs + 1_000_000, key: options.encryptionKey)
         }
         try spool.clearWork()
-        dbFile = try RawFile(path: dbPath, flags: O_RDONLY)
         // One agent per database, whatever its spool: an flock on the database file itself
         // (flock and SQLite's POSIX record locks do not interact on local filesystems; this
         // descriptor stays open for the agent's life).

@@ -130,6 +130,21 @@ def test_changing_the_replica_list_never_leaves_a_replica_unrestorable(tmp_path,
     _restores_to(db, url["c"], out, env)
 
 
+def _start_config_agent(cfg, env, log, dir_replica, s3server, prefix):
+    """`walship replicate --config cfg`, once both replicas hold a snapshot."""
+    import subprocess
+    from conftest import WALSHIP
+    agent = subprocess.Popen([str(WALSHIP), "replicate", "--config", str(cfg)], env=env,
+                             stdout=open(log, "a"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 30
+    while not list(dir_replica.glob("generations/*/snapshots/*")) or not s3server.objects("walship", prefix):
+        if time.time() > deadline or agent.poll() is not None:
+            agent.terminate()
+            raise AssertionError(log.read_text())
+        time.sleep(0.1)
+    return agent
+
+
 def test_snapshot_while_the_agent_is_stopped_keeps_the_configured_replicas_whole(tmp_path, s3server):
     """`walship snapshot DB` with the agent stopped shipped to the default replica beside the
     database, not the configured ones, and left those with a gap. It now takes `--config`,
@@ -143,13 +158,8 @@ def test_snapshot_while_the_agent_is_stopped_keeps_the_configured_replicas_whole
     cfg = tmp_path / "walship.yml"
     cfg.write_text(f"defaults:\n  sync-interval: 100ms\ndatabases:\n  - path: {db}\n    replicas:\n"
                    f"      - url: {s3server.url('walship', 'x')}\n      - url: file://{dir_replica}\n")
-    agent = subprocess.Popen([str(WALSHIP), "replicate", "--config", str(cfg)], env=env,
-                             stdout=open(tmp_path / "agent.log", "a"), stderr=subprocess.STDOUT)
+    agent = _start_config_agent(cfg, env, tmp_path / "agent.log", dir_replica, s3server, "x")
     try:
-        deadline = time.time() + 30
-        while not list(dir_replica.glob("generations/*/snapshots/*")) or not s3server.objects("walship", "x"):
-            assert time.time() < deadline and agent.poll() is None, (tmp_path / "agent.log").read_text()
-            time.sleep(0.1)
         _write(db, 5, "before-")
         time.sleep(1.0)
     finally:
@@ -196,13 +206,8 @@ def test_reading_commands_take_the_config_and_need_only_its_variables(tmp_path, 
     p = run_walship("replicate", "--config", cfg, env=env, timeout=30)
     assert p.returncode == 1 and "WALSHIP_WEBHOOK_URL" in p.stderr, p.stderr   # replicate needs it
     env_agent = dict(env, WALSHIP_WEBHOOK_URL="http://127.0.0.1:9/hook")
-    agent = subprocess.Popen([str(WALSHIP), "replicate", "--config", str(cfg)], env=env_agent,
-                             stdout=open(tmp_path / "agent.log", "a"), stderr=subprocess.STDOUT)
+    agent = _start_config_agent(cfg, env_agent, tmp_path / "agent.log", dir_replica, s3server, "x")
     try:
-        deadline = time.time() + 30
-        while not list(dir_replica.glob("generations/*/snapshots/*")) or not s3server.objects("walship", "x"):
-            assert time.time() < deadline and agent.poll() is None, (tmp_path / "agent.log").read_text()
-            time.sleep(0.1)
         _write(db, 3, "more-")
         time.sleep(1.0)
         p = run_walship("status", "--config", cfg, env=env)
