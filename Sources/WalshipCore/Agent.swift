@@ -232,12 +232,21 @@ public final class Agent {
         // (each is checked, and given a new generation, before the next object it takes). A
         // one-off snapshot must not do that to the configured replicas behind their back.
         let urls = replicas.map(\.displayURL)
-        if let last = try spool.loadReplicaURLs(), Set(last) != Set(urls) {
+        let last = try spool.loadReplicaURLs()
+        if let last, Set(last) != Set(urls) {
             if options.oneShotSnapshot { throw AgentError.otherReplicas(dbPath, last, urls) }
             logger.notice("the replica list changed since the last run; a replica that missed objects gets a new generation before anything else",
                           metadata: meta.merging(["replicas.before": "\(last.joined(separator: " "))", "replicas.now": "\(urls.joined(separator: " "))"]) { a, _ in a })
         }
-        for r in replicas { try r.prepareForWriting() }
+        // A new replica must answer now (a typo or wrong credentials fail at once). One this
+        // spool has shipped to before may be down for a while: it is retried like any failing
+        // upload, and the others are not held back.
+        for r in replicas {
+            do { try r.prepareForWriting() } catch where (last ?? []).contains(r.displayURL) && !options.oneShotSnapshot {
+                logger.error("a replica does not answer at start; replication to it is retried in the background",
+                             metadata: meta.merging(["replica.url": "\(r.displayURL)", "error": "\(error)"]) { a, _ in a })
+            }
+        }
         try spool.saveReplicaURLs(urls)
         // Only now that every replica has been checked: a bad replica URL or credentials must
         // not leave the database switched to WAL mode.
@@ -1312,7 +1321,22 @@ public final class Agent {
                 try snapshotNow()
                 oneShotTookSnapshot = true
             }
-            let pending = try shutdown()
+            // A replica found without the base of the generation (emptied, or left out of a
+            // run) drops it and needs a new one: the one-off run gives it one, as the loop would.
+            try cutSegment()
+            kickShippers()
+            let deadline = monotonicMicroseconds() + 30_000_000
+            for s in shippers { _ = s.waitUntilShipped(limit: shippableSequence, deadlineUs: deadline) }
+            if let s = shippers.first(where: { $0.droppedGeneration == state.generation && $0.reachableAgain }) {
+                try movePinToEnd(patient: true)
+                try cutSegment()
+                try startGeneration(reason: "replica \(s.replica.displayURL): \(s.dropReason ?? "its backlog was dropped")", previous: state)
+                startedGeneration = true
+            }
+            var pending = try shutdown()
+            for s in shippers where s.droppedGeneration != nil {
+                pending.append("\(s.replica.displayURL): its copy of generation \(s.droppedGeneration!) lacks the base; `walship replicate` (or this command again) starts a new generation for it")
+            }
             if !pending.isEmpty { throw AgentError.notShipped(pending) }
             return
         }

@@ -226,8 +226,10 @@ public enum ConfigLoader {
             }
             guard let p = path, !p.isEmpty else { throw fail(loc, "'path' (the database file) is required") }
             cfg.path = resolved(p)
-            if let j = seen[cfg.path] { throw fail(loc, "database \(cfg.path) is listed twice (also databases[\(j)])") }
-            seen[cfg.path] = i
+            // The same file under two names (a symlink) is the same database too.
+            let real = FS.resolved(cfg.path)
+            if let j = seen[real] { throw fail(loc, "database \(cfg.path) is listed twice (also databases[\(j)])") }
+            seen[real] = i
             if let id = cfg.databaseID, let j = out.firstIndex(where: { $0.databaseID == id }) {
                 throw fail("\(loc).database-id", "databases[\(j)] has the same id; each database needs its own")
             }
@@ -237,6 +239,9 @@ public enum ConfigLoader {
                 var creds: [String: String] = [:]
                 for (k, v) in try mapping(rn, rl, allowed: replicaKeys) {
                     let value = try scalar(v, "\(rl).\(k)")
+                    // An empty value (`${NAME:-}` unset) gives nothing, rather than hiding
+                    // what the process environment has.
+                    if k != "url" && value.isEmpty { continue }
                     switch k {
                     case "url": url = value
                     case "access-key-id": creds["AWS_ACCESS_KEY_ID"] = value

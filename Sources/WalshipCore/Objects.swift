@@ -24,7 +24,7 @@ func streamObject(_ replica: Replica, key: String, expect kind: ObjectKind, encr
     let lz = try LZ4FrameDecompressor(name: key)
     var opener: SealedStreamReader?
     func wrap(_ e: Error) -> Error {
-        if e is StopStreaming || e is ObjectError || e is ReplicaError || e is EncryptionError { return e }
+        if e is StopStreaming || e is ObjectError || e is ReplicaError || e is EncryptionError || e is ForeignGeneration { return e }
         if let s = e as? SystemError { return s }
         if let l = e as? LZ4Error { return ObjectError(key: key, replica: replica.displayURL, problem: "is corrupt or truncated (\(l.message))") }
         if let s = e as? SealError { return ObjectError(key: key, replica: replica.displayURL, problem: "\(s)") }

@@ -73,11 +73,12 @@ public enum Restorer {
     public static func restore(replica: Replica, output: String, options: RestoreOptions,
                                log: (String) -> Void = { _ in }) throws -> RestoreResult {
         let out = FS.absolute(output)
+        // Checked before anything else: a directory is neither "an existing database" for
+        // --if-not-exists nor something a restore can replace.
+        if FS.isDirectory(out) { throw RestoreError.outputIsDirectory(out) }
         if FS.exists(out) {
             if options.ifNotExists { return RestoreResult(skipped: "\(out) already exists; --if-not-exists leaves it as it is") }
             if !options.force { throw RestoreError.outputExists(out) }
-            // Checked before any download: a directory cannot be replaced by the restore.
-            if FS.isDirectory(out) { throw RestoreError.outputIsDirectory(out) }
         }
         let dir = FS.dirname(out)
         guard FS.isDirectory(dir) else { throw RestoreError.outputDirectoryMissing(dir) }

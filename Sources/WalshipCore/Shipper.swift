@@ -264,6 +264,9 @@ final class Shipper {
             default: break
             }
         }
+        // A listing that came back without it may be one that could not look (a directory
+        // that cannot be read): only a check that fails on such errors counts it as gone.
+        if !hasInfo, try replica.contains(key: "generations/\(gen)/generation.json") { hasInfo = true }
         guard hasInfo else { return "the replica does not hold generation \(gen) (added to the replica list, or emptied, while the agent was away)" }
         guard let need = needTxid else { return nil }
         guard !snaps.isEmpty else { return "the replica holds no snapshot of generation \(gen)" }

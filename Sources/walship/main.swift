@@ -290,6 +290,11 @@ struct Restore: ParsableCommand {
                 let db = FS.absolute(replica)
                 let d = try configuredDatabase(db, in: file)
                 if out.isEmpty { out = d.path }
+                // Nothing to do, and no replica needs to answer for it.
+                if ifNotExists && FS.exists(FS.absolute(out)) && !FS.isDirectory(FS.absolute(out)) {
+                    print("walship: \(FS.absolute(out)) already exists; --if-not-exists leaves it as it is")
+                    return
+                }
                 if o.encryptionKey == nil { o.encryptionKey = try loadKey(d.encryptionKeyFile) }
                 if o.databaseID == nil { o.databaseID = d.databaseID }
                 r = try firstHealthyReplica(d.replicas)

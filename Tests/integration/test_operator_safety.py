@@ -275,8 +275,9 @@ def test_common_mistakes_get_one_clear_answer(tmp_path, agent_factory):
     # -o naming a directory fails before anything is downloaded.
     outdir = tmp_path / "outdir"
     outdir.mkdir()
-    p = run_walship("restore", "file://" + str(replica), "-o", outdir, "--force")
-    assert p.returncode == 1 and "is a directory" in p.stderr and "restoring" not in p.stderr, p.stderr
+    for flag in ("--force", "--if-not-exists"):   # neither replaces nor "keeps" a directory
+        p = run_walship("restore", "file://" + str(replica), "-o", outdir, flag)
+        assert p.returncode == 1 and "is a directory" in p.stderr and "restoring" not in p.stderr, (flag, p.stderr)
     # `status` of a database that does not exist says that, not only "no agent running".
     p = run_walship("status", tmp_path / "typo.db")
     assert p.returncode != 0 and "does not exist" in p.stderr, p.stdout + p.stderr
@@ -288,3 +289,92 @@ def test_common_mistakes_get_one_clear_answer(tmp_path, agent_factory):
     out = json.loads(p.stdout)
     assert out["format_version"] == 1 and "last_commit_unix" in out["databases"][0]["status"], p.stdout
     assert "\\/" not in p.stdout
+
+
+def _delete_all(s3server, env, prefix):
+    """Empties a prefix through signed S3 DELETEs, as an operator's tool would."""
+    import subprocess
+    from s3server import REGION
+    for key in s3server.objects("walship", prefix):
+        subprocess.run(["curl", "-sf", "-X", "DELETE", "--aws-sigv4", f"aws:amz:{REGION}:s3",
+                        "--user", f"{env['AWS_ACCESS_KEY_ID']}:{env['AWS_SECRET_ACCESS_KEY']}",
+                        f"{s3server.endpoint}/walship/{key}"], check=True, timeout=30)
+    assert not s3server.objects("walship", prefix)
+
+
+def test_one_off_snapshot_gives_an_emptied_replica_a_new_generation(tmp_path, s3server):
+    """`walship snapshot --config` with the agent stopped, after one replica was emptied: the
+    replica's copy lacked the generation's base, its backlog was dropped, and the command
+    still said "shipped" with nothing usable there. Now the one-off run starts the new
+    generation the replica needs, and the replica restores."""
+    db = tmp_path / "x.db"
+    create_ticket_db(db, rows=2)
+    env = s3server.env()
+    dir_replica = tmp_path / "dir-replica"
+    cfg = tmp_path / "walship.yml"
+    cfg.write_text(f"defaults:\n  sync-interval: 100ms\ndatabases:\n  - path: {db}\n    replicas:\n"
+                   f"      - url: {s3server.url('walship', 'x')}\n      - url: file://{dir_replica}\n")
+    agent = _start_config_agent(cfg, env, tmp_path / "agent.log", dir_replica, s3server, "x")
+    try:
+        _write(db, 5, "before-")
+        time.sleep(1.0)
+    finally:
+        agent.terminate()
+        agent.wait(timeout=60)
+    _delete_all(s3server, env, "x")
+    _write(db, 3, "while-stopped-")
+    p = run_walship("snapshot", "--config", cfg, db, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = tmp_path / "out.db"
+    for url in (s3server.url("walship", "x"), f"file://{dir_replica}"):
+        _restores_to(db, url, out, env)
+
+
+def test_a_replica_down_at_start_does_not_stop_the_others(tmp_path, s3server):
+    """The agent refused to start while a replica it had shipped to before was down, so a
+    restart during an outage replicated nowhere, not even to the replica that was up. Now a
+    known replica that does not answer is retried in the background (a new one must still
+    answer at start)."""
+    db = tmp_path / "x.db"
+    create_ticket_db(db, rows=2)
+    env = s3server.env()
+    dir_replica = tmp_path / "dir-replica"
+    cfg = tmp_path / "walship.yml"
+    cfg.write_text(f"defaults:\n  sync-interval: 100ms\ndatabases:\n  - path: {db}\n    replicas:\n"
+                   f"      - url: {s3server.url('walship', 'x')}\n      - url: file://{dir_replica}\n")
+    agent = _start_config_agent(cfg, env, tmp_path / "agent.log", dir_replica, s3server, "x")
+    agent.terminate()
+    agent.wait(timeout=60)
+    s3server.stop()
+    import subprocess
+    from conftest import WALSHIP
+    agent = subprocess.Popen([str(WALSHIP), "replicate", "--config", str(cfg)], env=env,
+                             stdout=open(tmp_path / "agent2.log", "a"), stderr=subprocess.STDOUT)
+    try:
+        _write(db, 5, "during-outage-")
+        out = tmp_path / "out.db"
+        deadline = time.time() + 30
+        while True:   # the directory replica keeps up while S3 is down
+            assert agent.poll() is None, (tmp_path / "agent2.log").read_text()
+            p = run_walship("restore", f"file://{dir_replica}", "-o", out, "--force")
+            from conftest import table_contents
+            if p.returncode == 0 and table_contents(out) == table_contents(db):
+                break
+            assert time.time() < deadline, (tmp_path / "agent2.log").read_text()[-3000:]
+            time.sleep(0.3)
+        s3server.restart()
+        deadline = time.time() + 60
+        while True:   # and S3 catches up once it is back
+            p = run_walship("restore", s3server.url("walship", "x"), "-o", out, "--force", env=env)
+            if p.returncode == 0 and table_contents(out) == table_contents(db):
+                break
+            assert time.time() < deadline, (tmp_path / "agent2.log").read_text()[-3000:]
+            time.sleep(0.5)
+    finally:
+        agent.terminate()
+        agent.wait(timeout=60)
+    # A replica this spool never shipped to must answer at start.
+    cfg.write_text(cfg.read_text() + f"      - url: file://{tmp_path / 'nowhere' / 'deeper'}\n")
+    (tmp_path / "nowhere").write_text("a file where a directory should be")
+    p = run_walship("replicate", "--config", cfg, env=env, timeout=60)
+    assert p.returncode == 1, p.stdout + p.stderr

@@ -223,6 +223,29 @@ def test_generation_copied_whole_from_another_database_is_left_out_by_its_id(tmp
     assert p.returncode != 0 and "16 hexadecimal digits" in p.stderr, p.stderr
 
 
+def test_unencrypted_generation_of_another_database_is_left_out_by_its_id(tmp_path, agent_factory):
+    """The same as above without encryption: the pinned restore stopped at the foreign
+    snapshot's metadata with "is unreadable" instead of leaving the generation out."""
+    import shutil
+    from conftest import run_walship, table_contents
+    b_id = "b1b1b1b1b1b1b1b1"
+    reps = {}
+    for name, rows, extra in (("b", 5, ["--database-id", b_id]), ("a", 3, [])):
+        db, rep = tmp_path / f"{name}.db", tmp_path / f"replica-{name}"
+        create_ticket_db(db, rows=rows)
+        ag = agent_factory(db, ["file://" + str(rep)], ["--sync-interval", "100ms"] + extra,
+                           log_path=tmp_path / f"{name}.log").start().wait_ready()
+        time.sleep(0.5)
+        ag.stop()
+        reps[name] = rep
+    a_gen = next((reps["a"] / "generations").iterdir())
+    shutil.copytree(a_gen, reps["b"] / "generations" / a_gen.name)
+    out = tmp_path / "out.db"
+    p = run_walship("restore", "file://" + str(reps["b"]), "-o", out, "--database-id", b_id)
+    assert p.returncode == 0 and table_contents(out) == table_contents(tmp_path / "b.db"), p.stdout + p.stderr
+    assert "leaving it out" in p.stderr, p.stderr
+
+
 def test_a_restore_never_mixes_objects_of_two_databases(tmp_path, agent_factory):
     """A segment whose metadata names another database than the snapshot it would be applied
     to (all else matching) was applied. Restore, verify and compaction now refuse it."""
