@@ -322,9 +322,16 @@ def test_one_off_snapshot_gives_an_emptied_replica_a_new_generation(tmp_path, s3
         agent.terminate()
         agent.wait(timeout=60)
     _delete_all(s3server, env, "x")
-    _write(db, 3, "while-stopped-")
+    import sqlite3
+    con = sqlite3.connect(db)   # kept open: the log stays, so the generation continues
+    for i in range(3):
+        con.execute("INSERT INTO usuarios(nombre, email) VALUES(?, 'stopped@example.com')", (f"while-stopped-{i}",))
+        con.commit()
     p = run_walship("snapshot", "--config", cfg, db, env=env)
+    con.close()
     assert p.returncode == 0, p.stdout + p.stderr
+    assert "continuity lost" not in p.stderr, p.stderr   # the generation went on: the replica's hole is what is tested
+    assert "does not hold generation" in p.stderr, p.stderr
     out = tmp_path / "out.db"
     for url in (s3server.url("walship", "x"), f"file://{dir_replica}"):
         _restores_to(db, url, out, env)
