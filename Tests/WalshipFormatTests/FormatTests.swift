@@ -99,7 +99,8 @@ final class SegmentTests: XCTestCase {
         XCTAssertThrowsError(try ObjectMetadata.decode(Array(enc.prefix(50))))
         XCTAssertEqual(try ObjectMetadata.decode(enc).databaseID, 0x0123_4567_89ab_cdef)
         XCTAssertNil(m.mismatch(database: 0x0123_4567_89ab_cdef))
-        XCTAssertNotNil(m.mismatch(database: 0))
+        XCTAssertNil(m.mismatch(database: 0))   // 0: not recorded, nothing to check against
+        XCTAssertNotNil(m.mismatch(database: 1))
     }
 
     func testDatabaseIDText() throws {
