@@ -238,11 +238,13 @@ public final class Agent {
             logger.notice("the replica list changed since the last run; a replica that missed objects gets a new generation before anything else",
                           metadata: meta.merging(["replicas.before": "\(last.joined(separator: " "))", "replicas.now": "\(urls.joined(separator: " "))"]) { a, _ in a })
         }
-        // A new replica must answer now (a typo or wrong credentials fail at once). One this
-        // spool has shipped to before may be down for a while: it is retried like any failing
-        // upload, and the others are not held back.
+        // A new replica must answer now, and so must any whose answer is a refusal (wrong
+        // credentials, no such bucket, not a replica): those are fixed by the operator, not by
+        // waiting. One this spool has shipped to before and that cannot be reached for now
+        // (connection, timeout, server error) is retried like any failing upload, and the
+        // others are not held back.
         for r in replicas {
-            do { try r.prepareForWriting() } catch where (last ?? []).contains(r.displayURL) && !options.oneShotSnapshot {
+            do { try r.prepareForWriting() } catch where (last ?? []).contains(r.displayURL) && !options.oneShotSnapshot && Self.isOutage(error) {
                 logger.error("a replica does not answer at start; replication to it is retried in the background",
                              metadata: meta.merging(["replica.url": "\(r.displayURL)", "error": "\(error)"]) { a, _ in a })
             }
@@ -1070,6 +1072,17 @@ public final class Agent {
     }
 
     // MARK: generations and snapshots
+
+    /// Whether an error reaching a replica is one that waiting may cure (the replica is down
+    /// or unreachable), rather than one the operator must fix.
+    static func isOutage(_ error: Error) -> Bool {
+        switch error {
+        case let e as S3Error: return e.status >= 500 || e.status == 408 || e.status == 429
+        case ReplicaError.io: return true
+        case let e as SystemError: return [EIO, ESTALE, ENOTCONN, ETIMEDOUT, EHOSTDOWN, EHOSTUNREACH, ENETUNREACH].contains(e.errno)
+        default: return false
+        }
+    }
 
     /// A random nonzero id for a database replicated for the first time.
     static func newDatabaseID() -> UInt64 {
