@@ -367,8 +367,14 @@ LS_TIME = re.compile(r"\b(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) +\d
 REQUESTS = re.compile(r"\brequests: [A-Z]+ \d+(?:,? [A-Z]+ \d+)*")
 
 
+# Sizes in `walship status` (WAL, spool, shipped bytes) depend on when it runs: the spool
+# may have been emptied a moment before ("0 B") or not ("2.3 KiB").
+SIZE = re.compile(r"\b\d+(?:\.\d+)? (?:B|KiB|MiB|GiB|TiB)\b")
+
+
 def mask(line):
     line = TS.sub("<T>", line)
+    line = SIZE.sub("<SIZE>", line)
     line = LS_TIME.sub("<LS-TIME>", line)
     line = REQUESTS.sub("requests: <R>", line)
     line = HEX.sub("<H>", line)
