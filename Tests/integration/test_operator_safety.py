@@ -116,13 +116,7 @@ def test_changing_the_replica_list_never_leaves_a_replica_unrestorable(tmp_path,
         agent.stop()
         for n in names:
             _restores_to(db, url[n], out, env)
-    import subprocess
-    from s3server import REGION
-    for key in s3server.objects("walship", "c"):   # emptied through S3, as an operator's tool would
-        subprocess.run(["curl", "-sf", "-X", "DELETE", "--aws-sigv4", f"aws:amz:{REGION}:s3",
-                        "--user", f"{env['AWS_ACCESS_KEY_ID']}:{env['AWS_SECRET_ACCESS_KEY']}",
-                        f"{s3server.endpoint}/walship/{key}"], check=True, timeout=30)
-    assert not s3server.objects("walship", "c")
+    _delete_all(s3server, env, "c")
     agent = agent_factory(db, [url["c"]], ["--sync-interval", "100ms"], env=env, log_path=tmp_path / "agent-wiped.log").start().wait_ready()
     _write(db, 5, "wiped-")
     time.sleep(1.0)
@@ -145,26 +139,34 @@ def _start_config_agent(cfg, env, log, dir_replica, s3server, prefix):
     return agent
 
 
-def test_snapshot_while_the_agent_is_stopped_keeps_the_configured_replicas_whole(tmp_path, s3server):
-    """`walship snapshot DB` with the agent stopped shipped to the default replica beside the
-    database, not the configured ones, and left those with a gap. It now takes `--config`,
-    and without it refuses to ship to other replicas than the spool's last run."""
-    import subprocess
-    from conftest import WALSHIP
+def _database_with_two_replicas(tmp_path, s3server):
+    """A ticket database and a config that replicates it to S3 (prefix x) and a directory."""
     db = tmp_path / "x.db"
     create_ticket_db(db, rows=2)
-    env = s3server.env()
     dir_replica = tmp_path / "dir-replica"
     cfg = tmp_path / "walship.yml"
     cfg.write_text(f"defaults:\n  sync-interval: 100ms\ndatabases:\n  - path: {db}\n    replicas:\n"
                    f"      - url: {s3server.url('walship', 'x')}\n      - url: file://{dir_replica}\n")
-    agent = _start_config_agent(cfg, env, tmp_path / "agent.log", dir_replica, s3server, "x")
+    return db, s3server.env(), dir_replica, cfg
+
+
+def _replicate_a_while(cfg, env, log, dir_replica, s3server, db):
+    """Runs the config agent, writes five rows, lets them ship, stops the agent."""
+    agent = _start_config_agent(cfg, env, log, dir_replica, s3server, "x")
     try:
         _write(db, 5, "before-")
         time.sleep(1.0)
     finally:
         agent.terminate()
         agent.wait(timeout=60)
+
+
+def test_snapshot_while_the_agent_is_stopped_keeps_the_configured_replicas_whole(tmp_path, s3server):
+    """`walship snapshot DB` with the agent stopped shipped to the default replica beside the
+    database, not the configured ones, and left those with a gap. It now takes `--config`,
+    and without it refuses to ship to other replicas than the spool's last run."""
+    db, env, dir_replica, cfg = _database_with_two_replicas(tmp_path, s3server)
+    _replicate_a_while(cfg, env, tmp_path / "agent.log", dir_replica, s3server, db)
     _write(db, 3, "while-stopped-")
     p = run_walship("snapshot", db, env=env)
     assert p.returncode != 0 and "was last replicated to" in p.stderr, f"shipped elsewhere: {p.stdout}{p.stderr}"
@@ -186,8 +188,7 @@ def test_reading_commands_take_the_config_and_need_only_its_variables(tmp_path, 
     value that may be unset, and an empty S3 endpoint means AWS."""
     import json
     import os
-    import subprocess
-    from conftest import WALSHIP, table_contents
+    from conftest import table_contents
     db = tmp_path / "x.db"
     create_ticket_db(db, rows=4)
     key = tmp_path / "key"
@@ -307,20 +308,8 @@ def test_one_off_snapshot_gives_an_emptied_replica_a_new_generation(tmp_path, s3
     replica's copy lacked the generation's base, its backlog was dropped, and the command
     still said "shipped" with nothing usable there. Now the one-off run starts the new
     generation the replica needs, and the replica restores."""
-    db = tmp_path / "x.db"
-    create_ticket_db(db, rows=2)
-    env = s3server.env()
-    dir_replica = tmp_path / "dir-replica"
-    cfg = tmp_path / "walship.yml"
-    cfg.write_text(f"defaults:\n  sync-interval: 100ms\ndatabases:\n  - path: {db}\n    replicas:\n"
-                   f"      - url: {s3server.url('walship', 'x')}\n      - url: file://{dir_replica}\n")
-    agent = _start_config_agent(cfg, env, tmp_path / "agent.log", dir_replica, s3server, "x")
-    try:
-        _write(db, 5, "before-")
-        time.sleep(1.0)
-    finally:
-        agent.terminate()
-        agent.wait(timeout=60)
+    db, env, dir_replica, cfg = _database_with_two_replicas(tmp_path, s3server)
+    _replicate_a_while(cfg, env, tmp_path / "agent.log", dir_replica, s3server, db)
     _delete_all(s3server, env, "x")
     import sqlite3
     con = sqlite3.connect(db)   # kept open: the log stays, so the generation continues
@@ -342,13 +331,7 @@ def test_a_replica_down_at_start_does_not_stop_the_others(tmp_path, s3server):
     restart during an outage replicated nowhere, not even to the replica that was up. Now a
     known replica that does not answer is retried in the background (a new one must still
     answer at start)."""
-    db = tmp_path / "x.db"
-    create_ticket_db(db, rows=2)
-    env = s3server.env()
-    dir_replica = tmp_path / "dir-replica"
-    cfg = tmp_path / "walship.yml"
-    cfg.write_text(f"defaults:\n  sync-interval: 100ms\ndatabases:\n  - path: {db}\n    replicas:\n"
-                   f"      - url: {s3server.url('walship', 'x')}\n      - url: file://{dir_replica}\n")
+    db, env, dir_replica, cfg = _database_with_two_replicas(tmp_path, s3server)
     agent = _start_config_agent(cfg, env, tmp_path / "agent.log", dir_replica, s3server, "x")
     agent.terminate()
     agent.wait(timeout=60)
