@@ -1,0 +1,88 @@
+"""Replicas written by earlier releases stay readable.
+
+Tests/fixtures/v1 is a replica written by walship 0.1.0 (format version 1), with the script
+that made it beside it. Its expected.json holds, for every restore point, the SHA-256 of a
+canonical dump of the database as that release restored it. Today's binary must restore the
+same states, verify the replica, and list it; new objects are written in the current version.
+"""
+import hashlib
+import json
+import shutil
+import sqlite3
+import struct
+
+import pytest
+
+from conftest import HERE, run_walship
+
+FIXTURE = HERE.parent / "fixtures" / "v1"
+
+
+def dump(path):
+    c = sqlite3.connect(path)
+    rows = c.execute("SELECT id, v, hex(b) FROM t ORDER BY id").fetchall()
+    c.close()
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def fixture_copy(tmp_path, name):
+    root = tmp_path / name
+    shutil.copytree(FIXTURE / name, root)
+    key = tmp_path / "test.key"
+    shutil.copy(FIXTURE / "test.key", key)
+    key.chmod(0o600)
+    return root, (["--encryption-key-file", str(key)] if name == "sealed" else [])
+
+
+@pytest.mark.parametrize("name", ["plain", "sealed"])
+def test_every_restore_point_of_a_version_1_replica_restores_as_it_did(tmp_path, walship_bin, name):
+    expected = json.loads((FIXTURE / "expected.json").read_text())["replicas"][name]
+    root, key = fixture_copy(tmp_path, name)
+    assert len(expected["points"]) >= 20
+    for txid, want in sorted(expected["points"].items(), key=lambda kv: int(kv[0])):
+        out = tmp_path / f"r{txid}.db"
+        p = run_walship("restore", f"file://{root}", "-o", out, "--txid", txid, "--database-id", "00c0ffee00c0ffee", *key)
+        assert p.returncode == 0, f"txid {txid}: {p.stderr}"
+        assert dump(out) == want, f"txid {txid} restores another state than 0.1.0 restored"
+    out = tmp_path / "latest.db"
+    run_walship("restore", f"file://{root}", "-o", out, *key, check=True)
+    assert dump(out) == expected["latest"] == expected["application_final"]
+    p = run_walship("verify", f"file://{root}", *key)
+    assert p.returncode == 0, p.stdout + p.stderr
+    listing = json.loads(run_walship("list", f"file://{root}", "--json", check=True).stdout)
+    assert len(listing) == 2
+
+
+def segment_payload_version(path):
+    """The version word of a segment payload, read through `lz4 -d` (plain objects only)."""
+    import subprocess
+    raw = path.read_bytes()
+    magic, size = struct.unpack_from("<II", raw, 0)
+    assert magic == 0x184D2A57
+    body = raw[8:8 + size]
+    out = subprocess.run(["lz4", "-dc"], input=raw, capture_output=True, check=True).stdout
+    assert out[:4] == b"WSEG"
+    return struct.unpack_from("<H", body, 8)[0], struct.unpack_from("<I", out, 4)[0]
+
+
+def test_the_fixture_is_version_1_and_new_segments_are_written_in_version_2(tmp_path, agent_factory):
+    old = sorted(FIXTURE.glob("plain/generations/*/segments/*/*.seg.lz4"))
+    assert old and {segment_payload_version(p) for p in old} == {(1, 1)}
+    # A database restored from the old replica, replicated by today's agent to the same replica.
+    root, _ = fixture_copy(tmp_path, "plain")
+    db = tmp_path / "app.db"
+    run_walship("restore", f"file://{root}", "-o", db, check=True)
+    agent = agent_factory(db, [f"file://{root}"], ["--sync-interval", "100ms"])
+    agent.start()
+    agent.wait_ready()
+    c = sqlite3.connect(db, isolation_level=None)
+    for i in range(5):
+        c.execute("INSERT INTO t(v, b) VALUES (?, randomblob(50))", (10_000 + i,))
+    c.close()
+    agent.stop()
+    new = [p for p in root.glob("generations/*/segments/*/*.seg.lz4") if p not in
+           {root / q.relative_to(FIXTURE / "plain") for q in old}]
+    assert new and {segment_payload_version(p) for p in new} == {(2, 2)}
+    out = tmp_path / "latest.db"
+    run_walship("restore", f"file://{root}", "-o", out, check=True)
+    assert dump(out) == dump(db)
