@@ -176,6 +176,8 @@ public final class Agent {
 
     struct OpenSegment {
         var builder: ObjectBuilder
+        /// Encodes records into the builder; holds the segment's page window.
+        var encoder: SegmentEncoder
         var firstTxid: UInt64
         var firstTimeUs: Int64
         var count: UInt32 = 0
@@ -790,36 +792,35 @@ public final class Agent {
         let now = max(commitStamp(t), lastCommitTimeUs)
         if segment == nil {
             let b = try ObjectBuilder(path: spool.workDir + "/segment.part", key: options.encryptionKey)
-            try b.write(SegmentCodec.header(pageSize: pageSize))
-            segment = OpenSegment(builder: b, firstTxid: lastTxid + 1, firstTimeUs: now)
+            let e = try SegmentEncoder(pageSize: pageSize) { try b.write($0) }
+            segment = OpenSegment(builder: b, encoder: e, firstTxid: lastTxid + 1, firstTimeUs: now)
         }
         let txid = lastTxid + 1
-        try segment!.builder.write(SegmentCodec.transactionHeader(
-            TransactionHeader(txid: txid, commitTimeUs: now, dbPages: t.commitSize, pageCount: UInt32(t.frames.count))))
+        let encoder = segment!.encoder
+        try encoder.transaction(TransactionHeader(txid: txid, commitTimeUs: now, dbPages: t.commitSize, pageCount: UInt32(t.frames.count)))
         if pageBuffer.count != pageSize { pageBuffer = [UInt8](repeating: 0, count: pageSize) }
         var hashes: [(UInt32, UInt64)] = []
         hashes.reserveCapacity(t.frames.count)
         for (i, (pg, frame)) in t.frames.enumerated() {
             try checkRoomWhileWriting(pageSize)
-            try segment!.builder.write(SegmentCodec.pageRecordPrefix(pg))
             if let kept = t.pages?[i] {
                 try kept.withUnsafeBytes { b in
                     hashes.append((pg, DatabaseChecksum.pageHash(b, pageNumber: pg)))
-                    try segment!.builder.write(b)
+                    try encoder.page(pg, b)
                 }
                 continue
             }
             try pageBuffer.withUnsafeMutableBytes { try tailer.readPage(frameIndex: frame, into: $0) }
             try pageBuffer.withUnsafeBytes { b in
                 hashes.append((pg, DatabaseChecksum.pageHash(b, pageNumber: pg)))
-                try segment!.builder.write(b)
+                try encoder.page(pg, b)
             }
         }
         var logical = dbPages
         dbChecksum ^= try updateTable(pages: hashes, commitSize: t.commitSize, logicalSize: &logical)
         dbPages = logical
         for (pg, _) in hashes { scrub.noteWritten(pg, pageSize: pageSize) }
-        try segment!.builder.write(SegmentCodec.transactionChecksum(dbChecksum))
+        try encoder.commit(checksum: dbChecksum)
         lastTxid = txid
         lastCommitTimeUs = now
         segment!.count += 1
@@ -908,7 +909,7 @@ public final class Agent {
     private func cutSegment() throws {
         if let seg = segment {
             segment = nil
-            try seg.builder.write(SegmentCodec.trailer(transactionCount: seg.count, lastTxid: lastTxid, dbChecksum: dbChecksum))
+            try seg.encoder.finish(transactionCount: seg.count, lastTxid: lastTxid, dbChecksum: dbChecksum)
             let name = SegmentName(generation: state.generation, level: 0, firstTxid: seg.firstTxid, lastTxid: lastTxid,
                                    firstTimeMs: seg.firstTimeUs / 1000, lastTimeMs: lastCommitTimeUs / 1000)
             try seg.builder.finish(ObjectMetadata(kind: .segment, pageSize: state.pageSize, firstTxid: seg.firstTxid, lastTxid: lastTxid,

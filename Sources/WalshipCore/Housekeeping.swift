@@ -173,6 +173,7 @@ final class SegmentMerger {
         var dbPages: UInt32 = 0, checksum: UInt64 = 0, records: UInt32 = 0
     }
     private let builder: ObjectBuilder
+    private var encoder: SegmentEncoder?
     private let squash: Bool
     private var summary = Summary()
     private var started = false
@@ -197,7 +198,8 @@ final class SegmentMerger {
         case .begin(let ps):
             if !started {
                 summary.pageSize = ps; started = true
-                try builder.write(SegmentCodec.header(pageSize: ps))
+                let b = builder
+                encoder = try SegmentEncoder(pageSize: ps) { try b.write($0) }
             } else if ps != summary.pageSize {
                 throw FormatError.corrupt("\(object): page size \(ps) differs from \(summary.pageSize)")
             }
@@ -206,9 +208,7 @@ final class SegmentMerger {
             else if t.txid != summary.lastTxid + 1 { throw FormatError.corrupt("\(object): txid \(t.txid) does not follow \(summary.lastTxid)") }
             current = t
             if let m = t.truncateFirstTo { dropPages(above: m) }
-            if !squash {
-                try builder.write(t.isSquashed ? SegmentCodec.squashedHeader(t) : SegmentCodec.transactionHeader(t))
-            }
+            if !squash { try encoder!.transaction(t) }
         case .page(let pg, let bytes):
             if squash {
                 let slot: Int
@@ -218,8 +218,7 @@ final class SegmentMerger {
                 }
                 try scratch!.write(at: slot * summary.pageSize, bytes)
             } else {
-                try builder.write(SegmentCodec.pageRecordPrefix(pg))
-                try builder.write(bytes)
+                try encoder!.page(pg, bytes)
             }
         case .commit(let sum):
             guard let t = current else { return }
@@ -228,7 +227,7 @@ final class SegmentMerger {
             if squash {
                 dropPages(above: t.dbPages)
             } else {
-                try builder.write(SegmentCodec.transactionChecksum(sum))
+                try encoder!.commit(checksum: sum)
                 summary.records += 1
             }
             current = nil
@@ -245,21 +244,21 @@ final class SegmentMerger {
     }
 
     func finish() throws -> Summary {
+        guard let encoder else { throw FormatError.corrupt("no segment to merge") }
         if squash {
             let pages = slots.keys.sorted()
-            try builder.write(SegmentCodec.squashedHeader(TransactionHeader(
+            try encoder.transaction(TransactionHeader(
                 squashing: summary.firstTxid, through: summary.lastTxid, commitTimeUs: summary.lastTimeUs,
-                dbPages: summary.dbPages, pageCount: UInt32(pages.count), truncateFirstTo: min(minPages, summary.dbPages))))
+                dbPages: summary.dbPages, pageCount: UInt32(pages.count), truncateFirstTo: min(minPages, summary.dbPages)))
             var buf = [UInt8](repeating: 0, count: summary.pageSize)
             for pg in pages {
                 _ = try buf.withUnsafeMutableBytes { try scratch!.read(at: slots[pg]! * summary.pageSize, into: $0) }
-                try builder.write(SegmentCodec.pageRecordPrefix(pg))
-                try builder.write(buf)
+                try buf.withUnsafeBytes { try encoder.page(pg, $0) }
             }
-            try builder.write(SegmentCodec.transactionChecksum(summary.checksum))
+            try encoder.commit(checksum: summary.checksum)
             summary.records = 1
         }
-        try builder.write(SegmentCodec.trailer(transactionCount: summary.records, lastTxid: summary.lastTxid, dbChecksum: summary.checksum))
+        try encoder.finish(transactionCount: summary.records, lastTxid: summary.lastTxid, dbChecksum: summary.checksum)
         return summary
     }
 }

@@ -170,7 +170,7 @@ public enum Restorer {
         var offset = 0
         var foreignID: UInt64?
         let snapMeta = try streamObject(replica, key: plan.snapshot.key, expect: .snapshot, encryption: options.encryptionKey,
-                                    allowUnencrypted: options.allowUnencrypted, onMetadata: { m in
+                                    allowUnencrypted: options.allowUnencrypted, frameChecksum: false, onMetadata: { m in
             if let why = m.mismatch(snapshot: plan.snapshot) {
                 throw ObjectError(key: plan.snapshot.key, replica: replica.displayURL, problem: why)
             }
@@ -200,6 +200,7 @@ public enum Restorer {
         var dbPages = snapMeta.dbPages
         var describe = "snapshot \(plan.snapshot.key)"
         result.snapshotKey = plan.snapshot.key
+        let output = try RestoreOutput(file: file, pageSize: pageSize, pages: Int(dbPages))
 
         // Remote replicas: download segments ahead, in parallel, while earlier ones are applied.
         var prefetcher: SegmentPrefetcher?
@@ -224,7 +225,7 @@ public enum Restorer {
             // tag authenticates the whole of it, metadata included. Without one, reading stops.
             let readToEnd = options.encryptionKey != nil
             let meta = try streamObject(source, key: seg.key, expect: .segment, encryption: options.encryptionKey,
-                                    allowUnencrypted: options.allowUnencrypted, onMetadata: { m in
+                                    allowUnencrypted: options.allowUnencrypted, frameChecksum: false, onMetadata: { m in
                 if let why = m.mismatch(segment: seg) { throw ObjectError(key: seg.key, replica: replica.displayURL, problem: why) }
                 if let why = m.mismatch(database: databaseID) {
                     throw ObjectError(key: seg.key, replica: replica.displayURL, problem: "\(why), whose snapshot \(plan.snapshot.key) it would be applied to")
@@ -260,15 +261,16 @@ public enum Restorer {
                             if readToEnd { return } else { throw StopStreaming() }
                         default: break
                         }
-                        if let m = t.truncateFirstTo { try file.truncate(to: Int(m) * pageSize) }
+                        if let m = t.truncateFirstTo { output.truncate(toPages: Int(m)) }
                         current = t
                     case .page(let pgno, let bytes):
-                        if skipping { return }
-                        try file.write(at: Int(pgno - 1) * pageSize, bytes)
+                        // A page beyond the size the record leaves is cut off when it ends.
+                        guard !skipping, let t = current, pgno <= t.dbPages else { return }
+                        try output.write(page: pgno, bytes)
                     case .commit(let sum):
                         if skipping { return }
                         guard let t = current else { return }
-                        try file.truncate(to: Int(t.dbPages) * pageSize)
+                        output.truncate(toPages: Int(t.dbPages))
                         applied = t.lastTxid; expectedChecksum = sum; commitTime = t.commitTimeUs; dbPages = t.dbPages
                         result.transactionsApplied += Int(t.lastTxid - t.txid + 1)
                         current = nil
@@ -292,6 +294,7 @@ public enum Restorer {
         if case .txid(let n) = options.target, applied != n {
             throw RestoreError.chainBroken("transaction \(n) is not in the replica (restore reached \(applied))")
         }
+        try output.finish(pages: Int(dbPages))
         let actual = try checksumOfFile(file, pageSize: pageSize)
         guard actual == expectedChecksum else {
             throw RestoreError.checksumMismatch(expected: expectedChecksum, actual: actual, after: describe)

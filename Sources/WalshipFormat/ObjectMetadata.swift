@@ -7,7 +7,9 @@ public enum ObjectKind: UInt8, Codable, Sendable {
 }
 
 public struct ObjectMetadata: Equatable, Sendable {
-    public static let formatVersion: UInt16 = 1
+    /// The version written. Version 1 objects differ only in their segment payloads; both are read.
+    public static let formatVersion: UInt16 = 2
+    public static let readableVersions: ClosedRange<UInt16> = 1...2
     /// Skippable-frame magic 0x184D2A57 (the LZ4 spec reserves 0x184D2A50...0x184D2A5F).
     public static let skippableMagic: UInt32 = 0x184D_2A57
     public static let bodySize = 128
@@ -84,8 +86,8 @@ public struct ObjectMetadata: Equatable, Sendable {
         }
         guard try r.raw(8) == marker else { throw FormatError.corrupt("\(objectName): bad metadata marker") }
         let version = try r.u16()
-        guard version == formatVersion else {
-            throw FormatError.unsupported("\(objectName) has format version \(version); this walship reads version \(formatVersion)")
+        guard readableVersions.contains(version) else {
+            throw FormatError.unsupported("\(objectName) has format version \(version); this walship reads versions \(readableVersions.lowerBound)-\(readableVersions.upperBound): upgrade walship")
         }
         guard let kind = ObjectKind(rawValue: try r.u8()) else { throw FormatError.corrupt("\(objectName): unknown object kind") }
         let flags = try r.u8()
@@ -115,6 +117,7 @@ public struct ObjectMetadata: Equatable, Sendable {
                               firstTimeUs: firstTime, lastTimeUs: lastTime, dbPages: dbPages,
                               transactionCount: count, dbChecksum: checksum, payloadBytes: payload,
                               generation: String(decoding: genBytes, as: UTF8.self), flags: flags)
+        m.version = version
         m.keyID = keyID
         m.databaseID = databaseID
         return m

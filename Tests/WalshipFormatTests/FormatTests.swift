@@ -29,11 +29,11 @@ final class ChecksumTests: XCTestCase {
 
 final class SegmentTests: XCTestCase {
     func makeSegment(pageSize: Int = 512) -> [UInt8] {
-        var bytes = SegmentCodec.header(pageSize: pageSize)
+        var bytes = SegmentCodec.headerVersion1(pageSize: pageSize)
         for txid in UInt64(11)...13 {
             let pages: [UInt32] = txid == 12 ? [] : [1, UInt32(txid)]
             bytes += SegmentCodec.transactionHeader(TransactionHeader(txid: txid, commitTimeUs: Int64(txid) * 1000, dbPages: UInt32(txid), pageCount: UInt32(pages.count)))
-            for p in pages { bytes += SegmentCodec.pageRecordPrefix(p) + [UInt8](repeating: UInt8(txid), count: pageSize) }
+            for p in pages { bytes += SegmentCodec.pageRecordPrefixVersion1(p) + [UInt8](repeating: UInt8(txid), count: pageSize) }
             bytes += SegmentCodec.transactionChecksum(txid * 100)
         }
         bytes += SegmentCodec.trailer(transactionCount: 3, lastTxid: 13, dbChecksum: 1300)

@@ -151,9 +151,9 @@ final class HousekeepingPlanTests: XCTestCase {
     }
 
     func testSquashedRecordsDecodeAndKeepTheChainContiguous() throws {
-        var payload = SegmentCodec.header(pageSize: 512)
+        var payload = SegmentCodec.headerVersion1(pageSize: 512)
         payload += SegmentCodec.squashedHeader(TransactionHeader(squashing: 5, through: 9, commitTimeUs: 77, dbPages: 3, pageCount: 1, truncateFirstTo: 2))
-        payload += SegmentCodec.pageRecordPrefix(3) + [UInt8](repeating: 7, count: 512) + SegmentCodec.transactionChecksum(42)
+        payload += SegmentCodec.pageRecordPrefixVersion1(3) + [UInt8](repeating: 7, count: 512) + SegmentCodec.transactionChecksum(42)
         payload += SegmentCodec.transactionHeader(TransactionHeader(txid: 10, commitTimeUs: 80, dbPages: 3, pageCount: 0)) + SegmentCodec.transactionChecksum(43)
         payload += SegmentCodec.trailer(transactionCount: 2, lastTxid: 10, dbChecksum: 43)
         var d = SegmentDecoder(name: "s")
