@@ -1,5 +1,6 @@
 """Small helpers shared by the bench parts: logging with elapsed time, process and file utilities."""
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -154,3 +155,12 @@ def run_timed(cmd, env=None, timeout=1200):
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     return time.perf_counter() - t, r
+
+
+def run_rusage(cmd, env=None, timeout=1200):
+    """run_timed plus the CPU the command used (user and system seconds, its threads and children
+    included): RUSAGE_CHILDREN before and after, so no other child may be reaped meanwhile."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t, r = run_timed(cmd, env=env, timeout=timeout)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return t, r, {"user_s": r1.ru_utime - r0.ru_utime, "sys_s": r1.ru_stime - r0.ru_stime}

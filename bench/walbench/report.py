@@ -372,6 +372,11 @@ def summarize(results):
         if w.get("restore_best_s") and l.get("restore_best_s"):
             targets["restore from S3 >= 2x faster than litestream"] = w["restore_best_s"] * 2 <= l["restore_best_s"]
 
+    hc = results.get("heavy_churn")
+    if hc:
+        sec["heavy_churn"] = churn_table(hc)
+        churn_peer(peer, hc)
+
     # ---------------------------------------------------------------- PITR
     pi = results.get("pitr")
     if pi:
@@ -400,6 +405,94 @@ def summarize(results):
     return peer.md(), sec, tgt
 
 
+def backend_label(b):
+    return "directory" if b == "dir" else "S3"
+
+
+def mib(v):
+    return v and v / 2**20
+
+
+def churn_speedup(hc, b):
+    """Litestream's median restore time / walship's on backend b (above 1: walship is faster)."""
+    w, l = ((hc.get(b) or {}).get("walship") or {}), ((hc.get(b) or {}).get("litestream") or {})
+    return ratio(l.get("restore_median_s"), w.get("restore_median_s"))
+
+
+def churn_table(hc):
+    rows = []
+    for b in hc["backends"]:
+        for tool in TOOLS:
+            r = hc.get(b, {}).get(tool) or {}
+            wr = r.get("writer") or {}
+            fe = r.get("fetched") or {}
+            rows.append([backend_label(b), tool, f"{fmt(wr.get('tx'), '{}')} ({fmt(wr.get('rate'), '{:.0f}')} tx/s)",
+                         fmt(mib(r.get("written_bytes")), "{:.0f}"), fmt(r.get("restore_median_s"), "{:.2f}"),
+                         ", ".join(f"{t:.2f}" for t in r.get("restore_s", [])) or "n/a",
+                         fmt(mib((r.get("replica") or {}).get("bytes")), "{:.0f}")
+                         + f" ({fmt((r.get('replica') or {}).get('files'), '{}')} files)",
+                         fmt(mib(fe.get("get_bytes")), "{:.0f}") if b == "s3" else "-",
+                         fmt(r.get("replica_mib_s"), "{:.0f}"), fmt(r.get("db_mib_s"), "{:.0f}"),
+                         fmt(mib(r.get("restored_db_bytes")), "{:.0f}"),
+                         fmt(r.get("restore_cpu_s"), "{:.2f}") + f" ({fmt(r.get('restore_cpu_pct'), '{:.0f} %')})",
+                         fmt(r.get("server_cpu_pct"), "{:.0f} %") if b == "s3" else "-",
+                         fmt(r.get("restored_matches_source"), "{}"), r.get("error", "")[:80]])
+    return md_table(["replica", "tool", "tx written (rate)", "MiB of rows written", "restore median (s)",
+                     "restore runs (s)", "replica MiB (objects)", "MiB fetched (S3 GET bodies)",
+                     "replica MiB/s", "restored DB MiB/s", "restored DB MiB", "restore CPU s per run (% of wall)",
+                     "S3 server CPU (% of wall)", "matches source", "error"],
+                    rows, ["---", "---"] + ["---:"] * 12 + ["---"])
+
+
+def churn_peer(peer, hc):
+    what = (f"{hc['db_bytes'] / 2**20:.0f} MiB DB + {hc['seconds']} s of {hc['rows_per_tx']}-row churn, "
+            f"median of {hc['runs']}")
+    for b in hc["backends"]:
+        w, l = ((hc.get(b) or {}).get("walship") or {}), ((hc.get(b) or {}).get("litestream") or {})
+        g = lambda r, k, q: mib((r.get(k) or {}).get(q))  # noqa: E731
+        sp = churn_speedup(hc, b)
+        peer.add(f"restore under heavy churn, {backend_label(b)}, {what} (lower is better; speedup = "
+                 f"Litestream / walship = {fmt(sp, '{:.2f}x')})",
+                 w.get("restore_median_s"), l.get("restore_median_s"), "{:.2f} s")
+        peer.add(f"  replica bytes after the churn, {backend_label(b)} (all objects under the replica root)",
+                 g(w, "replica", "bytes"), g(l, "replica", "bytes"), "{:.0f} MiB")
+        if b == "s3":
+            peer.add("  bytes fetched by the restore, S3 (GET bodies)", g(w, "fetched", "get_bytes"),
+                     g(l, "fetched", "get_bytes"), "{:.0f} MiB")
+        peer.add(f"  restore throughput, replica bytes, {backend_label(b)} (higher is better)",
+                 w.get("replica_mib_s"), l.get("replica_mib_s"), "{:.0f} MiB/s")
+        peer.add(f"  restore throughput, restored DB bytes, {backend_label(b)} (higher is better)",
+                 w.get("db_mib_s"), l.get("db_mib_s"), "{:.0f} MiB/s")
+        peer.add(f"  transactions written during the churn, {backend_label(b)}",
+                 (w.get("writer") or {}).get("tx"), (l.get("writer") or {}).get("tx"), "{:,}")
+        peer.add(f"  restore CPU, % of wall time, {backend_label(b)}", w.get("restore_cpu_pct"),
+                 l.get("restore_cpu_pct"), "{:.0f} %")
+        peer.add(f"  restored DB matches source, {backend_label(b)}", w.get("restored_matches_source"),
+                 l.get("restored_matches_source"), "{}", with_ratio=False)
+
+
+def churn_section(results, sec):
+    hc = results["heavy_churn"]
+    rate = f"{hc['rate']:g} tx/s" if hc.get("rate") else "unpaced (as fast as the writer can)"
+    sp = "; ".join(f"{backend_label(b)} {fmt(churn_speedup(hc, b), '{:.2f}x')}" for b in hc["backends"])
+    return ["## Restore under heavy churn", "",
+            f"{hc['db_bytes'] / 2**20:.0f} MiB database ({hc['rows']} rows of {hc['row_bytes']} B, one per page), "
+            f"then {hc['seconds']} s of transactions that each update {hc['rows_per_tx']} random rows spread over "
+            f"the whole file ({rate}), replicated at a {hc['interval']} interval with default snapshot settings, "
+            "so the restore replays all of the churn; graceful stop (walship: SIGTERM; Litestream: 3 s, then "
+            f"SIGTERM), then {hc['runs']} timed restore(s) of the latest state (`--integrity none` for both) "
+            "from a directory replica and from an S3 replica (separate runs, one per backend and tool). Files "
+            "are warm: the page cache is not dropped. Replica bytes = every object under the replica root "
+            "(directory) or prefix (S3) after the stop, snapshot included; on S3 the bytes the restore really "
+            "fetched (GET bodies) come from one more restore through the counting proxy (not timed). MiB/s = "
+            "bytes / median restore time. Restore CPU = user + system seconds of the restore process and its "
+            "threads (RUSAGE_CHILDREN), as % of its wall time (above 100 %: more than one core busy). "
+            "S3 server CPU = rclone's CPU over the timed restores. Each tool's writer runs beside that tool: "
+            "paced, both get the same transactions unless the writer falls behind (see tx written); unpaced, "
+            "the volumes differ, so compare MiB/s as well as seconds.", "",
+            sec["heavy_churn"], "", f"Speedup (Litestream median restore time / walship's): {sp}.", ""]
+
+
 def warnings_section(results):
     lines = []
 
@@ -417,7 +510,7 @@ def warnings_section(results):
                 tag = v.get("config", "") + "/" + v.get("tool", "") + f"/{v.get('trial', i)}" if isinstance(v, dict) \
                     and "trial" in v else str(i)
                 scan(v, f"{where}/{tag}")
-    for k in ("rpo", "overhead", "pitr", "s3_requests", "rto_size", "rto_wal", "s3_restore"):
+    for k in ("rpo", "overhead", "pitr", "s3_requests", "rto_size", "rto_wal", "s3_restore", "heavy_churn"):
         if k in results:
             scan(results[k], k)
     return "\n".join(lines[:60]) if lines else "None: no part reported an error and no tool logged a warning."
@@ -556,6 +649,8 @@ def results_md(results, peer, sec, tgt, plots, rel):
                          ("rto_wal", "Restore time against writes since the snapshot")):
             if plots.get(k):
                 out += [f"![{title}]({rel}{plots[k]})", ""]
+    if "heavy_churn" in sec:
+        out += churn_section(results, sec)
     if "pitr" in sec:
         pi = results["pitr"]
         out += ["## Point-in-time restore", "",

@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 
-from .common import dir_size, kill_hard, log, median, rm_db, run_timed, suspicious_lines, wait_quiet
+from .common import dir_size, kill_hard, log, median, rm_db, run_rusage, run_timed, suspicious_lines, wait_quiet
 from .ctx import start_tool
 from .workload import blob_digest, build_big_db, start_writer, writer_result
 
@@ -26,17 +26,20 @@ CHURN_ROW = 4000
 
 def timed_restores(tool, rep, dst, runs, src_digest, tag, walship_full=True):
     res = {}
-    times = []
+    times, cpu = [], []
     for i in range(runs):
         rm_db(dst)
-        t, r = run_timed(tool.restore_cmd(rep, dst, "none"), env=rep.env())
+        t, r, c = run_rusage(tool.restore_cmd(rep, dst, "none"), env=rep.env())
         if r.returncode != 0:
             raise RuntimeError(f"restore rc={r.returncode}: {(r.stderr or r.stdout).strip()[-400:]}")
         times.append(t)
+        cpu.append(c)
         if i == 0:
             res["restore_output"] = (r.stdout + r.stderr).strip()[-600:]
+            res["restored_db_bytes"] = os.path.getsize(dst)
             res["restored_matches_source"] = blob_digest(dst) == src_digest
     res["restore_s"] = times
+    res["restore_cpu"] = cpu   # user/system seconds of each run (the restore process and its threads)
     res["restore_best_s"] = min(times)
     res["restore_median_s"] = median(times)
     if walship_full and tool.name == "walship":

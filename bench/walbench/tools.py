@@ -80,7 +80,15 @@ class Litestream:
         return (r.stdout + r.stderr).strip()
 
     def start(self, db, rep, interval, logpath):
-        cfg = os.path.join(os.path.dirname(db), "litestream.yml")
+        cfg = self.write_config(db, rep, interval, os.path.join(os.path.dirname(db), "litestream.yml"))
+        logf = open(logpath, "ab")
+        p = subprocess.Popen([self.bin, "replicate", "-config", cfg], stdout=logf,
+                             stderr=subprocess.STDOUT, start_new_session=True, env=rep.env())
+        logf.close()
+        return p
+
+    def write_config(self, db, rep, interval, cfg):
+        """Writes the config for db -> rep to cfg and notes it on rep (restore from S3 goes through it)."""
         # The replica's sync-interval is the interval under test; the database's monitor-interval (how
         # often the WAL is read into local LTX files) is its 1s default, or the interval when shorter.
         monitor = interval if parse_duration(interval) < 1.0 else "1s"
@@ -103,11 +111,7 @@ class Litestream:
                     "    replica:\n" + replica +
                     f"      sync-interval: {interval}\n")
         rep.ls_config, rep.ls_db = cfg, db  # restore from S3 goes through this config
-        logf = open(logpath, "ab")
-        p = subprocess.Popen([self.bin, "replicate", "-config", cfg], stdout=logf,
-                             stderr=subprocess.STDOUT, start_new_session=True, env=rep.env())
-        logf.close()
-        return p
+        return cfg
 
     def restore_cmd(self, rep, out, integrity=None, timestamp=None):
         cmd = [self.bin, "restore", "-o", out]

@@ -2,7 +2,9 @@
 
 The writer is a separate process (`bench/rpo --_writer ...`): Python sqlite3, autocommit connection,
 busy_timeout=5000, synchronous=NORMAL. Each transaction is `BEGIN IMMEDIATE; <txn-size statements>;
-COMMIT` (or one autocommit statement when txn-size is 1), paced at `rate` transactions per second.
+COMMIT` (or one autocommit statement when txn-size is 1), paced at `rate` transactions per second
+(rate 0: unpaced, as fast as the writer can). Mode `churn` updates random rows of the `blobs` table
+instead (one row per statement; with txn-size K, K random rows spread over the whole file per transaction).
 Every row written carries the wall-clock time taken just before the transaction (`creado`, or
 `actualizado` for updates) and the transaction's sequence number (`tx`, or `tx_act`), so the newest
 commit time and the last transaction can be read back from any copy of the data.
@@ -76,7 +78,7 @@ def writer_args(argv):
     ap.add_argument("--db", required=True)
     ap.add_argument("--start-file", required=True)
     ap.add_argument("--mode", default="mixed", choices=("mixed", "churn"))
-    ap.add_argument("--rate", type=float, required=True, help="transactions per second")
+    ap.add_argument("--rate", type=float, required=True, help="transactions per second (0: unpaced)")
     ap.add_argument("--size", type=int, required=True, help="payload bytes per row")
     ap.add_argument("--txn-size", type=int, default=1, help="rows (statements) per transaction")
     ap.add_argument("--duration", type=float, required=True)
@@ -160,7 +162,7 @@ def writer_main(argv):
             pause_log.append({"k": k, "seq": seq, "t_before": t_a, "t_after": t_b, "T": (t_a + t_b) / 2})
             shift += t_b - t_a
             continue
-        target = t0 + shift + seq / a.rate
+        target = t0 + shift + seq / a.rate if a.rate > 0 else now
         if now < target:
             time.sleep(target - now)
         seq += 1
