@@ -791,7 +791,7 @@ public final class Agent {
         let pageSize = t.header.pageSize
         let now = max(commitStamp(t), lastCommitTimeUs)
         if segment == nil {
-            let b = try ObjectBuilder(path: spool.workDir + "/segment.part", key: options.encryptionKey)
+            let b = try ObjectBuilder(path: spool.workDir + "/segment.part", key: options.encryptionKey, level: ObjectBuilder.segmentLevel)
             let e = try SegmentEncoder(pageSize: pageSize) { try b.write($0) }
             segment = OpenSegment(builder: b, encoder: e, firstTxid: lastTxid + 1, firstTimeUs: now)
         }

@@ -167,6 +167,16 @@ public enum Restorer {
         // 0600: a decrypted database must not be readable by others while it is being built
         // (the restored file keeps it; chmod it for the application).
         let file = try RawFile(path: tmp, flags: O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode: 0o600)
+        // Remote replicas: download segments ahead, in parallel, while the snapshot
+        // streams and earlier segments are applied.
+        var prefetcher: SegmentPrefetcher?
+        if let s3 = replica as? S3Replica, !plan.segments.isEmpty {
+            prefetcher = try SegmentPrefetcher(keys: plan.segments.map(\.key), dir: tmp + "-segments") {
+                S3Replica(location: s3.location)
+            }
+        }
+        defer { prefetcher?.finish() }
+
         var offset = 0
         var foreignID: UInt64?
         let snapMeta = try streamObject(replica, key: plan.snapshot.key, expect: .snapshot, encryption: options.encryptionKey,
@@ -201,15 +211,6 @@ public enum Restorer {
         var describe = "snapshot \(plan.snapshot.key)"
         result.snapshotKey = plan.snapshot.key
         let output = try RestoreOutput(file: file, pageSize: pageSize, pages: Int(dbPages))
-
-        // Remote replicas: download segments ahead, in parallel, while earlier ones are applied.
-        var prefetcher: SegmentPrefetcher?
-        if let s3 = replica as? S3Replica, plan.segments.count > 1 {
-            prefetcher = try SegmentPrefetcher(keys: plan.segments.map(\.key), dir: tmp + "-segments") {
-                S3Replica(location: s3.location)
-            }
-        }
-        defer { prefetcher?.finish() }
 
         segments: for (index, seg) in plan.segments.enumerated() {
             var source: Replica = replica
