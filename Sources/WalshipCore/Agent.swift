@@ -182,7 +182,10 @@ public final class Agent {
         var firstTimeUs: Int64
         var count: UInt32 = 0
         var pages = 0
+        var openedUs = monotonicMicroseconds()
     }
+    /// Payload bytes per second of the last segment cut: picks the next one's LZ4 level.
+    private var segmentPayloadRate = 0.0
 
     public init(options: AgentOptions, logger: Logger) {
         self.options = options
@@ -770,6 +773,10 @@ public final class Agent {
                 return
             case .transactions(let txns):
                 for t in txns { try append(t) }
+                if let s = segment, s.builder.level > 0, s.builder.payloadBytes > ObjectBuilder.compressedPayloadLimit,
+                   Double(s.builder.payloadBytes) / max(Double(monotonicMicroseconds() - s.openedUs) / 1e6, 0.001) > Double(ObjectBuilder.compressedRateLimit) {
+                    try cutSegment()
+                }
                 if tailer.hasMore { continue }   // read in bounded slices
                 if let h = tailer.header { visibility?.forget(readTo: tailer.framesInLog, salt1: h.salt1, salt2: h.salt2) }
                 return
@@ -791,7 +798,8 @@ public final class Agent {
         let pageSize = t.header.pageSize
         let now = max(commitStamp(t), lastCommitTimeUs)
         if segment == nil {
-            let b = try ObjectBuilder(path: spool.workDir + "/segment.part", key: options.encryptionKey, level: ObjectBuilder.segmentLevel)
+            let b = try ObjectBuilder(path: spool.workDir + "/segment.part", key: options.encryptionKey,
+                                      level: ObjectBuilder.segmentLevel(payloadBytesPerSecond: segmentPayloadRate))
             let e = try SegmentEncoder(pageSize: pageSize) { try b.write($0) }
             segment = OpenSegment(builder: b, encoder: e, firstTxid: lastTxid + 1, firstTimeUs: now)
         }
@@ -910,6 +918,8 @@ public final class Agent {
         if let seg = segment {
             segment = nil
             try seg.encoder.finish(transactionCount: seg.count, lastTxid: lastTxid, dbChecksum: dbChecksum)
+            let open = max(Double(monotonicMicroseconds() - seg.openedUs) / 1e6, 0.001)
+            segmentPayloadRate = Double(seg.builder.payloadBytes) / open
             let name = SegmentName(generation: state.generation, level: 0, firstTxid: seg.firstTxid, lastTxid: lastTxid,
                                    firstTimeMs: seg.firstTimeUs / 1000, lastTimeMs: lastCommitTimeUs / 1000)
             try seg.builder.finish(ObjectMetadata(kind: .segment, pageSize: state.pageSize, firstTxid: seg.firstTxid, lastTxid: lastTxid,

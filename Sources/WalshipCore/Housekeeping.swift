@@ -111,7 +111,7 @@ final class Housekeeper {
     func compact(_ job: CompactionJob, pageSize: Int?) throws {
         let out = job.output
         let path = workDir + "/compact-\(hex16(XXH64.hash(Array(replica.displayURL.utf8)))).part"
-        let builder = try ObjectBuilder(path: path, key: settings.encryptionKey, level: ObjectBuilder.segmentLevel)
+        let builder = try ObjectBuilder(path: path, key: settings.encryptionKey)
         defer { builder.abandon() }
         try SegmentMerger.merge(job.inputs, from: replica, into: builder, output: out, squash: job.squash,
                                 encryption: settings.encryptionKey)
