@@ -78,13 +78,24 @@ public struct PageWindow {
     }
 }
 
-/// A page as a delta against its previous version: runs of changed bytes, each
-/// `skip u16 | length u16 | bytes`, where `skip` counts unchanged bytes since the previous
-/// run's end (or the page's start) and `length` is at least 1.
+/// A page as a delta against its previous version: a sequence of runs, each
+/// `skip u16 | word u16 | ...`. `skip` counts unchanged bytes since the previous run's end (or
+/// the page's start). A `word` below 0x8000 is a *literal* run: that many new bytes follow (at
+/// least 1). A `word` of 0x8000 or more is a *copy* run: `src u16` follows, and the next
+/// `word - 0x8000` bytes (at least 1) are those of the previous version at offset `src`. Copy
+/// runs carry what SQLite moves inside a page, the cell pointer array that an insert or a
+/// delete in the middle of a b-tree page shifts by two bytes. Bytes after the last run are
+/// unchanged.
 public enum PageDelta {
     public static let runHeaderSize = 4
+    public static let copyRunSize = 6
+    static let maxRun = 0x7FFF
     /// Unchanged gaps up to this long are carried inside a run: cheaper than a run header.
     static let mergeGap = 8
+    /// Shorter stretches stay literal: a copy run costs more than its header.
+    static let minCopy = 12
+    /// The shifts a copy run is looked for at (a cell pointer is 2 bytes).
+    static let shifts = [2, -2, 4, -4]
 
     /// Appends the delta from `old` to `new` (same size) to `out`; returns false (leaving
     /// `out` as it was) when it would be no smaller than `limit` bytes.
@@ -96,13 +107,23 @@ public enum PageDelta {
         var pos = 0          // end of the previous run
         var i = 0
         let words = size / 8
+        func u16(_ v: Int) { out.append(UInt8(v & 0xff)); out.append(UInt8(v >> 8)) }
+        func literal(_ from: Int, _ to: Int) {
+            var a = from
+            while a < to {
+                let n = min(to - a, maxRun)
+                u16(a - pos); u16(n)
+                out.append(contentsOf: UnsafeRawBufferPointer(rebasing: new[a..<a + n]))
+                a += n; pos = a
+            }
+        }
         while i < size {
             // Skip equal bytes, a word at a time while aligned.
             if i % 8 == 0 && i / 8 < words && old.loadUnaligned(fromByteOffset: i, as: UInt64.self) == new.loadUnaligned(fromByteOffset: i, as: UInt64.self) {
                 i += 8; continue
             }
             if old[i] == new[i] { i += 1; continue }
-            // A run starts at i; it ends where mergeGap equal bytes in a row begin, or at the end.
+            // A changed stretch starts at i; it ends where mergeGap equal bytes in a row begin.
             var end = i + 1
             var equal = 0
             var j = i + 1
@@ -117,38 +138,64 @@ public enum PageDelta {
                 }
                 j += 1
             }
-            var runStart = i
-            while runStart < end {
-                let length = min(end - runStart, 0xFFFF)
-                let skip = runStart - pos
-                guard skip <= 0xFFFF, out.count - start + runHeaderSize + length < limit else {
-                    out.removeSubrange(start...); return false
+            // Within the stretch: copy runs where it is the old bytes shifted, literals elsewhere.
+            var k = i, lit = i
+            while k < end {
+                var best = 0, bestSrc = 0
+                if end - k >= minCopy {
+                    for d in shifts {
+                        let src = k - d
+                        guard src >= 0, src + minCopy <= size else { continue }
+                        var m = 0
+                        let most = min(end - k, size - src, maxRun)
+                        while m < most && new[k + m] == old[src + m] { m += 1 }
+                        if m > best { best = m; bestSrc = src }
+                    }
                 }
-                out.append(UInt8(skip & 0xff)); out.append(UInt8(skip >> 8))
-                out.append(UInt8(length & 0xff)); out.append(UInt8(length >> 8))
-                out.append(contentsOf: UnsafeRawBufferPointer(rebasing: new[runStart..<runStart + length]))
-                runStart += length; pos = runStart
+                if best >= minCopy {
+                    literal(lit, k)
+                    u16(k - pos); u16(0x8000 | best); u16(bestSrc)
+                    k += best; pos = k; lit = k
+                } else {
+                    k += 1
+                }
             }
+            literal(lit, end)
+            if out.count - start >= limit { out.removeSubrange(start...); return false }
             i = end
         }
         return true
     }
 
-    /// Applies a delta to `page` in place. Throws on a run that leaves the page or is empty,
-    /// or on a delta that ends inside a run header.
-    public static func apply(_ delta: UnsafeRawBufferPointer, to page: UnsafeMutableRawBufferPointer, name: String) throws {
+    /// Applies a delta to `page` in place; copy runs read `previous`, the page as it was before
+    /// (the caller's copy: earlier runs may already have changed `page`). Throws on a run that
+    /// is empty or leaves the page or the delta.
+    public static func apply(_ delta: UnsafeRawBufferPointer, to page: UnsafeMutableRawBufferPointer,
+                             previous: UnsafeRawBufferPointer, name: String) throws {
         var pos = 0, at = 0
+        func bad(_ what: String) -> FormatError { .corrupt("\(name): page delta \(what)") }
         while at < delta.count {
-            guard delta.count - at >= runHeaderSize else { throw FormatError.corrupt("\(name): page delta ends inside a run header") }
+            guard delta.count - at >= runHeaderSize else { throw bad("ends inside a run header") }
             let skip = Int(delta[at]) | Int(delta[at + 1]) << 8
-            let length = Int(delta[at + 2]) | Int(delta[at + 3]) << 8
+            let word = Int(delta[at + 2]) | Int(delta[at + 3]) << 8
             at += runHeaderSize
-            guard length > 0, pos + skip + length <= page.count, delta.count - at >= length else {
-                throw FormatError.corrupt("\(name): page delta run (skip \(skip), length \(length)) leaves the page or the record")
+            let count = word & maxRun
+            guard count > 0, pos + skip + count <= page.count else {
+                throw bad("run (skip \(skip), \(count) bytes) is empty or leaves the page")
             }
             pos += skip
-            page.baseAddress!.advanced(by: pos).copyMemory(from: delta.baseAddress!.advanced(by: at), byteCount: length)
-            pos += length; at += length
+            if word & 0x8000 == 0 {
+                guard delta.count - at >= count else { throw bad("literal of \(count) bytes runs past the record") }
+                page.baseAddress!.advanced(by: pos).copyMemory(from: delta.baseAddress!.advanced(by: at), byteCount: count)
+                at += count
+            } else {
+                guard delta.count - at >= 2 else { throw bad("ends inside a copy run") }
+                let src = Int(delta[at]) | Int(delta[at + 1]) << 8
+                at += 2
+                guard src + count <= previous.count else { throw bad("copy of \(count) bytes from offset \(src) leaves the page") }
+                page.baseAddress!.advanced(by: pos).copyMemory(from: previous.baseAddress!.advanced(by: src), byteCount: count)
+            }
+            pos += count
         }
     }
 }

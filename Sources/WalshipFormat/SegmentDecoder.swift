@@ -25,6 +25,7 @@ public struct SegmentDecoder {
     private var pageNumber: UInt32 = 0
     private var deltaLength: Int?
     private var window: PageWindow?
+    private var previous: [UInt8] = []
     public let name: String
 
     public init(name: String = "segment") { self.name = name }
@@ -105,7 +106,11 @@ public struct SegmentDecoder {
                 throw FormatError.corrupt("\(name): a delta for page \(pg), which is not in the object's page window")
             }
             let n = name
-            try window!.withMutableSlot(slot) { try PageDelta.apply(body, to: $0, name: n) }
+            // Copy runs read the previous version as it was: keep it aside first.
+            window!.withSlot(slot) { old in previous.withUnsafeMutableBytes { $0.copyMemory(from: old) } }
+            try previous.withUnsafeBytes { old in
+                try window!.withMutableSlot(slot) { try PageDelta.apply(body, to: $0, previous: old, name: n) }
+            }
             _ = window!.admit(pg)
         }
         let slot = window!.slot(of: pg)!
@@ -129,6 +134,7 @@ public struct SegmentDecoder {
                     throw FormatError.corrupt("\(name): a page window of \(pages) pages of \(pageSize) bytes (at most \(SegmentCodec.maxWindowBytes >> 20) MiB is read)")
                 }
                 window = PageWindow(capacity: pages, pageSize: pageSize)
+                previous = [UInt8](repeating: 0, count: pageSize)
             }
             expect = .txnOrTrailer
             try handle(.begin(pageSize: pageSize))

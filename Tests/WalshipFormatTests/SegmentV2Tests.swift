@@ -61,6 +61,16 @@ final class SegmentV2Tests: XCTestCase {
                 switch r.below(10) {
                 case 0: for k in 0..<pageSize { page[k] = UInt8(truncatingIfNeeded: r.next()) }
                 case 1: break   // written again unchanged
+                case 2, 3:
+                    // An insert into a sorted array: the tail moves by two bytes, as SQLite's
+                    // cell pointer array does (and a delete moves it back).
+                    let from = r.below(pageSize / 2), to = from + 16 + r.below(pageSize / 2 - 16)
+                    if r.below(2) == 0 {
+                        for k in stride(from: to - 1, through: from + 2, by: -1) { page[k] = page[k - 2] }
+                        page[from] = UInt8(truncatingIfNeeded: r.next()); page[from + 1] = UInt8(truncatingIfNeeded: r.next())
+                    } else {
+                        for k in from..<(to - 2) { page[k] = page[k + 2] }
+                    }
                 default:
                     for _ in 0..<(1 + r.below(6)) {
                         let at = r.below(pageSize), n = min(pageSize - at, 1 + r.below(40))
@@ -111,6 +121,29 @@ final class SegmentV2Tests: XCTestCase {
         // Per transaction: its header (32), a page record header (8), two runs (2 x 5), a checksum (8).
         XCTAssertLessThanOrEqual(bytes.count, 16 + 32 + 8 + 4096 + 8 + 99 * (32 + 8 + 2 * 5 + 8) + 24)
         assertSame(try decode(bytes, chunk: 100), history, "edits")
+    }
+
+    func testAShiftedPointerArrayIsACopyRunNotALiteral() throws {
+        var old = [UInt8](repeating: 0, count: 4096)
+        for k in 8..<1208 { old[k] = UInt8(truncatingIfNeeded: k &* 131 &+ k >> 3) }   // 600 "pointers"
+        var new = old
+        for k in stride(from: 1209, through: 302, by: -1) { new[k] = old[k - 2] }      // insert at 300
+        new[300] = 0xAB; new[301] = 0xCD
+        var delta: [UInt8] = []
+        let smaller = old.withUnsafeBytes { o in new.withUnsafeBytes { n in PageDelta.encode(from: o, to: n, limit: 4000, into: &delta) } }
+        XCTAssertTrue(smaller)
+        XCTAssertLessThan(delta.count, 40, "a 2-byte insert costs a literal and a copy run, not 900 bytes")
+        var page = old
+        try delta.withUnsafeBytes { d in try old.withUnsafeBytes { o in try page.withUnsafeMutableBytes { try PageDelta.apply(d, to: $0, previous: o, name: "t") } } }
+        XCTAssertEqual(page, new)
+    }
+
+    func testCopyRunsThatLeaveThePageAreCorrupt() {
+        let old = [UInt8](repeating: 1, count: 512)
+        for run: [UInt8] in [[0, 0, 0x10, 0x80, 0xF8, 0x01], [0, 0, 0x00, 0x80, 0, 0], [0, 0, 0x10, 0x80, 0]] {
+            var page = old
+            XCTAssertThrowsError(try run.withUnsafeBytes { d in try old.withUnsafeBytes { o in try page.withUnsafeMutableBytes { try PageDelta.apply(d, to: $0, previous: o, name: "t") } } }, "\(run)")
+        }
     }
 
     func testThePageWindowEvictsTheLeastRecentlyWrittenPage() {
