@@ -3,6 +3,7 @@ import PackageDescription
 
 // Module layout (see docs/ARCHITECTURE.md):
 //   CSQLite / CLZ4 / CCurl / CCrypto   system libraries, each imported by exactly one Swift module
+//   CLinux                   two Linux calls Glibc does not import (filesystem type, zero range)
 //   WalshipFormat            pure formats: WAL parsing, checksums, segment/snapshot encoding, names, time
 //   WalshipLZ4 / WalshipSQLite / WalshipCurl / WalshipCrypto   thin owners of the C handles
 //   WalshipCore              agent (capture, spool, shipping), replicas, restore, list
@@ -26,13 +27,14 @@ let package = Package(
                        providers: [.apt(["libcurl4-openssl-dev"])]),
         .systemLibrary(name: "CCrypto", path: "Sources/CCrypto", pkgConfig: "libcrypto",
                        providers: [.apt(["libssl-dev"])]),
+        .systemLibrary(name: "CLinux", path: "Sources/CLinux"),
         .target(name: "WalshipFormat"),
         .target(name: "WalshipLZ4", dependencies: ["CLZ4"]),
         .target(name: "WalshipSQLite", dependencies: ["CSQLite"]),
         .target(name: "WalshipCurl", dependencies: ["CCurl", "WalshipFormat"]),
         .target(name: "WalshipCrypto", dependencies: ["CCrypto"]),
         .target(name: "WalshipCore", dependencies: [
-            "WalshipFormat", "WalshipLZ4", "WalshipSQLite", "WalshipCurl", "WalshipCrypto",
+            "WalshipFormat", "WalshipLZ4", "WalshipSQLite", "WalshipCurl", "WalshipCrypto", "CLinux",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "walship", dependencies: [

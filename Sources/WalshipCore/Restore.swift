@@ -21,6 +21,12 @@ public struct RestoreOptions {
     /// The database the replica must belong to (`--database-id`). Without it, the snapshot's
     /// id is taken, and every segment applied after it must carry the same.
     public var databaseID: UInt64?
+    /// Speed over defence in depth, for the `restore` command: build the database through a
+    /// memory mapping (RestoreOutput) and skip LZ4's content checksums (the whole-database
+    /// checksum still covers every page restored). Drills and `verify` keep both off: a
+    /// mapping's I/O errors are signals, and a drill must notice a damaged object even where
+    /// later history overwrites the damage.
+    public var fast = false
     public init() {}
 }
 
@@ -32,6 +38,7 @@ public enum RestoreError: Error, CustomStringConvertible {
     case checksumMismatch(expected: UInt64, actual: UInt64, after: String)
     case integrityFailed(String)
     case chainBroken(String)
+    case noRoom(String)
 
     public var description: String {
         switch self {
@@ -42,6 +49,7 @@ public enum RestoreError: Error, CustomStringConvertible {
             return "restored database checksum \(hex16(a)) does not match the recorded \(hex16(e)) after \(after): the replica is corrupt; nothing was written"
         case .integrityFailed(let s): return "PRAGMA integrity_check failed on the restored database: \(s); nothing was written"
         case .chainBroken(let s): return s
+        case .noRoom(let s): return "\(s): free some space, or restore elsewhere (-o)"
         }
     }
 }
@@ -180,7 +188,7 @@ public enum Restorer {
         var offset = 0
         var foreignID: UInt64?
         let snapMeta = try streamObject(replica, key: plan.snapshot.key, expect: .snapshot, encryption: options.encryptionKey,
-                                    allowUnencrypted: options.allowUnencrypted, frameChecksum: false, onMetadata: { m in
+                                    allowUnencrypted: options.allowUnencrypted, frameChecksum: !options.fast, onMetadata: { m in
             if let why = m.mismatch(snapshot: plan.snapshot) {
                 throw ObjectError(key: plan.snapshot.key, replica: replica.displayURL, problem: why)
             }
@@ -210,7 +218,7 @@ public enum Restorer {
         var dbPages = snapMeta.dbPages
         var describe = "snapshot \(plan.snapshot.key)"
         result.snapshotKey = plan.snapshot.key
-        let output = try RestoreOutput(file: file, pageSize: pageSize, pages: Int(dbPages))
+        let output = try RestoreOutput(file: file, pageSize: pageSize, pages: Int(dbPages), map: options.fast)
 
         segments: for (index, seg) in plan.segments.enumerated() {
             var source: Replica = replica
@@ -226,7 +234,7 @@ public enum Restorer {
             // tag authenticates the whole of it, metadata included. Without one, reading stops.
             let readToEnd = options.encryptionKey != nil
             let meta = try streamObject(source, key: seg.key, expect: .segment, encryption: options.encryptionKey,
-                                    allowUnencrypted: options.allowUnencrypted, frameChecksum: false, onMetadata: { m in
+                                    allowUnencrypted: options.allowUnencrypted, frameChecksum: !options.fast, onMetadata: { m in
                 if let why = m.mismatch(segment: seg) { throw ObjectError(key: seg.key, replica: replica.displayURL, problem: why) }
                 if let why = m.mismatch(database: databaseID) {
                     throw ObjectError(key: seg.key, replica: replica.displayURL, problem: "\(why), whose snapshot \(plan.snapshot.key) it would be applied to")
@@ -262,7 +270,7 @@ public enum Restorer {
                             if readToEnd { return } else { throw StopStreaming() }
                         default: break
                         }
-                        if let m = t.truncateFirstTo { output.truncate(toPages: Int(m)) }
+                        if let m = t.truncateFirstTo { try output.truncate(toPages: Int(m)) }
                         current = t
                     case .page(let pgno, let bytes):
                         // A page beyond the size the record leaves is cut off when it ends.
@@ -271,7 +279,7 @@ public enum Restorer {
                     case .commit(let sum):
                         if skipping { return }
                         guard let t = current else { return }
-                        output.truncate(toPages: Int(t.dbPages))
+                        try output.truncate(toPages: Int(t.dbPages))
                         applied = t.lastTxid; expectedChecksum = sum; commitTime = t.commitTimeUs; dbPages = t.dbPages
                         result.transactionsApplied += Int(t.lastTxid - t.txid + 1)
                         current = nil

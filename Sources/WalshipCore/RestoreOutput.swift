@@ -2,29 +2,45 @@
 import Glibc
 #endif
 import WalshipFormat
+import CLinux
 
-/// The database file a restore builds, mapped into memory once its snapshot is written. A page
-/// write is then a copy, not a system call: replaying history that rewrites the same pages
-/// many times costs what the copies cost.
+/// The database file a restore builds, past its snapshot: pages written, truncations, and the
+/// final length.
 ///
-/// The file is allocated (`posix_fallocate`) ahead of every range the mapping covers, after a
-/// check that the filesystem has the room: running out of disk is an error from that call,
-/// never a fault while copying, and a replica that claims an absurd size fails before it
-/// fills the disk. Truncation zeroes the pages it removes (the file keeps its length until
-/// `finish`), which is what a database that grows back over them would read.
+/// Mapped (the `walship restore` command, on ext4, XFS or tmpfs): the file is mapped into
+/// memory and a page write is a copy, not a system call, so replaying history that rewrites
+/// the same pages many times costs what the copies cost. Every range the mapping covers is
+/// allocated first (`posix_fallocate`, after checking the room), and those filesystems
+/// overwrite allocated blocks in place, so running out of disk is an error from that call,
+/// never a fault while copying. A disk that fails a read while a page is brought in would
+/// still end the process (SIGBUS): that is why the agent's own drills, which run inside the
+/// agent, and filesystems that copy on write (btrfs, ZFS) use plain writes instead.
+///
+/// Written: one `pwrite` per page, as before mapping existed.
 final class RestoreOutput {
     let file: RawFile
     let pageSize: Int
     private var base: UnsafeMutableRawPointer?
-    /// The file's length and the mapping's, in pages (all allocated).
+    /// Pages mapped; the file's length is at least this (all allocated).
     private var mappedPages = 0
-    /// Pages at or above this hold zeros.
+    /// The file's length in bytes.
+    private var fileBytes: Int
+    /// Pages at or above this hold zeros (or are past the end of the file).
     private var highWater: Int
+    let mapped: Bool
+
+    /// Filesystems that allocate with `posix_fallocate` natively and overwrite in place.
+    static func mappable(_ file: RawFile) -> Bool {
+        let ext4 = 0xEF53, xfs = 0x5846_5342, tmpfs = 0x0102_1994
+        return [ext4, xfs, tmpfs].contains(walship_filesystem_type(file.fd))
+    }
 
     /// `pages`: what the file holds now (the snapshot).
-    init(file: RawFile, pageSize: Int, pages: Int) throws {
+    init(file: RawFile, pageSize: Int, pages: Int, map: Bool) throws {
         self.file = file; self.pageSize = pageSize; self.highWater = pages
-        try grow(toCover: pages)
+        self.fileBytes = pages * pageSize
+        self.mapped = map && RestoreOutput.mappable(file)
+        if mapped && pages > 0 { try remap(pages) }
     }
 
     deinit { unmap() }
@@ -33,37 +49,53 @@ final class RestoreOutput {
         if let b = base { munmap(b, mappedPages * pageSize); base = nil }
     }
 
-    /// Extends the file and the mapping to at least `pages` pages, with headroom.
-    private func grow(toCover pages: Int) throws {
-        guard pages > mappedPages || base == nil else { return }
-        let want = max(pages, mappedPages + mappedPages / 4, (64 << 20) / pageSize)
-        let from = mappedPages * pageSize, to = want * pageSize
-        if to > from {
-            if let room = FS.space(of: file.path), Int64(to - from) > room.available {
-                throw SystemError(errno: ENOSPC, context: "the restore needs \(to - from) more bytes for \(file.path); its filesystem has \(room.available)")
+    /// Grows the file (allocated) and the mapping to `pages`.
+    private func remap(_ pages: Int) throws {
+        let to = pages * pageSize
+        if to > fileBytes {
+            if let room = FS.space(of: file.path), Int64(to - fileBytes) > room.available {
+                throw RestoreError.noRoom("the restored database needs \(to - fileBytes) more bytes in \(FS.dirname(file.path)), which has \(room.available) free")
             }
-            let rc = posix_fallocate(file.fd, off_t(from), off_t(to - from))
+            let rc = posix_fallocate(file.fd, off_t(fileBytes), off_t(to - fileBytes))
             if rc != 0 { throw SystemError(errno: rc, context: "allocate \(to) bytes for \(file.path)") }
+            fileBytes = to
         }
         unmap()
         let p = mmap(nil, to, PROT_READ | PROT_WRITE, MAP_SHARED, file.fd, 0)
         guard let p, p != MAP_FAILED else { throw SystemError.last("map \(to) bytes of \(file.path)") }
         base = p
-        mappedPages = want
+        mappedPages = pages
     }
 
     func write(page: UInt32, _ bytes: UnsafeRawBufferPointer) throws {
         precondition(bytes.count == pageSize)
         let index = Int(page) - 1
-        if index >= mappedPages { try grow(toCover: index + 1) }
-        base!.advanced(by: index * pageSize).copyMemory(from: bytes.baseAddress!, byteCount: pageSize)
+        if mapped {
+            if index >= mappedPages {
+                // Headroom: a quarter more, at most 64 MiB, so growth remaps rarely.
+                try remap(index + 1 + min((index + 1) / 4, (64 << 20) / pageSize))
+            }
+            base!.advanced(by: index * pageSize).copyMemory(from: bytes.baseAddress!, byteCount: pageSize)
+        } else {
+            try file.write(at: index * pageSize, bytes)
+            fileBytes = max(fileBytes, (index + 1) * pageSize)
+        }
         if index >= highWater { highWater = index + 1 }
     }
 
     /// Everything from page `pages + 1` on is gone: it reads as zeros from now on.
-    func truncate(toPages pages: Int) {
+    func truncate(toPages pages: Int) throws {
         guard pages < highWater else { return }
-        base!.advanced(by: pages * pageSize).initializeMemory(as: UInt8.self, repeating: 0, count: (highWater - pages) * pageSize)
+        if !mapped {
+            try file.truncate(to: pages * pageSize)
+            fileBytes = pages * pageSize
+        } else {
+            let from = pages * pageSize, count = (highWater - pages) * pageSize
+            // Large ranges are zeroed by the filesystem, keeping their blocks allocated.
+            if count < (1 << 20) || walship_zero_range(file.fd, Int64(from), Int64(count)) != 0 {
+                base!.advanced(by: from).initializeMemory(as: UInt8.self, repeating: 0, count: count)
+            }
+        }
         highWater = pages
     }
 
@@ -71,5 +103,6 @@ final class RestoreOutput {
     func finish(pages: Int) throws {
         unmap()
         try file.truncate(to: pages * pageSize)
+        fileBytes = pages * pageSize
     }
 }

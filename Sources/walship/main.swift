@@ -277,6 +277,7 @@ struct Restore: ParsableCommand {
     func run() throws {
         log.bootstrap()
         var o = RestoreOptions()
+        o.fast = true
         o.target = try point.target()
         o.force = force; o.ifNotExists = ifNotExists; o.ifReplicaExists = ifReplicaExists
         o.allowUnencrypted = key.allowUnencrypted

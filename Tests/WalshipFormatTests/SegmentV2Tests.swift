@@ -163,6 +163,25 @@ final class SegmentV2Tests: XCTestCase {
         XCTAssertThrowsError(try d.feed(p) { _ in }) { XCTAssertTrue("\($0)".contains("not in the object's page window"), "\($0)") }
     }
 
+    func testADeltaForAnEvictedPageIsCorrupt() throws {
+        // Window of 2: pages 1, 2, 3 written whole; page 1 is the least recently written, so
+        // it has left the window when page 3 came in, and a delta for it has no base.
+        var p = SegmentCodec.header(pageSize: 512, windowPages: 2)
+        p += SegmentCodec.transactionHeader(TransactionHeader(txid: 1, commitTimeUs: 0, dbPages: 3, pageCount: 4))
+        for pg: UInt8 in [1, 2, 3] { p += [pg, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF] + [UInt8](repeating: pg, count: 512) }
+        var q = p
+        p += [1, 0, 0, 0, 5, 0, 0, 0] + [0, 0, 1, 0, 9]
+        var d = SegmentDecoder(name: "evicted")
+        XCTAssertThrowsError(try d.feed(p) { _ in }) { XCTAssertTrue("\($0)".contains("not in the object's page window"), "\($0)") }
+        // The same delta for page 2, still in the window, applies.
+        q += [2, 0, 0, 0, 5, 0, 0, 0] + [0, 0, 1, 0, 9] + SegmentCodec.transactionChecksum(1)
+        var e = SegmentDecoder(name: "kept")
+        var last: [UInt8] = []
+        try e.feed(q) { if case .page(2, let b) = $0 { last = Array(b) } }
+        XCTAssertEqual(last.first, 9)
+        XCTAssertEqual(last[1], 2)
+    }
+
     func testDeltaRunsThatLeaveThePageAreCorrupt() throws {
         for run: [UInt8] in [[0xFF, 0x01, 4, 0, 1, 2, 3, 4], [0, 0, 0, 0], [0, 0, 9, 0, 1], [0, 0]] {
             var p = SegmentCodec.header(pageSize: 512, windowPages: 4)

@@ -37,9 +37,32 @@ public func fuzzOne(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
             _ = m.mismatch(key: "generations/\(m.generation)/snapshots/\(hex16(m.lastTxid))-\(m.lastTimeUs / 1000).snap.lz4")
             _ = m.encoded()
         }
-    case 1:   // segment decoding
+    case 1:   // segment decoding, and page deltas: encoding then applying gives the page back
         var d = SegmentDecoder(name: "fuzz")
         do { try inTwoPieces(input) { try d.feed($0) { _ in } }; try d.finish() } catch {}
+        // Two 512-byte pages from the input: the second is the first with the input's later
+        // bytes written over it at input-chosen places (edits, shifts and rewrites alike).
+        var old = [UInt8](repeating: 0, count: 512)
+        for (i, b) in input.prefix(512).enumerated() { old[i] = b }
+        var new = old
+        var at = 512
+        while at + 3 <= input.count {
+            let offset = Int(input[at]) * 2, shift = Int(input[at + 1] % 5) - 2, length = Int(input[at + 2] % 64)
+            at += 3
+            for k in 0..<length where offset + k < 512 && offset + k + shift >= 0 && offset + k + shift < 512 {
+                new[offset + k] = old[offset + k + shift] ^ (at + k < input.count ? input[at + k] & 1 : 0)
+            }
+            at += length / 8
+        }
+        var delta: [UInt8] = []
+        let encoded = old.withUnsafeBytes { o in new.withUnsafeBytes { n in PageDelta.encode(from: o, to: n, limit: 448, into: &delta) } }
+        if encoded {
+            var page = old
+            do {
+                try delta.withUnsafeBytes { dd in try old.withUnsafeBytes { o in try page.withUnsafeMutableBytes { try PageDelta.apply(dd, to: $0, previous: o, name: "fuzz") } } }
+            } catch { fatalError("a delta walship encoded does not apply: \(error)") }
+            if page != new { fatalError("a delta walship encoded gives another page back") }
+        }
     case 2:   // sealed streams: metadata, then chunks
         let metaSize = ObjectMetadata.encodedSize
         guard input.count >= metaSize else { return 0 }
