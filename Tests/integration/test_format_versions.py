@@ -10,6 +10,7 @@ import json
 import shutil
 import sqlite3
 import struct
+import subprocess
 
 import pytest
 
@@ -55,7 +56,6 @@ def test_every_restore_point_of_a_version_1_replica_restores_as_it_did(tmp_path,
 
 def segment_payload_version(path):
     """The version word of a segment payload, read through `lz4 -d` (plain objects only)."""
-    import subprocess
     raw = path.read_bytes()
     magic, size = struct.unpack_from("<II", raw, 0)
     assert magic == 0x184D2A57
@@ -86,3 +86,49 @@ def test_the_fixture_is_version_1_and_new_segments_are_written_in_version_2(tmp_
     out = tmp_path / "latest.db"
     run_walship("restore", f"file://{root}", "-o", out, check=True)
     assert dump(out) == dump(db)
+
+
+def test_verify_finds_a_damaged_snapshot_page_that_later_history_overwrites(tmp_path, agent_factory):
+    """A restore of the latest state does not need the damaged page (a segment rewrites it) and
+    succeeds; `verify` must still report the snapshot as damaged: its own restore point is gone."""
+    db = tmp_path / "app.db"
+    c = sqlite3.connect(db, isolation_level=None)
+    c.execute("PRAGMA journal_mode=WAL")
+    c.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v INTEGER, b BLOB)")
+    c.executemany("INSERT INTO t(v, b) VALUES (?, randomblob(3000))", [(i,) for i in range(40)])
+    c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    root = tmp_path / "replica"
+    agent = agent_factory(db, [f"file://{root}"], ["--sync-interval", "100ms"])
+    agent.start()
+    agent.wait_ready()
+    c.execute("UPDATE t SET b = randomblob(3000) WHERE id = 20")   # its page is written whole
+    c.close()
+    agent.stop()
+    seg = next(root.glob("generations/*/segments/0/*.seg.lz4"))
+    payload = subprocess.run(["lz4", "-dc"], input=seg.read_bytes(), capture_output=True, check=True).stdout
+    assert payload[:4] == b"WSEG"
+    page_size = struct.unpack_from("<I", payload, 8)[0]
+    pages = []
+    o, count = 16, struct.unpack_from("<I", payload, 20)[0]
+    o += 32
+    for _ in range(count):
+        pg, length = struct.unpack_from("<II", payload, o)
+        o += 8 + (page_size if length == 0xFFFFFFFF else length)
+        pages.append(pg)
+    snap = next(root.glob("generations/*/snapshots/*.snap.lz4"))
+    plain = subprocess.run(["lz4", "-dc"], input=snap.read_bytes(), capture_output=True, check=True).stdout
+    raw = bytearray(snap.read_bytes())
+    for pg in pages:   # a stretch of random bytes of a rewritten page, found as a literal
+        needle = plain[(pg - 1) * page_size + 1500:(pg - 1) * page_size + 1524]
+        at = raw.find(needle)
+        if at > 0:
+            raw[at + 8] ^= 0x40
+            break
+    else:
+        pytest.fail("no rewritten page of the snapshot was found in its compressed bytes")
+    snap.write_bytes(bytes(raw))
+    out = tmp_path / "latest.db"
+    run_walship("restore", f"file://{root}", "-o", out, check=True)   # the damage is overwritten
+    p = run_walship("verify", f"file://{root}", "--scrub", "all")
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "contentChecksum_invalid" in p.stdout + p.stderr or "checksum" in p.stdout + p.stderr
