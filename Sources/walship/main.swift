@@ -24,7 +24,7 @@ struct Walship: ParsableCommand {
         (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or the config file).
         Durations: 500ms, 1s, 15m, 24h, 7d. Timestamps: RFC 3339 (2024-12-14T14:00:00Z).
         """,
-        version: "0.1.0",
+        version: "0.2.0",
         subcommands: [Replicate.self, Restore.self, List.self, Snapshot.self, Verify.self, Status.self]
     )
 }

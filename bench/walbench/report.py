@@ -209,13 +209,20 @@ def summarize(results):
                      lq.get("requests_per_day"), "{:,.0f}")
             peer.add(f"S3 request cost per day, {cfg['interval']}", wq.get("cost_usd_per_day"),
                      lq.get("cost_usd_per_day"), "${:.3f}")
-            peer.add(f"bytes uploaded per day, {cfg['interval']}", wq.get("upload_gb_per_day"),
+            peer.add(f"bytes uploaded per day, {cfg['interval']}, from the RPO trials (writer start to kill; "
+                     "biased against a tool that uploads once per interval)", wq.get("upload_gb_per_day"),
                      lq.get("upload_gb_per_day"), "{:.1f} GB")
         if rows:
             sec["cost"] = md_table(["interval", "tool", "seconds counted", "shipping PUTs per interval",
                                     "requests per day by type", "requests per day", "request cost per day",
                                     "uploaded GB per day", "storage of one day's uploads, per month"],
                                    rows, ["---", "---"] + ["---:"] * 2 + ["---"] + ["---:"] * 4)
+
+    # ---------------------------------------------------------------- bytes uploaded per day, steady (s3-bytes)
+    sb = results.get("s3_bytes")
+    if sb:
+        s3_bytes_peer(peer, sb)
+        sec["s3_bytes"], sec["s3_bytes_levels"] = s3_bytes_tables(sb)
 
     # ---------------------------------------------------------------- steady S3 requests (1s)
     req = results.get("s3_requests")
@@ -444,6 +451,62 @@ def churn_table(hc):
                     rows, ["---", "---"] + ["---:"] * 12 + ["---"])
 
 
+def s3_bytes_runs(sb):
+    """(interval, W, {tool: result}) per interval of the s3-bytes part."""
+    for iv in sb["intervals"]:
+        per = sb["runs"].get(iv) or {}
+        w = next((r["writes_s"] for r in per.values() if r.get("writes_s")), None)
+        yield iv, w, per
+
+
+def s3_bytes_peer(peer, sb):
+    for iv, w, per in s3_bytes_runs(sb):
+        a, b = per.get("walship") or {}, per.get("litestream") or {}
+        peer.add(f"bytes uploaded per day (steady, {fmt(w, '{:.0f}')} s of writes then drained), {iv}",
+                 a.get("gb_per_day"), b.get("gb_per_day"), "{:.1f} GB")
+        peer.add(f"  of which level-0 (shipping) PUTs, {iv}", a.get("level0_gb_per_day"),
+                 b.get("level0_gb_per_day"), "{:.1f} GB")
+        peer.add(f"  bytes uploaded per transaction (steady), {iv}", a.get("bytes_per_tx"), b.get("bytes_per_tx"),
+                 "{:,.0f} B")
+
+
+def s3_bytes_tables(sb):
+    rows, lv_rows = [], []
+    for iv, _, per in s3_bytes_runs(sb):
+        for tool in TOOLS:
+            r = per.get(tool)
+            if r is None:
+                continue
+            if "error" in r:
+                rows.append([iv, tool, "error: " + r["error"][:80]] + [""] * 11)
+                continue
+            wr = r["writer"]
+            bo = r["put_bytes_by_op"]
+            other = sum(v for k, v in bo.items() if k != "PUT")
+            ops = " ".join(f"{k} {v}" for k, v in sorted(r["by_op"].items()))
+            rows.append([iv, tool, f"{wr['tx']:,} ({wr['rate']:.0f}/s)", f"{r['seconds']:.1f}",
+                         f"{r['idle_before_sigterm_s']:.0f} + {r['stop_s']:.1f}",
+                         f"{r['shipping_puts']} / {r['puts'] - r['shipping_puts']}",
+                         f"{bo.get('PUT', 0) / 2**20:.2f} / {other / 2**20:.2f}", fmt(r["bytes_per_tx"], "{:,.0f}"),
+                         f"{r['gb_per_day']:.2f}", f"{r['puts_per_day']:,.0f}", f"{r['requests_per_day']:,.0f}",
+                         f"${r['cost_usd_per_day']:.3f}", ops,
+                         f"{r['after_sigterm']['put_bytes']:,} B; lost {fmt(r.get('lost_tx'), '{}')}"])
+            cls = lambda d: ", ".join(  # noqa: E731
+                f"{c} {v['bytes'] / 2**20:.2f} ({v['files']})" if isinstance(v, dict) else c
+                for c, v in sorted(d.items()))
+            put_cls = {c: {"bytes": v, "files": r["puts_by_class"].get(c, 0)} for c, v in r["put_bytes_by_class"].items()}
+            lv_rows.append([iv, tool, cls(put_cls) or "-", cls(r.get("replica") or {}) or "-"])
+    main = md_table(["interval", "tool", "tx written (rate)", "W: seconds of writes", "idle s before SIGTERM + stop s",
+                     "PUTs: level-0 / other", "MiB PUT: level-0 / other", "bytes per tx", "GB per day",
+                     "PUTs per day", "requests per day", "request cost per day", "requests counted, by type",
+                     "PUT after SIGTERM; tx missing from a restore"],
+                    rows, ["---", "---"] + ["---:"] * 10 + ["---", "---"])
+    levels = md_table(["interval", "tool", "PUT, by object level: MiB (PUTs)",
+                       "left under the prefix after the stop, by level: MiB (objects)"],
+                      lv_rows, ["---", "---", "---", "---"])
+    return main, levels
+
+
 def churn_peer(peer, hc):
     what = (f"{hc['db_bytes'] / 2**20:.0f} MiB DB + {hc['seconds']} s of {hc['rows_per_tx']}-row churn, "
             f"median of {hc['runs']}")
@@ -469,6 +532,27 @@ def churn_peer(peer, hc):
                  l.get("restore_cpu_pct"), "{:.0f} %")
         peer.add(f"  restored DB matches source, {backend_label(b)}", w.get("restored_matches_source"),
                  l.get("restored_matches_source"), "{}", with_ratio=False)
+
+
+def s3_bytes_section(results, sec):
+    sb = results["s3_bytes"]
+    return ["### Bytes uploaded per day, steady (whole upload cycles)", "",
+            f"Per sync interval and tool: fresh ticket database, the tool replicates to S3 through the counting "
+            "proxy; once it is ready and its initial snapshot is uploaded (a PUT answered, then 1 s without a "
+            f"request), the writer runs for W = max({sb['min_seconds']} s, {sb['cycles']} intervals) at "
+            f"{sb['rate']:g} tx/s x {sb['size']} B x {sb['txn_size']} row(s)/tx; then the tool stays up idle for "
+            "2 intervals + 3 s, so that everything written is uploaded, and is stopped with SIGTERM. Every "
+            "request from writer start to the tool's exit is counted; per day = count x 86 400 / W (the "
+            "writer's elapsed seconds), bytes per tx = bytes PUT / transactions written. Level-0 PUTs carry "
+            "new transactions; the other PUTs are snapshots, compacted objects and markers (Litestream "
+            "compacts level 0 into level 1 every 30 s, so its level-1 PUTs are in these windows; walship "
+            "merges level 0 into level 1 per 5-minute window aligned to the clock, so a run shows a level-1 "
+            "PUT only when it crosses the end of such a window). The last column checks the drain: PUT bytes "
+            "after SIGTERM (what the idle time did not cover) and the transactions missing from a restore "
+            "made after the stop (0: everything written was uploaded).", "",
+            sec["s3_bytes"], "", "Bytes PUT and objects left under the prefix after the stop, by object level "
+            "(L0 = level 0, snapshot = walship `snapshots/` or Litestream level 9, other = markers and "
+            "`generation.json`):", "", sec["s3_bytes_levels"], ""]
 
 
 def churn_section(results, sec):
@@ -510,7 +594,8 @@ def warnings_section(results):
                 tag = v.get("config", "") + "/" + v.get("tool", "") + f"/{v.get('trial', i)}" if isinstance(v, dict) \
                     and "trial" in v else str(i)
                 scan(v, f"{where}/{tag}")
-    for k in ("rpo", "overhead", "pitr", "s3_requests", "rto_size", "rto_wal", "s3_restore", "heavy_churn"):
+    for k in ("rpo", "overhead", "pitr", "s3_requests", "s3_bytes", "rto_size", "rto_wal", "s3_restore",
+              "heavy_churn"):
         if k in results:
             scan(results[k], k)
     return "\n".join(lines[:60]) if lines else "None: no part reported an error and no tool logged a warning."
@@ -597,7 +682,7 @@ def results_md(results, peer, sec, tgt, plots, rel):
                     "agent recorded the cut, after its spool write; cut instants jitter by a few ms, so the edge "
                     "is not sharp. A kill inside a PUT can still keep the segment: the server may have stored it "
                     "before its answer reached the agent.", "", sec["s3_phase_near"], ""]
-    if "cost" in sec or "requests" in sec:
+    if "cost" in sec or "requests" in sec or "s3_bytes" in sec:
         out += ["## Cost (S3)", "",
                 f"Prices (S3 Standard, us-east-1 list prices): PUT, COPY, POST, LIST ${PRICE_TIER1} per 1,000; "
                 f"GET and others ${PRICE_TIER2} per 1,000; storage ${PRICE_STORAGE_GB_MONTH} per GB-month. "
@@ -607,7 +692,14 @@ def results_md(results, peer, sec, tgt, plots, rel):
         if "cost" in sec:
             out += ["Per configuration, pooled over the S3 RPO trials (writer start to kill, through the "
                     "counting proxy). \"Storage of one day's uploads\" prices the bytes uploaded in one day for "
-                    "one month, before any compaction or retention.", "", sec["cost"], ""]
+                    "one month, before any compaction or retention. These windows are short (a few upload "
+                    "cycles) and end at a random point of a cycle: what was written since the last upload is "
+                    "not counted, up to a whole interval for a tool that uploads once per interval, so the "
+                    "bytes per day here are biased against such a tool (walship) and noisy"
+                    + ("; the steady measurement below does not have this bias." if "s3_bytes" in sec else "."),
+                    "", sec["cost"], ""]
+        if "s3_bytes" in sec:
+            out += s3_bytes_section(results, sec)
         if "requests" in sec:
             out += ["Steady state (separate run, counting proxy):", "", sec["requests"], ""]
         if plots.get("rpo_requests"):
