@@ -773,9 +773,12 @@ public final class Agent {
                 return
             case .transactions(let txns):
                 for t in txns { try append(t) }
-                if let s = segment, s.builder.level > 0, s.builder.payloadBytes > ObjectBuilder.compressedPayloadLimit,
+                // A writer too fast for the high compression level: its segment is cut now (not
+                // while the application waits for the write lock) and the next takes the fast level.
+                if !holdingWriteLock, let s = segment, s.builder.level > 0, s.builder.payloadBytes > ObjectBuilder.compressedPayloadLimit,
                    Double(s.builder.payloadBytes) / max(Double(monotonicMicroseconds() - s.openedUs) / 1e6, 0.001) > Double(ObjectBuilder.compressedRateLimit) {
                     try cutSegment()
+                    kickShippers()
                 }
                 if tailer.hasMore { continue }   // read in bounded slices
                 if let h = tailer.header { visibility?.forget(readTo: tailer.framesInLog, salt1: h.salt1, salt2: h.salt2) }
@@ -918,7 +921,9 @@ public final class Agent {
         if let seg = segment {
             segment = nil
             try seg.encoder.finish(transactionCount: seg.count, lastTxid: lastTxid, dbChecksum: dbChecksum)
-            let open = max(Double(monotonicMicroseconds() - seg.openedUs) / 1e6, 0.001)
+            // Over at least a sync interval: a light writer's lone commit just before a cut is
+            // not a fast writer.
+            let open = max(Double(monotonicMicroseconds() - seg.openedUs) / 1e6, Double(options.syncIntervalUs) / 1e6, 0.001)
             segmentPayloadRate = Double(seg.builder.payloadBytes) / open
             let name = SegmentName(generation: state.generation, level: 0, firstTxid: seg.firstTxid, lastTxid: lastTxid,
                                    firstTimeMs: seg.firstTimeUs / 1000, lastTimeMs: lastCommitTimeUs / 1000)

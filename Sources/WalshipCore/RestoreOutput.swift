@@ -49,8 +49,13 @@ final class RestoreOutput {
         if let b = base { munmap(b, mappedPages * pageSize); base = nil }
     }
 
-    /// Grows the file (allocated) and the mapping to `pages`.
-    private func remap(_ pages: Int) throws {
+    /// Grows the file (allocated) and the mapping to `pages`, or to `atLeast` when the
+    /// filesystem lacks the room for the headroom.
+    private func remap(_ wanted: Int, atLeast: Int? = nil) throws {
+        var pages = wanted
+        if let room = FS.space(of: file.path), let least = atLeast, Int64(pages * pageSize - fileBytes) > room.available {
+            pages = least
+        }
         let to = pages * pageSize
         if to > fileBytes {
             if let room = FS.space(of: file.path), Int64(to - fileBytes) > room.available {
@@ -73,7 +78,7 @@ final class RestoreOutput {
         if mapped {
             if index >= mappedPages {
                 // Headroom: a quarter more, at most 64 MiB, so growth remaps rarely.
-                try remap(index + 1 + min((index + 1) / 4, (64 << 20) / pageSize))
+                try remap(index + 1 + min((index + 1) / 4, (64 << 20) / pageSize), atLeast: index + 1)
             }
             base!.advanced(by: index * pageSize).copyMemory(from: bytes.baseAddress!, byteCount: pageSize)
         } else {

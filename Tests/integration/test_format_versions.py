@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import struct
 import subprocess
+import time
 
 import pytest
 
@@ -132,3 +133,34 @@ def test_verify_finds_a_damaged_snapshot_page_that_later_history_overwrites(tmp_
     p = run_walship("verify", f"file://{root}", "--scrub", "all")
     assert p.returncode == 1, p.stdout + p.stderr
     assert "contentChecksum_invalid" in p.stdout + p.stderr or "checksum" in p.stdout + p.stderr
+
+
+def test_a_burst_too_fast_for_high_compression_is_shipped_while_the_writer_is_quiet(tmp_path, agent_factory):
+    """One transaction of about 6 MB: the agent cuts its high-level segment early and starts the
+    next at the fast level. What it cut must reach the replica without waiting for another write
+    (a build that cut without waking the shippers left it in the spool until the next write)."""
+    db = tmp_path / "app.db"
+    c = sqlite3.connect(db, isolation_level=None)
+    c.execute("PRAGMA journal_mode=WAL")
+    c.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v INTEGER, b BLOB)")
+    c.execute("INSERT INTO t(v, b) VALUES (0, x'00')")
+    root = tmp_path / "replica"
+    agent = agent_factory(db, [f"file://{root}"], ["--sync-interval", "200ms"])
+    agent.start()
+    agent.wait_ready()
+    c.execute("BEGIN")
+    c.executemany("INSERT INTO t(v, b) VALUES (?, randomblob(3000))", [(i,) for i in range(1, 2001)])
+    c.execute("COMMIT")
+    deadline = time.time() + 20
+    rows = None
+    while time.time() < deadline:
+        out = tmp_path / f"r{time.time_ns()}.db"
+        p = run_walship("restore", f"file://{root}", "-o", out)
+        if p.returncode == 0:
+            rows = sqlite3.connect(out).execute("SELECT count(*) FROM t").fetchone()[0]
+            if rows == 2001:
+                break
+        time.sleep(0.5)
+    c.close()
+    agent.stop()
+    assert rows == 2001, f"the replica holds {rows} rows of 2001, {agent.read_log()[-2000:]}"
