@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 
-from .common import dir_size, kill_hard, log, proc_cost, rm_db, run_timed, suspicious_lines
+from .common import close_trial, dir_size, kill_hard, log, proc_cost, rm_db, run_timed
 from .ctx import start_tool
 from .rto import CHURN_ROW, timed_restores
 from .s3 import CountingProxy, S3Replica, s3_op
@@ -80,10 +80,7 @@ def churn_one(ctx, tool, backend, base, seconds, rows_per_tx, rate, runs):
         log(f"{tag}: ERROR {res['error']}")
     finally:
         kill_hard(wp, tp)
-        res["log_warnings"] = suspicious_lines(logpath)[:10]
-        shutil.rmtree(d, ignore_errors=True)
-        if rep.kind == "s3":
-            shutil.rmtree(rep.local_dir(), ignore_errors=True)
+        close_trial(res, logpath, d, rep.local_dir() if rep.kind == "s3" else None)
     return res
 
 

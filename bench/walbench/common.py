@@ -1,6 +1,7 @@
 """Small helpers shared by the bench parts: logging with elapsed time, process and file utilities."""
 import os
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -164,3 +165,12 @@ def run_rusage(cmd, env=None, timeout=1200):
     t, r = run_timed(cmd, env=env, timeout=timeout)
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     return t, r, {"user_s": r1.ru_utime - r0.ru_utime, "sys_s": r1.ru_stime - r0.ru_stime}
+
+
+def close_trial(res, logpath, workdir, replica_dir=None):
+    """End of a trial, pass or fail: the tool log's warning lines into `res`, then the trial's
+    scratch directory and (S3) the server's copy of its bucket prefix removed."""
+    res["log_warnings"] = suspicious_lines(logpath)[:10]
+    shutil.rmtree(workdir, ignore_errors=True)
+    if replica_dir:
+        shutil.rmtree(replica_dir, ignore_errors=True)

@@ -2,10 +2,9 @@
 runs for warm-up + window seconds; the steady window is the last `window` seconds of writing (the
 first seconds hold one-off start-up work), start-up and the whole run are reported separately."""
 import os
-import shutil
 import time
 
-from .common import dir_size, kill_hard, log, suspicious_lines
+from .common import close_trial, dir_size, kill_hard, log
 from .ctx import start_tool
 from .s3 import CountingProxy, S3Replica, request_stats
 from .workload import make_ticket_db, start_writer, writer_result
@@ -48,9 +47,7 @@ def run_requests(ctx, seconds, warmup, interval="1s", interval_s=1.0):
         finally:
             kill_hard(wp, tp)
             proxy.close()
-            res["log_warnings"] = suspicious_lines(logpath)[:10]
-            shutil.rmtree(d, ignore_errors=True)
-            shutil.rmtree(rep.local_dir(), ignore_errors=True)
+            close_trial(res, logpath, d, rep.local_dir())
         out[tool.name] = res
         if "error" in res:
             log(f"s3 requests {tool.name:10s}: ERROR {res['error']}")

@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 
-from .common import dir_size, kill_hard, log, median, rm_db, run_rusage, run_timed, suspicious_lines, wait_quiet
+from .common import close_trial, dir_size, kill_hard, log, median, rm_db, run_rusage, run_timed, suspicious_lines, wait_quiet
 from .ctx import start_tool
 from .workload import blob_digest, build_big_db, start_writer, writer_result
 
@@ -98,10 +98,7 @@ def run_rto_sizes(ctx, sizes, runs, backend="dir"):
                 log(f"{tag}: ERROR {res['error']}")
             finally:
                 stop(tool, tp)
-                res["log_warnings"] = suspicious_lines(logpath)[:10]
-                shutil.rmtree(d, ignore_errors=True)
-                if rep.kind == "s3":
-                    shutil.rmtree(rep.local_dir(), ignore_errors=True)
+                close_trial(res, logpath, d, rep.local_dir() if rep.kind == "s3" else None)
             point[tool.name] = res
             if ctx.progress:
                 ctx.progress.step()
@@ -149,8 +146,7 @@ def run_rto_wal(ctx, base_mb, volumes_mb, runs, rate=2000):
             log(f"{tag}: ERROR {res['error']}")
         finally:
             stop(tool, tp)
-            res["log_warnings"] = suspicious_lines(logpath)[:10]
-            shutil.rmtree(d, ignore_errors=True)
+            close_trial(res, logpath, d)
         out[tool.name] = res
     os.remove(base)
     return out

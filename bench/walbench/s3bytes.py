@@ -17,11 +17,10 @@ last transaction written (the drain was long enough).
 """
 import os
 import re
-import shutil
 import signal
 import time
 
-from .common import kill_hard, log, rm_db, run_timed, suspicious_lines
+from .common import close_trial, kill_hard, log, rm_db, run_timed
 from .ctx import start_tool
 from .s3 import PRICE_TIER1, PRICE_TIER2, TIER1_OPS, CountingProxy, S3Replica, s3_op
 from .workload import make_ticket_db, start_writer, ticket_state, writer_result
@@ -100,9 +99,7 @@ def bytes_one(ctx, tool, iv, iv_s, w):
     finally:
         kill_hard(wp, tp)
         proxy.close()
-        res["log_warnings"] = suspicious_lines(logpath)[:10]
-        shutil.rmtree(d, ignore_errors=True)
-        shutil.rmtree(rep.local_dir(), ignore_errors=True)
+        close_trial(res, logpath, d, rep.local_dir())
     return res
 
 
