@@ -168,6 +168,8 @@ final class SegmentMerger {
         try builder.finish(meta)
     }
 
+    static func windowPages(pageSize: Int) -> Int { max(16, (1 << 20) / pageSize) }
+
     struct Summary {
         var pageSize = 0, firstTxid: UInt64 = 0, lastTxid: UInt64 = 0, firstTimeUs: Int64 = 0, lastTimeUs: Int64 = 0
         var dbPages: UInt32 = 0, checksum: UInt64 = 0, records: UInt32 = 0
@@ -199,7 +201,9 @@ final class SegmentMerger {
             if !started {
                 summary.pageSize = ps; started = true
                 let b = builder
-                encoder = try SegmentEncoder(pageSize: ps) { try b.write($0) }
+                // A smaller window than the agent's: merges run beside it, and its memory is
+                // what a merge adds to the agent's peak.
+                encoder = try SegmentEncoder(pageSize: ps, windowPages: SegmentMerger.windowPages(pageSize: ps)) { try b.write($0) }
             } else if ps != summary.pageSize {
                 throw FormatError.corrupt("\(object): page size \(ps) differs from \(summary.pageSize)")
             }

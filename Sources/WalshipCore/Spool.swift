@@ -291,10 +291,10 @@ final class ObjectBuilder {
 
     /// LZ4's high-compression level for segments of light writers: their payload (pages as
     /// deltas) is small and shipped many times a day, so a fifth fewer bytes is worth the CPU,
-    /// and decoding costs the same. It compresses about 80 MB/s on one core, so it is used only
+    /// and decoding costs the same. It compresses about 90 MB/s on one core, so it is used only
     /// while the payload comes slower than `compressedRateLimit`: a heavy writer's segments,
     /// snapshots (the database's size) and merges of large windows use the fast level.
-    static let segmentLevel: Int32 = 4
+    static let segmentLevel: Int32 = 3
     static let compressedRateLimit = 1 << 20   // payload bytes per second
     /// Merges of at most this many input bytes use `segmentLevel`.
     static let compressedMergeLimit = 32 << 20

@@ -3,11 +3,29 @@
 // Writer and reader run the same bookkeeping over the same sequence of page records, so both
 // always agree on which pages are in the window and on their content.
 
-/// A least-recently-written set of page versions, kept in one growing slab.
+/// Memory for a window's pages, reserved whole up front but touched only as pages come in, so
+/// resident memory follows use and growing never copies. Shared by copies of a window until
+/// one of them writes (then that one takes a copy of its own).
+final class PageSlab {
+    let base: UnsafeMutableRawPointer
+    let bytes: Int
+    init(bytes: Int) {
+        self.bytes = bytes
+        base = UnsafeMutableRawPointer.allocate(byteCount: max(bytes, 1), alignment: 16)
+    }
+    func clone(used: Int) -> PageSlab {
+        let c = PageSlab(bytes: bytes)
+        c.base.copyMemory(from: base, byteCount: used)
+        return c
+    }
+    deinit { base.deallocate() }
+}
+
+/// A least-recently-written set of page versions.
 public struct PageWindow {
     public let capacity: Int
     public let pageSize: Int
-    private var slab: [UInt8] = []
+    private var slab: PageSlab?
     private var slotOf: [UInt32: Int32] = [:]
     private var pageOf: [UInt32] = []
     // A doubly linked list over slots: head is the most recently written.
@@ -33,11 +51,8 @@ public struct PageWindow {
         if pageOf.count < capacity {
             s = Int32(pageOf.count)
             pageOf.append(page); newer.append(-1); older.append(-1)
-            if slab.count < pageOf.count * pageSize {
-                // Grows by a quarter at a time (at least 16 pages): memory follows use.
-                let want = min(capacity, max(pageOf.count + 16, pageOf.count * 5 / 4)) * pageSize
-                slab.append(contentsOf: repeatElement(0, count: want - slab.count))
-            }
+            // New slots start zeroed, whatever the memory held.
+            ownSlab().base.advanced(by: Int(s) * pageSize).initializeMemory(as: UInt8.self, repeating: 0, count: pageSize)
         } else {
             s = tail
             unlink(s)
@@ -49,13 +64,25 @@ public struct PageWindow {
         return Int(s)
     }
 
+    /// The slab, allocated on first use and made this window's own before a write.
+    private mutating func ownSlab() -> PageSlab {
+        if slab == nil {
+            slab = PageSlab(bytes: capacity * pageSize)
+        } else if !isKnownUniquelyReferenced(&slab) {   // checked before any other reference is taken
+            slab = slab!.clone(used: pageOf.count * pageSize)
+        }
+        return slab!
+    }
+
     public func withSlot<R>(_ slot: Int, _ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
-        try slab.withUnsafeBytes { try body(UnsafeRawBufferPointer(rebasing: $0[slot * pageSize..<(slot + 1) * pageSize])) }
+        precondition(slot >= 0 && slot < pageOf.count)
+        return try body(UnsafeRawBufferPointer(start: slab!.base.advanced(by: slot * pageSize), count: pageSize))
     }
 
     public mutating func withMutableSlot<R>(_ slot: Int, _ body: (UnsafeMutableRawBufferPointer) throws -> R) rethrows -> R {
-        let size = pageSize
-        return try slab.withUnsafeMutableBytes { try body(UnsafeMutableRawBufferPointer(rebasing: $0[slot * size..<(slot + 1) * size])) }
+        precondition(slot >= 0 && slot < pageOf.count)
+        let s = ownSlab()
+        return try body(UnsafeMutableRawBufferPointer(start: s.base.advanced(by: slot * pageSize), count: pageSize))
     }
 
     private mutating func touch(_ s: Int32) {
@@ -94,8 +121,6 @@ public enum PageDelta {
     static let mergeGap = 8
     /// Shorter stretches stay literal: a copy run costs more than its header.
     static let minCopy = 12
-    /// The shifts a copy run is looked for at (a cell pointer is 2 bytes).
-    static let shifts = [2, -2, 4, -4]
 
     /// Appends the delta from `old` to `new` (same size) to `out`; returns false (leaving
     /// `out` as it was) when it would be no smaller than `limit` bytes.
@@ -143,14 +168,16 @@ public enum PageDelta {
             while k < end {
                 var best = 0, bestSrc = 0
                 if end - k >= minCopy {
-                    for d in shifts {
+                    func tryShift(_ d: Int) {
                         let src = k - d
-                        guard src >= 0, src + minCopy <= size else { continue }
-                        var m = 0
+                        // Cheap test first: most positions match no shift at all.
+                        guard src >= 0, src + minCopy <= size, new[k] == old[src], new[k + 1] == old[src + 1] else { return }
+                        var m = 2
                         let most = min(end - k, size - src, maxRun)
                         while m < most && new[k + m] == old[src + m] { m += 1 }
                         if m > best { best = m; bestSrc = src }
                     }
+                    tryShift(2); tryShift(-2); tryShift(4); tryShift(-4)
                 }
                 if best >= minCopy {
                     literal(lit, k)

@@ -16,7 +16,7 @@ public enum SegmentCodec {
     public static let version: UInt32 = 2
     public static let readableVersions: ClosedRange<UInt32> = 1...2
     /// Version 2: the page window writers use, and the most a reader accepts (memory it keeps).
-    public static let defaultWindowBytes = 16 << 20
+    public static let defaultWindowBytes = 4 << 20
     public static let maxWindowBytes = 64 << 20
     /// Version 2 page record: page number u32, then this length word for a whole page, or the
     /// delta's length in bytes (less than the page size).

@@ -146,6 +146,16 @@ final class SegmentV2Tests: XCTestCase {
         }
     }
 
+    func testACopiedWindowKeepsItsOwnPages() {
+        var a = PageWindow(capacity: 4, pageSize: 512)
+        let slot = a.admit(7)
+        a.withMutableSlot(slot) { $0.initializeMemory(as: UInt8.self, repeating: 1) }
+        var b = a
+        b.withMutableSlot(slot) { $0.initializeMemory(as: UInt8.self, repeating: 2) }
+        XCTAssertEqual(a.withSlot(slot) { $0[0] }, 1)
+        XCTAssertEqual(b.withSlot(slot) { $0[0] }, 2)
+    }
+
     func testThePageWindowEvictsTheLeastRecentlyWrittenPage() {
         var w = PageWindow(capacity: 2, pageSize: 512)
         _ = w.admit(1); _ = w.admit(2); _ = w.admit(1)   // 2 is now the least recent
