@@ -15,16 +15,13 @@ public struct ObjectError: Error, CustomStringConvertible {
 /// Streams one stored object: checks its metadata, then (decrypting it when it is sealed)
 /// decompresses its LZ4 frame and hands the payload to `payload` chunk by chunk. Returns the
 /// metadata. Wraps every format failure in an ObjectError that names the object.
-/// `frameChecksum: false` skips the LZ4 content checksum: only for a restore, which checks the
-/// whole-database checksum of what it built (and, with a key, every object is authenticated).
 @discardableResult
 func streamObject(_ replica: Replica, key: String, expect kind: ObjectKind, encryption: EncryptionKey? = nil, allowUnencrypted: Bool = false,
-                  frameChecksum: Bool = true,
                   onMetadata: (ObjectMetadata) throws -> Void = { _ in },
                   payload: (UnsafeRawBufferPointer) throws -> Void) throws -> ObjectMetadata {
     var head: [UInt8] = []
     var meta: ObjectMetadata?
-    let lz = try LZ4FrameDecompressor(name: key, verifyChecksum: frameChecksum)
+    let lz = try LZ4FrameDecompressor(name: key)
     var opener: SealedStreamReader?
     func wrap(_ e: Error) -> Error {
         if e is StopStreaming || e is ObjectError || e is ReplicaError || e is EncryptionError || e is ForeignGeneration { return e }

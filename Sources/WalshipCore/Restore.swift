@@ -21,11 +21,8 @@ public struct RestoreOptions {
     /// The database the replica must belong to (`--database-id`). Without it, the snapshot's
     /// id is taken, and every segment applied after it must carry the same.
     public var databaseID: UInt64?
-    /// Speed over defence in depth, for the `restore` command: build the database through a
-    /// memory mapping (RestoreOutput) and, unless the target is a time, skip LZ4's content
-    /// checksums (the whole-database checksum still covers every page restored). Drills and `verify` keep both off: a
-    /// mapping's I/O errors are signals, and a drill must notice a damaged object even where
-    /// later history overwrites the damage.
+    /// For the `restore` command: build the database through a memory mapping (RestoreOutput).
+    /// Drills and `verify` keep plain writes: a mapping's I/O errors are signals.
     public var fast = false
     public init() {}
 }
@@ -187,12 +184,12 @@ public enum Restorer {
 
         var offset = 0
         var foreignID: UInt64?
-        // The whole-database checksum covers every page a restore applies, not the commit
-        // times it chooses its target by: a restore to a time keeps LZ4's checksums on.
-        var frameChecksums = !options.fast
-        if case .timeUs = options.target { frameChecksums = true }
+        // Every byte read is checked by its LZ4 frame's checksum, also in a fast restore: a
+        // damaged object is one error that names it, even where later history would have
+        // overwritten the damage, and commit times (outside the whole-database checksum) are
+        // covered too.
         let snapMeta = try streamObject(replica, key: plan.snapshot.key, expect: .snapshot, encryption: options.encryptionKey,
-                                    allowUnencrypted: options.allowUnencrypted, frameChecksum: frameChecksums, onMetadata: { m in
+                                    allowUnencrypted: options.allowUnencrypted, onMetadata: { m in
             if let why = m.mismatch(snapshot: plan.snapshot) {
                 throw ObjectError(key: plan.snapshot.key, replica: replica.displayURL, problem: why)
             }
@@ -238,7 +235,7 @@ public enum Restorer {
             // tag authenticates the whole of it, metadata included. Without one, reading stops.
             let readToEnd = options.encryptionKey != nil
             let meta = try streamObject(source, key: seg.key, expect: .segment, encryption: options.encryptionKey,
-                                    allowUnencrypted: options.allowUnencrypted, frameChecksum: frameChecksums, onMetadata: { m in
+                                    allowUnencrypted: options.allowUnencrypted, onMetadata: { m in
                 if let why = m.mismatch(segment: seg) { throw ObjectError(key: seg.key, replica: replica.displayURL, problem: why) }
                 if let why = m.mismatch(database: databaseID) {
                     throw ObjectError(key: seg.key, replica: replica.displayURL, problem: "\(why), whose snapshot \(plan.snapshot.key) it would be applied to")

@@ -79,21 +79,17 @@ public final class LZ4FrameCompressor {
     }
 }
 
-/// Decodes one LZ4 frame fed in arbitrary chunks, verifying its content checksum unless told
-/// not to, and hands decompressed bytes to the handler. `finish()` fails if the frame did not end.
+/// Decodes one LZ4 frame fed in arbitrary chunks, verifying its content checksum, and hands
+/// decompressed bytes to the handler. `finish()` fails if the frame did not end.
 public final class LZ4FrameDecompressor {
     private var ctx: OpaquePointer?
     private var out = [UInt8](repeating: 0, count: 256 * 1024)
     private var done = false
     private let name: String
     public private(set) var bytesOut: UInt64 = 0
-    private var options = LZ4F_decompressOptions_t()
 
-    /// `verifyChecksum: false` skips the frame's content checksum (XXH32 over every byte, the
-    /// larger part of decoding's cost), for readers that verify what they decode otherwise.
-    public init(name: String, verifyChecksum: Bool = true) throws {
+    public init(name: String) throws {
         self.name = name
-        options.skipChecksums = verifyChecksum ? 0 : 1
         var c: OpaquePointer?
         _ = try LZ4Error.check(LZ4F_createDecompressionContext(&c, UInt32(LZ4F_VERSION)), name)
         ctx = c
@@ -112,7 +108,7 @@ public final class LZ4FrameDecompressor {
             var srcSize = rest.count
             var dstSize = out.count
             let hint = try out.withUnsafeMutableBytes { o in
-                try LZ4Error.check(LZ4F_decompress(ctx, o.baseAddress, &dstSize, rest.baseAddress, &srcSize, &options), name)
+                try LZ4Error.check(LZ4F_decompress(ctx, o.baseAddress, &dstSize, rest.baseAddress, &srcSize, nil), name)
             }
             if dstSize > 0 {
                 bytesOut += UInt64(dstSize)

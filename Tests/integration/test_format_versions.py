@@ -89,9 +89,10 @@ def test_the_fixture_is_version_1_and_new_segments_are_written_in_version_2(tmp_
     assert dump(out) == dump(db)
 
 
-def test_verify_finds_a_damaged_snapshot_page_that_later_history_overwrites(tmp_path, agent_factory):
-    """A restore of the latest state does not need the damaged page (a segment rewrites it) and
-    succeeds; `verify` must still report the snapshot as damaged: its own restore point is gone."""
+def test_a_damaged_snapshot_page_is_an_error_even_where_later_history_overwrites_it(tmp_path, agent_factory):
+    """The damaged page is rewritten whole by a segment, so the latest state would come out
+    right without it; restore and `verify` must still report the snapshot, by name (its own
+    restore point is gone, and a damaged replica is never reported healthy)."""
     db = tmp_path / "app.db"
     c = sqlite3.connect(db, isolation_level=None)
     c.execute("PRAGMA journal_mode=WAL")
@@ -128,11 +129,11 @@ def test_verify_finds_a_damaged_snapshot_page_that_later_history_overwrites(tmp_
     else:
         pytest.fail("no rewritten page of the snapshot was found in its compressed bytes")
     snap.write_bytes(bytes(raw))
-    out = tmp_path / "latest.db"
-    run_walship("restore", f"file://{root}", "-o", out, check=True)   # the damage is overwritten
+    p = run_walship("restore", f"file://{root}", "-o", tmp_path / "latest.db")
+    assert p.returncode == 1 and snap.name in p.stderr and "corrupt" in p.stderr, p.stderr
+    assert not (tmp_path / "latest.db").exists()
     p = run_walship("verify", f"file://{root}", "--scrub", "all")
-    assert p.returncode == 1, p.stdout + p.stderr
-    assert "contentChecksum_invalid" in p.stdout + p.stderr or "checksum" in p.stdout + p.stderr
+    assert p.returncode == 1 and snap.name in p.stdout + p.stderr, p.stdout + p.stderr
 
 
 def test_a_burst_too_fast_for_high_compression_is_shipped_while_the_writer_is_quiet(tmp_path, agent_factory):
