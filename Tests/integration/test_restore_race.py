@@ -98,7 +98,9 @@ def test_restore_fails_clearly_when_objects_keep_vanishing(tmp_path):
         assert p.returncode == 1, (p.returncode, p.stdout, p.stderr)
         errors = [l for l in p.stderr.splitlines() if l.startswith("walship: error:")]
         assert len(errors) == 1 and "vanished during the restore, twice" in errors[0], p.stderr
-        assert len(proxy.deleted) == 2, proxy.deleted
+        # Both plans' snapshots vanished. (Segments downloaded ahead while a snapshot streams
+        # vanish too, as many as were asked for before the error.)
+        assert len([k for k in proxy.deleted if "/snapshots/" in k]) == 2, proxy.deleted
         assert not out.exists() and not list(tmp_path.glob("restored.db*")), list(tmp_path.iterdir())
     finally:
         srv.stop()
