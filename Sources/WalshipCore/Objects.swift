@@ -12,6 +12,16 @@ public struct ObjectError: Error, CustomStringConvertible {
     public var description: String { "object '\(key)' in \(replica) \(problem)" }
 }
 
+/// An error met while reading object `key`, as its reader reports it: format failures become
+/// an ObjectError that names the object; the rest pass through.
+func objectReadError(_ e: Error, key: String, replica: Replica) -> Error {
+    if e is StopStreaming || e is ObjectError || e is ReplicaError || e is EncryptionError || e is ForeignGeneration { return e }
+    if let s = e as? SystemError { return s }
+    if let l = e as? LZ4Error { return ObjectError(key: key, replica: replica.displayURL, problem: "is corrupt or truncated (\(l.message))") }
+    if let s = e as? SealError { return ObjectError(key: key, replica: replica.displayURL, problem: "\(s)") }
+    return ObjectError(key: key, replica: replica.displayURL, problem: "is unreadable: \(e)")
+}
+
 /// Streams one stored object: checks its metadata, then (decrypting it when it is sealed)
 /// decompresses its LZ4 frame and hands the payload to `payload` chunk by chunk. Returns the
 /// metadata. Wraps every format failure in an ObjectError that names the object.
@@ -23,13 +33,7 @@ func streamObject(_ replica: Replica, key: String, expect kind: ObjectKind, encr
     var meta: ObjectMetadata?
     let lz = try LZ4FrameDecompressor(name: key)
     var opener: SealedStreamReader?
-    func wrap(_ e: Error) -> Error {
-        if e is StopStreaming || e is ObjectError || e is ReplicaError || e is EncryptionError || e is ForeignGeneration { return e }
-        if let s = e as? SystemError { return s }
-        if let l = e as? LZ4Error { return ObjectError(key: key, replica: replica.displayURL, problem: "is corrupt or truncated (\(l.message))") }
-        if let s = e as? SealError { return ObjectError(key: key, replica: replica.displayURL, problem: "\(s)") }
-        return ObjectError(key: key, replica: replica.displayURL, problem: "is unreadable: \(e)")
-    }
+    func wrap(_ e: Error) -> Error { objectReadError(e, key: key, replica: replica) }
     do {
         try replica.get(key: key) { chunk in
             var rest = chunk

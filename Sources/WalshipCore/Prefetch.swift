@@ -69,6 +69,20 @@ final class SegmentPrefetcher {
         slots.signal()
     }
 
+    /// Wakes every wait for a download that will now never start (they throw StopStreaming);
+    /// downloads under way finish. Called when the restore stops early, so that a reader
+    /// waiting ahead of it is not left waiting for a window place that never frees.
+    func abandon() {
+        let unclaimed: Range<Int> = mutex.locked {
+            cancelled = true
+            let r = next..<keys.count
+            for i in r { errors[i] = StopStreaming() }
+            next = keys.count
+            return r
+        }
+        for i in unclaimed { done[i].signal() }
+    }
+
     /// Stops the workers and removes every file.
     func finish() {
         mutex.locked { cancelled = true }

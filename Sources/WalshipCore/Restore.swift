@@ -181,6 +181,39 @@ public enum Restorer {
             }
         }
         defer { prefetcher?.finish() }
+        // Objects are read, checked and decompressed on a thread of their own, one after
+        // another, while this thread applies the ones before (ObjectReadAhead).
+        var jobs = [ObjectReadAhead.Job(key: plan.snapshot.key, kind: .snapshot) { replica }]
+        for (index, seg) in plan.segments.enumerated() {
+            jobs.append(ObjectReadAhead.Job(key: seg.key, kind: .segment) {
+                guard let p = prefetcher else { return replica }
+                return PrefetchedObject(original: replica, key: seg.key, path: try p.wait(index))
+            })
+        }
+        let reader = try ObjectReadAhead(jobs: jobs, encryption: options.encryptionKey, allowUnencrypted: options.allowUnencrypted)
+        defer {   // before the prefetcher's files go (defers run last first)
+            prefetcher?.abandon()
+            reader.cancel()
+        }
+        /// Takes the next object's metadata and payload from the reader. Errors thrown by the
+        /// handlers are reported as reading the object reports them. Returns nil when
+        /// `payload` stopped early (StopStreaming): the rest of the object is not wanted.
+        func take(_ key: String, onMetadata: (ObjectMetadata) throws -> Void,
+                  payload: (UnsafeRawBufferPointer) throws -> Void) throws -> ObjectMetadata? {
+            while true {
+                switch reader.next() {
+                case .failed(let e): throw e
+                case .metadata(let m):
+                    do { try onMetadata(m) } catch { throw objectReadError(error, key: key, replica: replica) }
+                case .payload(let bytes):
+                    do { try bytes.withUnsafeBytes { try payload($0) } } catch is StopStreaming { return nil } catch {
+                        throw objectReadError(error, key: key, replica: replica)
+                    }
+                    reader.recycle(bytes)
+                case .end(let m): return m
+                }
+            }
+        }
 
         var offset = 0
         var foreignID: UInt64?
@@ -188,8 +221,7 @@ public enum Restorer {
         // damaged object is one error that names it, even where later history would have
         // overwritten the damage, and commit times (outside the whole-database checksum) are
         // covered too.
-        let snapMeta = try streamObject(replica, key: plan.snapshot.key, expect: .snapshot, encryption: options.encryptionKey,
-                                    allowUnencrypted: options.allowUnencrypted, onMetadata: { m in
+        let snapMeta = try take(plan.snapshot.key, onMetadata: { m in
             if let why = m.mismatch(snapshot: plan.snapshot) {
                 throw ObjectError(key: plan.snapshot.key, replica: replica.displayURL, problem: why)
             }
@@ -202,7 +234,7 @@ public enum Restorer {
         }) { chunk in
             try file.write(at: offset, chunk)
             offset += chunk.count
-        }
+        }!
         if let id = foreignID { throw ForeignGeneration(generation: plan.generation, databaseID: id) }
         result.bytesDownloaded += UInt64(offset)
         guard snapMeta.lastTxid == plan.snapshot.txid, UInt64(offset) == snapMeta.payloadBytes,
@@ -222,10 +254,6 @@ public enum Restorer {
         let output = try RestoreOutput(file: file, pageSize: pageSize, pages: Int(dbPages), map: options.fast)
 
         segments: for (index, seg) in plan.segments.enumerated() {
-            var source: Replica = replica
-            if let p = prefetcher {
-                source = PrefetchedObject(original: replica, key: seg.key, path: try p.wait(index))
-            }
             defer { prefetcher?.release(index) }
             var decoder = SegmentDecoder(name: seg.key)
             var current: TransactionHeader?
@@ -234,8 +262,7 @@ public enum Restorer {
             // With a key, the object is read to its end even past the target: only its final
             // tag authenticates the whole of it, metadata included. Without one, reading stops.
             let readToEnd = options.encryptionKey != nil
-            let meta = try streamObject(source, key: seg.key, expect: .segment, encryption: options.encryptionKey,
-                                    allowUnencrypted: options.allowUnencrypted, onMetadata: { m in
+            let meta = try take(seg.key, onMetadata: { m in
                 if let why = m.mismatch(segment: seg) { throw ObjectError(key: seg.key, replica: replica.displayURL, problem: why) }
                 if let why = m.mismatch(database: databaseID) {
                     throw ObjectError(key: seg.key, replica: replica.displayURL, problem: "\(why), whose snapshot \(plan.snapshot.key) it would be applied to")
@@ -293,7 +320,8 @@ public enum Restorer {
                 do { try decoder.finish() } catch {
                     throw ObjectError(key: seg.key, replica: replica.displayURL, problem: "is truncated (\(error))")
                 }
-                guard meta.lastTxid == seg.lastTxid, meta.firstTxid == seg.firstTxid else {
+                // (meta is nil only after a stop at the target, which does not come here)
+                if let meta = meta, meta.lastTxid != seg.lastTxid || meta.firstTxid != seg.firstTxid {
                     throw ObjectError(key: seg.key, replica: replica.displayURL, problem: "holds txids \(meta.firstTxid)-\(meta.lastTxid), not what its name says")
                 }
             }

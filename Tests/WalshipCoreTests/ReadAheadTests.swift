@@ -1,0 +1,125 @@
+import XCTest
+@testable import WalshipCore
+import WalshipFormat
+import Dispatch
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The restore's read-ahead thread: objects come out whole and in order, a damaged object's
+/// error comes after the payload read before it and nothing after it, and stopping early never
+/// leaves a thread waiting (on a full queue, or on a download that will not start).
+final class ReadAheadTests: XCTestCase {
+    var root = ""
+
+    override func setUpWithError() throws {
+        root = FS.absolute("readahead-\(getpid())-\(UInt64.random(in: 0...UInt64.max))")
+        try FS.makeDirectories(root, mode: 0o700)
+    }
+
+    override func tearDown() { FS.removeTree(root) }
+
+    /// Writes an object of `count` bytes (seeded, not compressible) and returns its key and payload.
+    func writeObject(_ n: Int, count: Int) throws -> (String, [UInt8]) {
+        var rng = UInt64(n + 1) &* 0x9E37_79B9_7F4A_7C15
+        let payload = (0..<count).map { _ -> UInt8 in
+            rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17
+            return UInt8(truncatingIfNeeded: rng)
+        }
+        let key = "objects/\(n).lz4"
+        try FS.makeDirectories(root + "/objects", mode: 0o700)
+        let b = try ObjectBuilder(path: root + "/" + key)
+        try b.write(payload)
+        try b.finish(ObjectMetadata(kind: .segment, pageSize: 4096, firstTxid: UInt64(n), lastTxid: UInt64(n),
+                                    firstTimeUs: 0, lastTimeUs: 0, dbPages: 1, transactionCount: 1,
+                                    dbChecksum: 0, payloadBytes: 0, generation: "000661a9e1ac7a663fb0"))
+        return (key, payload)
+    }
+
+    /// Reads every item of one object; nil payload when the object failed.
+    func drain(_ r: ObjectReadAhead) -> (meta: Bool, payload: [UInt8], error: Error?) {
+        var sawMeta = false
+        var bytes: [UInt8] = []
+        while true {
+            switch r.next() {
+            case .metadata: sawMeta = true
+            case .payload(let b): bytes += b; r.recycle(b)
+            case .end: return (sawMeta, bytes, nil)
+            case .failed(let e): return (sawMeta, bytes, e)
+            }
+        }
+    }
+
+    func testObjectsComeOutWholeAndInOrderThroughASmallQueue() throws {
+        let replica = FileReplica(root: root)
+        let objects = try (0..<4).map { try writeObject($0, count: [3 << 20, 10, 700_000, 1 << 20][$0]) }
+        let reader = try ObjectReadAhead(jobs: objects.map { o in .init(key: o.0, kind: .segment) { replica } },
+                                         encryption: nil, allowUnencrypted: false, capacity: 300_000)
+        defer { reader.cancel() }
+        for (_, payload) in objects {
+            let got = drain(reader)
+            XCTAssertTrue(got.meta)
+            XCTAssertNil(got.error)
+            XCTAssertEqual(got.payload, payload)
+        }
+    }
+
+    func testADamagedObjectFailsAfterThePayloadBeforeTheDamageAndStopsTheReader() throws {
+        let replica = FileReplica(root: root)
+        let objects = try (0..<3).map { try writeObject($0, count: 2 << 20) }
+        // Damage the middle of object 1's second half: the frame's content checksum fails at
+        // its end, after its payload went out.
+        let fd = open(root + "/" + objects[1].0, O_RDWR)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        var byte: UInt8 = 0
+        XCTAssertEqual(pread(fd, &byte, 1, 1_500_000), 1)
+        byte ^= 0x5A
+        XCTAssertEqual(pwrite(fd, &byte, 1, 1_500_000), 1)
+        close(fd)
+        let reader = try ObjectReadAhead(jobs: objects.map { o in .init(key: o.0, kind: .segment) { replica } },
+                                         encryption: nil, allowUnencrypted: false, capacity: 1 << 20)
+        defer { reader.cancel() }
+        XCTAssertNil(drain(reader).error)
+        let bad = drain(reader)
+        let message = "\(bad.error.map { "\($0)" } ?? "no error")"
+        XCTAssertTrue(message.contains(objects[1].0), message)
+        XCTAssertGreaterThan(bad.payload.count, 0, "payload before the damage is handed over before the error")
+    }
+
+    func testCancelWhileTheReaderWaitsOnAFullQueueReturns() throws {
+        let replica = FileReplica(root: root)
+        let objects = try (0..<3).map { try writeObject($0, count: 4 << 20) }
+        let reader = try ObjectReadAhead(jobs: objects.map { o in .init(key: o.0, kind: .segment) { replica } },
+                                         encryption: nil, allowUnencrypted: false, capacity: 256 << 10)
+        _ = reader.next()   // metadata of object 0; the queue then fills and the reader waits
+        usleep(100_000)
+        XCTAssertTrue(returnsWithin(seconds: 10) { reader.cancel() }, "cancel hung")
+    }
+
+    /// A restore that stops at its target while the reader waits for a download that needs a
+    /// window place: abandoning the prefetch wakes it.
+    func testStoppingEarlyDoesNotWaitForADownloadThatNeverStarts() throws {
+        let replica = FileReplica(root: root)
+        let objects = try (0..<4).map { try writeObject($0, count: 100_000) }
+        let prefetch = try SegmentPrefetcher(keys: objects.map(\.0), dir: root + "/prefetch", parallel: 1, window: 1) { replica }
+        defer { prefetch.finish() }
+        var jobs: [ObjectReadAhead.Job] = []
+        for (i, o) in objects.enumerated() {
+            jobs.append(.init(key: o.0, kind: .segment) {
+                PrefetchedObject(original: replica, key: o.0, path: try prefetch.wait(i))
+            })
+        }
+        let reader = try ObjectReadAhead(jobs: jobs, encryption: nil, allowUnencrypted: false)
+        XCTAssertNil(drain(reader).error)   // object 0, never released: object 1 cannot download
+        usleep(100_000)
+        XCTAssertTrue(returnsWithin(seconds: 10) { prefetch.abandon(); reader.cancel() }, "stopping hung")
+    }
+
+    func returnsWithin(seconds: Int, _ body: @escaping () -> Void) -> Bool {
+        let done = DispatchSemaphore(value: 0)
+        guard let t = try? JoinableThread({ body(); done.signal() }) else { return false }
+        guard done.wait(timeout: .now() + .seconds(seconds)) == .success else { return false }   // left running
+        t.join()
+        return true
+    }
+}
