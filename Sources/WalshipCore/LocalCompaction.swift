@@ -103,7 +103,7 @@ final class LocalCompactor {
         let room = SpoolRoom(of: workDir)
         guard room.available - room.headroom >= need else { return nil }
         let path = workDir + "/level1-\(hex16(inputs[0].firstTxid)).part"
-        let builder = try ObjectBuilder(path: path, key: key, level: need <= Int64(ObjectBuilder.compressedMergeLimit) ? ObjectBuilder.segmentLevel : 0)
+        let builder = try ObjectBuilder(path: path, key: key, level: ObjectBuilder.mergeLevel(inputBytes: need, spanMs: inputs.last!.lastTimeMs - inputs[0].firstTimeMs))
         let name = SegmentName(generation: inputs[0].generation, level: 1, firstTxid: inputs[0].firstTxid, lastTxid: inputs.last!.lastTxid,
                                firstTimeMs: inputs[0].firstTimeMs, lastTimeMs: inputs.last!.lastTimeMs)
         do {

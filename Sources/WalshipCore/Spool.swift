@@ -306,6 +306,16 @@ final class ObjectBuilder {
         rate <= Double(compressedRateLimit) ? segmentLevel : 0
     }
 
+    /// The level of a level-1 merge of `inputBytes` (stored) over commits spanning `spanMs`.
+    /// A merge re-uploads every transaction of its window, so for a light writer it is worth
+    /// `segmentLevel` too: up to `compressedMergeLimit`, or while its inputs came at most half
+    /// of `compressedRateLimit` a second (a few seconds of one core per window at most).
+    static func mergeLevel(inputBytes: Int64, spanMs: Int64) -> Int32 {
+        if inputBytes <= Int64(compressedMergeLimit) { return segmentLevel }
+        let seconds = max(Int64(1), spanMs / 1000)
+        return inputBytes / seconds <= Int64(compressedRateLimit / 2) ? segmentLevel : 0
+    }
+
     let level: Int32
 
     init(path: String, key: EncryptionKey? = nil, level: Int32 = 0) throws {

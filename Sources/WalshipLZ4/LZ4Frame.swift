@@ -81,11 +81,20 @@ public final class LZ4FrameCompressor {
 
 /// Decodes one LZ4 frame fed in arbitrary chunks, verifying its content checksum, and hands
 /// decompressed bytes to the handler. `finish()` fails if the frame did not end.
+///
+/// The content checksum is checked here, with the shim's XXH32, not by liblz4 (see the shim):
+/// liblz4 decompresses with its checks off, this hashes what comes out and compares the hash
+/// with the frame's last four bytes when the frame ends. A frame must carry a content checksum.
 public final class LZ4FrameDecompressor {
     private var ctx: OpaquePointer?
     private var out = [UInt8](repeating: 0, count: 256 * 1024)
     private var done = false
     private let name: String
+    private var options = LZ4F_decompressOptions_t()
+    private var hash = walship_xxh32_state()
+    /// The frame's first five bytes (magic and FLG), then the last four bytes consumed.
+    private var head: [UInt8] = []
+    private var tail: (UInt8, UInt8, UInt8, UInt8) = (0, 0, 0, 0)
     public private(set) var bytesOut: UInt64 = 0
 
     public init(name: String) throws {
@@ -93,11 +102,31 @@ public final class LZ4FrameDecompressor {
         var c: OpaquePointer?
         _ = try LZ4Error.check(LZ4F_createDecompressionContext(&c, UInt32(LZ4F_VERSION)), name)
         ctx = c
+        options.skipChecksums = 1
+        walship_xxh32_init(&hash, 0)
     }
 
     deinit { LZ4F_freeDecompressionContext(ctx) }
 
     public var isFinished: Bool { done }
+
+    private func consumed(_ bytes: UnsafeRawBufferPointer) throws {
+        for b in bytes.suffix(4) { tail = (tail.1, tail.2, tail.3, b) }
+        guard head.count < 5 else { return }
+        head.append(contentsOf: bytes.prefix(5 - head.count))
+        // FLG, bit 2: content checksum present. (liblz4 has checked the header's own checksum.)
+        if head.count == 5 && head[4] & 0x04 == 0 {
+            throw LZ4Error(code: 0, message: "the frame has no content checksum", context: name)
+        }
+    }
+
+    private func checkContent() throws {
+        let stored = UInt32(tail.0) | UInt32(tail.1) << 8 | UInt32(tail.2) << 16 | UInt32(tail.3) << 24
+        let actual = walship_xxh32_digest(&hash)
+        guard stored == actual else {
+            throw LZ4Error(code: 0, message: "content checksum mismatch (the frame says \(hex8(stored)), its content hashes to \(hex8(actual)))", context: name)
+        }
+    }
 
     public func feed(_ input: UnsafeRawBufferPointer, _ handle: (UnsafeRawBufferPointer) throws -> Void) throws {
         var rest = input
@@ -108,14 +137,22 @@ public final class LZ4FrameDecompressor {
             var srcSize = rest.count
             var dstSize = out.count
             let hint = try out.withUnsafeMutableBytes { o in
-                try LZ4Error.check(LZ4F_decompress(ctx, o.baseAddress, &dstSize, rest.baseAddress, &srcSize, nil), name)
+                try LZ4Error.check(LZ4F_decompress(ctx, o.baseAddress, &dstSize, rest.baseAddress, &srcSize, &options), name)
             }
+            try consumed(UnsafeRawBufferPointer(rebasing: rest[..<srcSize]))
             if dstSize > 0 {
                 bytesOut += UInt64(dstSize)
-                try out.withUnsafeBytes { try handle(UnsafeRawBufferPointer(rebasing: $0[0..<dstSize])) }
+                try out.withUnsafeBytes { o in
+                    walship_xxh32_update(&hash, o.baseAddress, dstSize)
+                    try handle(UnsafeRawBufferPointer(rebasing: o[0..<dstSize]))
+                }
             }
             rest = UnsafeRawBufferPointer(rebasing: rest[srcSize...])
-            if hint == 0 { done = true; if rest.isEmpty { break } }
+            if hint == 0 {
+                try checkContent()
+                done = true
+                if rest.isEmpty { break }
+            }
             if rest.isEmpty && dstSize == 0 { break }
             if rest.isEmpty && dstSize < out.count { break }
         }
@@ -126,4 +163,9 @@ public final class LZ4FrameDecompressor {
             throw LZ4Error(code: 0, message: "the frame ends early", context: name)
         }
     }
+}
+
+func hex8(_ v: UInt32) -> String {
+    let s = String(v, radix: 16)
+    return String(repeating: "0", count: 8 - s.count) + s
 }

@@ -123,3 +123,19 @@ final class ReadAheadTests: XCTestCase {
         return true
     }
 }
+
+/// The compression level of level-1 merges: a light writer's window is merged with the
+/// high-compression level (it is uploaded a second time, whole), a heavy writer's with the
+/// fast one.
+final class MergeLevelTests: XCTestCase {
+    func testLightWindowsMergeAtTheHighCompressionLevelAndHeavyOnesFast() {
+        let hc = ObjectBuilder.segmentLevel
+        XCTAssertEqual(ObjectBuilder.mergeLevel(inputBytes: 20 << 20, spanMs: 1_000), hc)
+        // Five minutes of a writer at 500 small transactions a second: 130 MB stored.
+        XCTAssertEqual(ObjectBuilder.mergeLevel(inputBytes: 130_000_000, spanMs: 299_000), hc)
+        // A gigabyte in fifteen seconds.
+        XCTAssertEqual(ObjectBuilder.mergeLevel(inputBytes: 1 << 30, spanMs: 15_000), 0)
+        // A span of zero (one commit time) is one second, not a division by zero.
+        XCTAssertEqual(ObjectBuilder.mergeLevel(inputBytes: 40 << 20, spanMs: 0), 0)
+    }
+}

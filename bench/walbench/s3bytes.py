@@ -150,11 +150,34 @@ def key_class(key):
     return "other"
 
 
+def key_txids(key):
+    """How many txids an object's key says it covers: walship segments
+    (<first:016x>-<last:016x>-<ms>-<ms>[-s].seg.lz4) and Litestream LTX files (<min:016x>-<max:016x>.ltx).
+    A walship txid is one transaction; a Litestream TXID is one of its level-0 files."""
+    m = re.match(r"([0-9a-f]{16})-([0-9a-f]{16})[-.]", key.split("/")[-1])
+    return int(m.group(2), 16) - int(m.group(1), 16) + 1 if m else 0
+
+
+def level_rates(bytes_by_class, txids_by_class, tx, secs):
+    """Per level: bytes PUT per transaction it covers, and what that level costs in a day if it covers
+    every transaction once. A level's share of the run's transactions is its txids over level 0's."""
+    out = {}
+    base = txids_by_class.get("L0", 0)
+    for c, n in txids_by_class.items():
+        if not c.startswith("L") or not n or not base or not tx:
+            continue
+        covered = tx * n / base
+        per_tx = bytes_by_class.get(c, 0) / covered
+        out[c] = {"txids": n, "tx_covered": covered, "bytes_per_tx": per_tx,
+                  "gb_per_day": per_tx * tx / secs * 86400 / 1e9}
+    return out
+
+
 def tally(reqs, writer, t_term):
     """Counts, bytes and per-day figures of the requests made from writer start to the tool's exit."""
     secs = max(writer["seconds"], 1e-9)
     tx = writer["tx"]
-    by_op, bytes_by_op, bytes_by_class, puts_by_class = {}, {}, {}, {}
+    by_op, bytes_by_op, bytes_by_class, puts_by_class, txids_by_class = {}, {}, {}, {}, {}
     cut = non_2xx = 0
     after = {"requests": 0, "put_bytes": 0}
     for r in reqs:
@@ -170,6 +193,8 @@ def tally(reqs, writer, t_term):
             bytes_by_op[op] = bytes_by_op.get(op, 0) + n
             bytes_by_class[c] = bytes_by_class.get(c, 0) + n
             puts_by_class[c] = puts_by_class.get(c, 0) + 1
+            if 200 <= r["status"] < 300:
+                txids_by_class[c] = txids_by_class.get(c, 0) + key_txids(key_of(r["target"]))
             if r["t"] >= t_term:
                 after["put_bytes"] += n
         if r["t"] >= t_term:
@@ -181,7 +206,10 @@ def tally(reqs, writer, t_term):
     tier1 = sum(v for op, v in by_op.items() if op in TIER1_OPS)
     cost_day = (tier1 * PRICE_TIER1 + (n - tier1) * PRICE_TIER2) / 1000 * day
     l0 = bytes_by_op.get("PUT", 0)
+    levels = level_rates(bytes_by_class, txids_by_class, tx, secs)
     return {
+        "levels": levels, "txids_by_class": txids_by_class,
+        "all_levels_gb_per_day": sum(v["gb_per_day"] for v in levels.values()) if "L0" in levels else None,
         "seconds": secs, "tx": tx,
         "requests": n, "by_op": by_op, "put_bytes_by_op": bytes_by_op, "put_bytes_by_class": bytes_by_class,
         "puts_by_class": puts_by_class, "puts": puts, "shipping_puts": by_op.get("PUT", 0),
