@@ -1,3 +1,4 @@
+import CLinux
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -54,6 +55,13 @@ public final class RawFile {
     }
 
     private init(fd: Int32, path: String) { self.fd = fd; self.path = path }
+
+    /// A file with no name, in memory, gone once closed; `label` names it in errors.
+    public static func anonymous(label: String) throws -> RawFile {
+        let f = walship_anonymous_file(label)
+        guard f >= 0 else { throw SystemError.last("create an in-memory file") }
+        return RawFile(fd: f, path: "(\(label), in memory)")
+    }
     deinit { close(fd) }
 
     public func size() throws -> Int {

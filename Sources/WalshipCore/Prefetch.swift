@@ -2,24 +2,40 @@
 import Glibc
 #endif
 import Dispatch
+import CLinux
 
 /// Downloads a restore plan's segments ahead of the apply step: `parallel` downloads at once,
-/// at most `window` finished or running ahead, each into a temporary file. Apply then reads
-/// local files while the next downloads run: pipelined, with bounded memory and disk.
+/// at most `window` finished or running ahead. Apply then reads local copies while the next
+/// downloads run: pipelined, with bounded memory and disk.
+///
+/// A copy is kept in memory, in 1 MiB pieces reused from one download to the next, while the
+/// copies hold less than `memoryBudget` bytes; past that, the copy moves to a temporary file in
+/// `dir`. Writing every copy through the page cache and deleting it cost the kernel more CPU
+/// than the rest of the restore.
 final class SegmentPrefetcher {
     private let keys: [String]
     private let dir: String
     private let slots: DispatchSemaphore
     private var done: [DispatchSemaphore]
     private var errors: [Error?]
-    private let mutex = Mutex()
+    private var copies: [LocalCopy?]
+    private var spare: [[UInt8]] = []
+    private var memoryBytes = 0
+    private let memoryBudget: Int
+    static let piece = 1 << 20
+    private let mutex = MonotonicCondition()
+    /// Segments below this one were applied and released.
+    private var releasedUpTo = 0
     private var next = 0
     private var cancelled = false
     private var workers: [JoinableThread] = []
 
-    init(keys: [String], dir: String, parallel: Int = 4, window: Int = 8, makeReplica: @escaping () throws -> Replica) throws {
+    init(keys: [String], dir: String, parallel: Int = 4, window: Int = 8, memoryBudget: Int = 128 << 20,
+         makeReplica: @escaping () throws -> Replica) throws {
         self.keys = keys
         self.dir = dir
+        self.memoryBudget = memoryBudget
+        self.copies = Array(repeating: nil, count: keys.count)
         self.slots = DispatchSemaphore(value: window)
         self.done = keys.map { _ in DispatchSemaphore(value: 0) }
         self.errors = Array(repeating: nil, count: keys.count)
@@ -35,6 +51,27 @@ final class SegmentPrefetcher {
         }
     }
 
+    /// A piece of memory for a copy, or nil when the copies are at the budget.
+    fileprivate func takePiece() -> [UInt8]? {
+        mutex.locked {
+            guard memoryBytes + Self.piece <= memoryBudget else { return nil }
+            memoryBytes += Self.piece
+            var b = spare.popLast() ?? []
+            b.removeAll(keepingCapacity: true)
+            b.reserveCapacity(Self.piece)
+            return b
+        }
+    }
+
+    fileprivate func givePieces(_ pieces: [[UInt8]]) {
+        guard !pieces.isEmpty else { return }
+        mutex.locked {
+            memoryBytes -= pieces.count * Self.piece
+            spare += pieces.prefix(max(0, memoryBudget / Self.piece - spare.count))
+            mutex.signal()
+        }
+    }
+
     func localPath(_ i: Int) -> String { dir + "/\(i).obj" }
 
     private func work(_ replica: Replica) {
@@ -46,9 +83,22 @@ final class SegmentPrefetcher {
                 return next
             }
             guard let idx = i else { slots.signal(); return }
+            // A download ahead of the one the restore needs next starts only while the copies
+            // hold less than half the budget: several large objects downloading at once would
+            // otherwise all move to disk. The next one needed always starts.
+            let go: Bool = mutex.locked {
+                while !cancelled && idx > releasedUpTo && memoryBytes >= memoryBudget / 2 { mutex.wait() }
+                return !cancelled
+            }
+            if !go {
+                mutex.locked { errors[idx] = StopStreaming() }
+                done[idx].signal()
+                continue
+            }
+            let copy = LocalCopy(owner: self, diskPath: localPath(idx))
+            mutex.locked { copies[idx] = copy }
             do {
-                let f = try RawFile(path: localPath(idx), flags: O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode: 0o600)
-                try replica.get(key: keys[idx]) { try f.append($0) }
+                try replica.get(key: keys[idx]) { try copy.append($0) }
             } catch {
                 mutex.locked { errors[idx] = error }
             }
@@ -56,17 +106,30 @@ final class SegmentPrefetcher {
         }
     }
 
-    /// Waits for segment `i`; returns its local path or throws its download error.
-    func wait(_ i: Int) throws -> String {
+    /// Waits for segment `i`; returns its local copy or throws its download error.
+    fileprivate func wait(_ i: Int) throws -> LocalCopy {
         done[i].wait()
-        if let e = mutex.locked({ errors[i] }) { throw e }
-        return localPath(i)
+        return try mutex.locked {
+            if let e = errors[i] { throw e }
+            return copies[i]!
+        }
     }
 
-    /// Frees segment `i`'s file and its place in the window.
+    /// Frees segment `i`'s copy and its place in the window.
     func release(_ i: Int) {
-        try? FS.remove(localPath(i))
+        let copy: LocalCopy? = mutex.locked {
+            defer { copies[i] = nil }
+            releasedUpTo = max(releasedUpTo, i + 1)
+            mutex.signal()
+            return copies[i]
+        }
+        copy?.discard()
         slots.signal()
+    }
+
+    /// A reader of segment `i` for the restore, once it is here.
+    func object(_ i: Int, original: Replica) throws -> Replica {
+        PrefetchedObject(original: original, key: keys[i], copy: try wait(i))
     }
 
     /// Wakes every wait for a download that will now never start (they throw StopStreaming);
@@ -75,6 +138,7 @@ final class SegmentPrefetcher {
     func abandon() {
         let unclaimed: Range<Int> = mutex.locked {
             cancelled = true
+            mutex.signal()
             let r = next..<keys.count
             for i in r { errors[i] = StopStreaming() }
             next = keys.count
@@ -85,20 +149,91 @@ final class SegmentPrefetcher {
 
     /// Stops the workers and removes every file.
     func finish() {
-        mutex.locked { cancelled = true }
+        mutex.locked { cancelled = true; mutex.signal() }
         for _ in 0..<workers.count { slots.signal() }
         workers.forEach { $0.join() }
+        let left: [LocalCopy] = mutex.locked {
+            defer { copies = copies.map { _ in nil } }
+            return copies.compactMap { $0 }
+        }
+        left.forEach { $0.discard() }
         FS.removeTree(dir)
     }
 }
 
-/// Serves prefetched objects from local files under their original key and replica name, so
-/// every error still names the object as stored.
+/// One downloaded object: pieces of memory, or a temporary file once memory ran out (the
+/// pieces so far are written to it first). Written by one download thread, then read by the
+/// restore's reader after the download is done.
+final class LocalCopy {
+    private weak var owner: SegmentPrefetcher?
+    private let diskPath: String
+    private var pieces: [[UInt8]] = []
+    private var file: RawFile?
+    private var discarded = false
+
+    fileprivate init(owner: SegmentPrefetcher, diskPath: String) {
+        self.owner = owner
+        self.diskPath = diskPath
+    }
+
+    fileprivate func append(_ bytes: UnsafeRawBufferPointer) throws {
+        var rest = bytes
+        while !rest.isEmpty {
+            if let f = file { try f.append(rest); return }
+            if pieces.isEmpty || pieces[pieces.count - 1].count == SegmentPrefetcher.piece {
+                guard let p = owner?.takePiece() else { try spill(); continue }
+                pieces.append(p)
+            }
+            let n = min(rest.count, SegmentPrefetcher.piece - pieces[pieces.count - 1].count)
+            pieces[pieces.count - 1].append(contentsOf: UnsafeRawBufferPointer(rebasing: rest[..<n]))
+            rest = UnsafeRawBufferPointer(rebasing: rest[n...])
+        }
+    }
+
+    /// Moves the copy to a new temporary file (never an existing path or a link).
+    private func spill() throws {
+        let f = try RawFile(path: diskPath, flags: O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode: 0o600)
+        for p in pieces { try f.append(p) }
+        owner?.givePieces(pieces)
+        pieces = []
+        file = f
+    }
+
+    func read(_ handle: (UnsafeRawBufferPointer) throws -> Void) throws {
+        if let f = file {
+            var buf = [UInt8](repeating: 0, count: 1 << 20)
+            var off = 0
+            while true {
+                let n = try buf.withUnsafeMutableBytes { try f.read(at: off, into: $0) }
+                if n == 0 { break }
+                try buf.withUnsafeBytes { try handle(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+                off += n
+            }
+        } else {
+            for p in pieces { try p.withUnsafeBytes { try handle($0) } }
+        }
+    }
+
+    /// Gives the memory back and removes the file. Called once its reader is done or gone.
+    fileprivate func discard() {
+        guard !discarded else { return }
+        discarded = true
+        owner?.givePieces(pieces)
+        pieces = []
+        if file != nil {
+            file = nil
+            try? FS.remove(diskPath)
+        }
+    }
+}
+
+/// Serves a prefetched object from its local copy under its original key and replica name,
+/// so every error still names the object as stored.
 final class PrefetchedObject: Replica {
     let original: Replica
     let key: String
-    let path: String
-    init(original: Replica, key: String, path: String) { self.original = original; self.key = key; self.path = path }
+    let copy: LocalCopy
+    init(original: Replica, key: String, copy: LocalCopy) { self.original = original; self.key = key; self.copy = copy }
     var displayURL: String { original.displayURL }
     var requestCounts: Counters { original.requestCounts }
     func prepareForWriting() throws {}
@@ -109,7 +244,5 @@ final class PrefetchedObject: Replica {
     func list(prefix: String) throws -> [String] { [key] }
     func contains(key: String) throws -> Bool { key == self.key }
     func delete(keys: [String]) throws {}
-    func get(key: String, _ handle: (UnsafeRawBufferPointer) throws -> Void) throws {
-        try FileReplica(root: FS.dirname(path)).get(key: FS.basename(path), handle)
-    }
+    func get(key: String, _ handle: (UnsafeRawBufferPointer) throws -> Void) throws { try copy.read(handle) }
 }

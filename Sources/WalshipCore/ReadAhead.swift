@@ -51,9 +51,10 @@ final class ObjectReadAhead {
 
     private func run(_ jobs: [Job], encryption: EncryptionKey?, allowUnencrypted: Bool) {
         for job in jobs {
+            var buffer: [UInt8] = []
             do {
                 let source = try job.source()
-                var buffer = takeSpare()
+                buffer = takeSpare()
                 let meta = try streamObject(source, key: job.key, expect: job.kind, encryption: encryption,
                                             allowUnencrypted: allowUnencrypted, onMetadata: { m in try self.push(.metadata(m), bytes: 0) }) { chunk in
                     buffer.append(contentsOf: chunk)
@@ -69,6 +70,9 @@ final class ObjectReadAhead {
             } catch is StopStreaming {
                 return
             } catch {
+                // What was decoded before the failure goes first: a restore that stops before
+                // the damage (a target inside a truncated segment) never meets the error.
+                if !buffer.isEmpty { try? push(.payload(buffer), bytes: buffer.count, always: true) }
                 try? push(.failed(error), bytes: 0, always: true)
                 return
             }

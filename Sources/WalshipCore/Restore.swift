@@ -187,7 +187,7 @@ public enum Restorer {
         for (index, seg) in plan.segments.enumerated() {
             jobs.append(ObjectReadAhead.Job(key: seg.key, kind: .segment) {
                 guard let p = prefetcher else { return replica }
-                return PrefetchedObject(original: replica, key: seg.key, path: try p.wait(index))
+                return try p.object(index, original: replica)
             })
         }
         let reader = try ObjectReadAhead(jobs: jobs, encryption: options.encryptionKey, allowUnencrypted: options.allowUnencrypted)
@@ -254,7 +254,6 @@ public enum Restorer {
         let output = try RestoreOutput(file: file, pageSize: pageSize, pages: Int(dbPages), map: options.fast)
 
         segments: for (index, seg) in plan.segments.enumerated() {
-            defer { prefetcher?.release(index) }
             var decoder = SegmentDecoder(name: seg.key)
             var current: TransactionHeader?
             var skipping = false
@@ -325,6 +324,9 @@ public enum Restorer {
                     throw ObjectError(key: seg.key, replica: replica.displayURL, problem: "holds txids \(meta.firstTxid)-\(meta.lastTxid), not what its name says")
                 }
             }
+            // Read to its end: the reader is done with its copy. (After a stop or an error the
+            // reader may still be in it; the copies go once it has stopped.)
+            if meta != nil { prefetcher?.release(index) }
             result.segmentCount += 1
             describe = "txid \(applied) (object '\(seg.key)')"
             if reachedTarget { break segments }

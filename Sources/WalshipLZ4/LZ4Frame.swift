@@ -114,8 +114,13 @@ public final class LZ4FrameDecompressor {
         for b in bytes.suffix(4) { tail = (tail.1, tail.2, tail.3, b) }
         guard head.count < 5 else { return }
         head.append(contentsOf: bytes.prefix(5 - head.count))
-        // FLG, bit 2: content checksum present. (liblz4 has checked the header's own checksum.)
-        if head.count == 5 && head[4] & 0x04 == 0 {
+        guard head.count == 5 else { return }
+        // An LZ4 frame (liblz4 would also take a skippable frame, holding nothing), with FLG's
+        // bit 2 set: content checksum present. liblz4 checks the header's own checksum.
+        if head[0..<4] != [0x04, 0x22, 0x4D, 0x18] {
+            throw LZ4Error(code: 0, message: "not an LZ4 frame", context: name)
+        }
+        if head[4] & 0x04 == 0 {
             throw LZ4Error(code: 0, message: "the frame has no content checksum", context: name)
         }
     }

@@ -86,6 +86,23 @@ final class ReadAheadTests: XCTestCase {
         XCTAssertGreaterThan(bad.payload.count, 0, "payload before the damage is handed over before the error")
     }
 
+    /// A truncated object's error comes after every byte decoded before it, as reading it
+    /// directly hands them over: a target inside it is still reached.
+    func testATruncatedObjectHandsOverItsDecodedTailBeforeTheError() throws {
+        let replica = FileReplica(root: root)
+        let o = try writeObject(0, count: 100_000)
+        let path = root + "/" + o.0
+        XCTAssertEqual(truncate(path, off_t(FS.fileSize(path)! - 1)), 0)   // a byte of the checksum
+        var direct = 0
+        XCTAssertThrowsError(try streamObject(replica, key: o.0, expect: .segment) { direct += $0.count })
+        XCTAssertEqual(direct, 100_000)
+        let reader = try ObjectReadAhead(jobs: [.init(key: o.0, kind: .segment) { replica }], encryption: nil, allowUnencrypted: false)
+        defer { reader.cancel() }
+        let got = drain(reader)
+        XCTAssertNotNil(got.error)
+        XCTAssertEqual(got.payload, o.1)
+    }
+
     func testCancelWhileTheReaderWaitsOnAFullQueueReturns() throws {
         let replica = FileReplica(root: root)
         let objects = try (0..<3).map { try writeObject($0, count: 4 << 20) }
@@ -105,14 +122,31 @@ final class ReadAheadTests: XCTestCase {
         defer { prefetch.finish() }
         var jobs: [ObjectReadAhead.Job] = []
         for (i, o) in objects.enumerated() {
-            jobs.append(.init(key: o.0, kind: .segment) {
-                PrefetchedObject(original: replica, key: o.0, path: try prefetch.wait(i))
-            })
+            jobs.append(.init(key: o.0, kind: .segment) { try prefetch.object(i, original: replica) })
         }
         let reader = try ObjectReadAhead(jobs: jobs, encryption: nil, allowUnencrypted: false)
         XCTAssertNil(drain(reader).error)   // object 0, never released: object 1 cannot download
         usleep(100_000)
         XCTAssertTrue(returnsWithin(seconds: 10) { prefetch.abandon(); reader.cancel() }, "stopping hung")
+    }
+
+    /// Downloaded copies live in memory up to the budget, then move to files; both read back
+    /// the same, and nothing is left in the download directory.
+    func testCopiesInMemoryAndCopiesMovedToDiskReadTheSame() throws {
+        let replica = FileReplica(root: root)
+        let objects = try (0..<5).map { try writeObject($0, count: [300_000, 3 << 20, 10, 2 << 20, 5 << 20][$0]) }
+        for budget in [64 << 20, 2 << 20, 1 << 20] {
+            let dir = root + "/prefetch-\(budget)"
+            let prefetch = try SegmentPrefetcher(keys: objects.map(\.0), dir: dir, parallel: 2, window: 3, memoryBudget: budget) { replica }
+            for (i, o) in objects.enumerated() {
+                var got: [UInt8] = []
+                try streamObject(try prefetch.object(i, original: replica), key: o.0, expect: .segment) { got += $0 }
+                XCTAssertEqual(got, o.1, "object \(i), budget \(budget)")
+                prefetch.release(i)
+            }
+            prefetch.finish()
+            XCTAssertFalse(FS.exists(dir))
+        }
     }
 
     func returnsWithin(seconds: Int, _ body: @escaping () -> Void) -> Bool {

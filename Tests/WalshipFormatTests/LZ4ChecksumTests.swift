@@ -59,6 +59,15 @@ final class LZ4ChecksumTests: XCTestCase {
         }
     }
 
+    func testASkippableFrameAloneIsNotTakenForAnEmptyFrame() throws {
+        // Magic 0x184D2A5x, size 4, four bytes that would pass as the checksum of nothing.
+        let frame: [UInt8] = [0x54, 0x2A, 0x4D, 0x18, 4, 0, 0, 0, 0x05, 0x5D, 0xCC, 0x02]
+        var rng = Rng(state: 4)
+        XCTAssertThrowsError(try decompress(frame, rng: &rng)) { e in
+            XCTAssertTrue("\(e)".contains("not an LZ4 frame"), "\(e)")
+        }
+    }
+
     func testAFrameWithoutAContentChecksumIsRefused() throws {
         var prefs = LZ4F_preferences_t()
         prefs.frameInfo.contentChecksumFlag = LZ4F_noContentChecksum

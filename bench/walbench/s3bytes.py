@@ -193,10 +193,13 @@ def tally(reqs, writer, t_term):
             bytes_by_op[op] = bytes_by_op.get(op, 0) + n
             bytes_by_class[c] = bytes_by_class.get(c, 0) + n
             puts_by_class[c] = puts_by_class.get(c, 0) + 1
-            if 200 <= r["status"] < 300:
-                txids_by_class[c] = txids_by_class.get(c, 0) + key_txids(key_of(r["target"]))
             if r["t"] >= t_term:
                 after["put_bytes"] += n
+        # Transactions an object covers count once per stored object: on a whole PUT, or on
+        # the completion of a multipart upload (never per part).
+        if op in ("PUT", "PUT-other", "POST-complete-multipart") and 200 <= r["status"] < 300:
+            c = key_class(key_of(r["target"]))
+            txids_by_class[c] = txids_by_class.get(c, 0) + key_txids(key_of(r["target"]))
         if r["t"] >= t_term:
             after["requests"] += 1
     put_bytes = sum(bytes_by_op.values())
