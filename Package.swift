@@ -43,7 +43,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "WalshipFormatTests", dependencies: ["WalshipFormat", "WalshipLZ4", "WalshipSQLite", "WalshipCrypto"]),
-        .testTarget(name: "WalshipCoreTests", dependencies: ["WalshipCore", "WalshipFormat"]),
+        .testTarget(name: "WalshipCoreTests", dependencies: ["WalshipCore", "WalshipFormat", "WalshipCurl", "WalshipSQLite"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -376,7 +376,7 @@ public final class Agent {
                 if e.isNotADatabase { throw AgentError.notADatabase(dbPath) }
                 throw e
             }
-            c.disableCheckpointOnClose()
+            try c.disableCheckpointOnClose()
             c.setBusyTimeout(milliseconds: 5000)
             return c
         }

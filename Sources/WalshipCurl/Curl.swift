@@ -92,6 +92,14 @@ public final class HTTPClient {
         var headersDelivered = false
     }
 
+    /// libcurl refused an option (an unknown one in an older libcurl, a string too long): the
+    /// request is not made with part of its settings missing, such as its signature.
+    private func check(_ rc: CURLcode, _ option: String, _ url: String) throws {
+        guard rc == CURLE_OK else {
+            throw CurlError(code: Int32(rc.rawValue), message: "libcurl refused \(option): \(String(cString: curl_easy_strerror(rc)))", url: url)
+        }
+    }
+
     /// Performs one request. The response body goes to `sink` if given (for status 2xx only;
     /// error bodies are collected so their message can be reported).
     /// `onHeaders` sees a 2xx response's status and headers before its first body byte.
@@ -108,21 +116,21 @@ public final class HTTPClient {
             curl_slist_free_all(list)
             if ctx.file >= 0 { close(ctx.file) }
         }
-        _ = walship_curl_setopt_string(handle, CURLOPT_URL, url)
-        _ = walship_curl_setopt_long(handle, CURLOPT_NOSIGNAL, 1)
-        _ = walship_curl_setopt_long(handle, CURLOPT_CONNECTTIMEOUT, 10)
-        _ = walship_curl_setopt_long(handle, CURLOPT_LOW_SPEED_LIMIT, 1)
-        _ = walship_curl_setopt_long(handle, CURLOPT_LOW_SPEED_TIME, timeoutSeconds)
-        _ = walship_curl_setopt_long(handle, CURLOPT_SSL_VERIFYPEER, verifyTLS ? 1 : 0)
-        _ = walship_curl_setopt_long(handle, CURLOPT_SSL_VERIFYHOST, verifyTLS ? 2 : 0)
-        if let ca = caBundle { _ = walship_curl_setopt_string(handle, CURLOPT_CAINFO, ca) }
+        try check(walship_curl_setopt_string(handle, CURLOPT_URL, url), "CURLOPT_URL", url)
+        try check(walship_curl_setopt_long(handle, CURLOPT_NOSIGNAL, 1), "CURLOPT_NOSIGNAL", url)
+        try check(walship_curl_setopt_long(handle, CURLOPT_CONNECTTIMEOUT, 10), "CURLOPT_CONNECTTIMEOUT", url)
+        try check(walship_curl_setopt_long(handle, CURLOPT_LOW_SPEED_LIMIT, 1), "CURLOPT_LOW_SPEED_LIMIT", url)
+        try check(walship_curl_setopt_long(handle, CURLOPT_LOW_SPEED_TIME, timeoutSeconds), "CURLOPT_LOW_SPEED_TIME", url)
+        try check(walship_curl_setopt_long(handle, CURLOPT_SSL_VERIFYPEER, verifyTLS ? 1 : 0), "CURLOPT_SSL_VERIFYPEER", url)
+        try check(walship_curl_setopt_long(handle, CURLOPT_SSL_VERIFYHOST, verifyTLS ? 2 : 0), "CURLOPT_SSL_VERIFYHOST", url)
+        if let ca = caBundle { try check(walship_curl_setopt_string(handle, CURLOPT_CAINFO, ca), "CURLOPT_CAINFO", url) }
         if let s = sign {
-            _ = walship_curl_setopt_string(handle, CURLOPT_AWS_SIGV4, "aws:amz:\(s.region):\(s.service)")
-            _ = walship_curl_setopt_string(handle, CURLOPT_USERNAME, s.accessKey)
-            _ = walship_curl_setopt_string(handle, CURLOPT_PASSWORD, s.secretKey)
+            try check(walship_curl_setopt_string(handle, CURLOPT_AWS_SIGV4, "aws:amz:\(s.region):\(s.service)"), "CURLOPT_AWS_SIGV4", url)
+            try check(walship_curl_setopt_string(handle, CURLOPT_USERNAME, s.accessKey), "CURLOPT_USERNAME", url)
+            try check(walship_curl_setopt_string(handle, CURLOPT_PASSWORD, s.secretKey), "CURLOPT_PASSWORD", url)
         }
-        _ = walship_curl_setopt_pointer(handle, CURLOPT_WRITEDATA, unmanaged)
-        _ = walship_curl_setopt_write(handle) { ptr, size, n, ud in
+        try check(walship_curl_setopt_pointer(handle, CURLOPT_WRITEDATA, unmanaged), "CURLOPT_WRITEDATA", url)
+        try check(walship_curl_setopt_write(handle) { ptr, size, n, ud in
             let ctx = Unmanaged<HTTPClient.Context>.fromOpaque(ud!).takeUnretainedValue()
             let count = size * n
             let buf = UnsafeRawBufferPointer(start: ptr, count: count)
@@ -135,9 +143,9 @@ public final class HTTPClient {
                 if ctx.collected.count < 1 << 20 { ctx.collected.append(contentsOf: buf) }
             }
             return count
-        }
-        _ = walship_curl_setopt_pointer(handle, CURLOPT_HEADERDATA, unmanaged)
-        _ = walship_curl_setopt_header(handle) { ptr, size, n, ud in
+        }, "CURLOPT_WRITEFUNCTION", url)
+        try check(walship_curl_setopt_pointer(handle, CURLOPT_HEADERDATA, unmanaged), "CURLOPT_HEADERDATA", url)
+        try check(walship_curl_setopt_header(handle) { ptr, size, n, ud in
             let ctx = Unmanaged<HTTPClient.Context>.fromOpaque(ud!).takeUnretainedValue()
             let count = size * n
             let line = String(decoding: UnsafeRawBufferPointer(start: ptr, count: count), as: UTF8.self)
@@ -153,52 +161,52 @@ public final class HTTPClient {
                 ctx.headers[name] = String(value)
             }
             return count
-        }
+        }, "CURLOPT_HEADERFUNCTION", url)
         var allHeaders = headers
         switch method {
         case "GET": break
-        case "HEAD": _ = walship_curl_setopt_long(handle, CURLOPT_NOBODY, 1)
-        default: _ = walship_curl_setopt_string(handle, CURLOPT_CUSTOMREQUEST, method)
+        case "HEAD": try check(walship_curl_setopt_long(handle, CURLOPT_NOBODY, 1), "CURLOPT_NOBODY", url)
+        default: try check(walship_curl_setopt_string(handle, CURLOPT_CUSTOMREQUEST, method), "CURLOPT_CUSTOMREQUEST", url)
         }
         switch body {
         case .none:
             if method == "PUT" || method == "POST" {
-                _ = walship_curl_setopt_long(handle, CURLOPT_UPLOAD, 1)
-                _ = walship_curl_setopt_offset(handle, CURLOPT_INFILESIZE_LARGE, 0)
+                try check(walship_curl_setopt_long(handle, CURLOPT_UPLOAD, 1), "CURLOPT_UPLOAD", url)
+                try check(walship_curl_setopt_offset(handle, CURLOPT_INFILESIZE_LARGE, 0), "CURLOPT_INFILESIZE_LARGE", url)
                 ctx.bytes = []
-                installReader(ctx, unmanaged)
+                try installReader(ctx, unmanaged, url)
             }
         case .bytes(let b):
             ctx.bytes = b
-            _ = walship_curl_setopt_long(handle, CURLOPT_UPLOAD, 1)
-            _ = walship_curl_setopt_offset(handle, CURLOPT_INFILESIZE_LARGE, curl_off_t(b.count))
-            installReader(ctx, unmanaged)
+            try check(walship_curl_setopt_long(handle, CURLOPT_UPLOAD, 1), "CURLOPT_UPLOAD", url)
+            try check(walship_curl_setopt_offset(handle, CURLOPT_INFILESIZE_LARGE, curl_off_t(b.count)), "CURLOPT_INFILESIZE_LARGE", url)
+            try installReader(ctx, unmanaged, url)
         case .file(let path, let offset, let length):
             let fd = open(path, O_RDONLY | O_CLOEXEC)
             guard fd >= 0 else { throw CurlError(code: -1, message: "cannot open \(path): \(String(cString: strerror(errno)))", url: url) }
             ctx.file = fd; ctx.fileOffset = offset; ctx.fileRemaining = length
-            _ = walship_curl_setopt_long(handle, CURLOPT_UPLOAD, 1)
-            _ = walship_curl_setopt_offset(handle, CURLOPT_INFILESIZE_LARGE, curl_off_t(length))
-            installReader(ctx, unmanaged)
+            try check(walship_curl_setopt_long(handle, CURLOPT_UPLOAD, 1), "CURLOPT_UPLOAD", url)
+            try check(walship_curl_setopt_offset(handle, CURLOPT_INFILESIZE_LARGE, curl_off_t(length)), "CURLOPT_INFILESIZE_LARGE", url)
+            try installReader(ctx, unmanaged, url)
         }
         // No 100-continue round trip. (An empty "Expect:" header would do it too, but libcurl
         // 7.88's SigV4 signer signs that header while never sending it.)
-        _ = walship_curl_setopt_long(handle, CURLOPT_EXPECT_100_TIMEOUT_MS, 0)
+        try check(walship_curl_setopt_long(handle, CURLOPT_EXPECT_100_TIMEOUT_MS, 0), "CURLOPT_EXPECT_100_TIMEOUT_MS", url)
         for h in allHeaders { list = curl_slist_append(list, h) }
-        _ = walship_curl_setopt_slist(handle, CURLOPT_HTTPHEADER, list)
+        try check(walship_curl_setopt_slist(handle, CURLOPT_HTTPHEADER, list), "CURLOPT_HTTPHEADER", url)
         let rc = curl_easy_perform(handle)
         if let e = ctx.sinkError { throw e }
         guard rc == CURLE_OK else {
             throw CurlError(code: Int32(rc.rawValue), message: String(cString: curl_easy_strerror(rc)), url: url)
         }
         var code: Int = 0
-        _ = walship_curl_getinfo_long(handle, CURLINFO_RESPONSE_CODE, &code)
+        try check(walship_curl_getinfo_long(handle, CURLINFO_RESPONSE_CODE, &code), "CURLINFO_RESPONSE_CODE", url)
         return HTTPResponse(status: code, headers: ctx.headers, body: ctx.collected)
     }
 
-    private func installReader(_ ctx: Context, _ unmanaged: UnsafeMutableRawPointer) {
-        _ = walship_curl_setopt_pointer(handle, CURLOPT_READDATA, unmanaged)
-        _ = walship_curl_setopt_read(handle) { ptr, size, n, ud in
+    private func installReader(_ ctx: Context, _ unmanaged: UnsafeMutableRawPointer, _ url: String) throws {
+        try check(walship_curl_setopt_pointer(handle, CURLOPT_READDATA, unmanaged), "CURLOPT_READDATA", url)
+        try check(walship_curl_setopt_read(handle) { ptr, size, n, ud in
             let ctx = Unmanaged<HTTPClient.Context>.fromOpaque(ud!).takeUnretainedValue()
             let room = size * n
             if ctx.file >= 0 {
@@ -220,6 +228,6 @@ public final class HTTPClient {
                 ctx.bytesOffset += take
             }
             return take
-        }
+        }, "CURLOPT_READFUNCTION", url)
     }
 }

@@ -67,8 +67,15 @@ public final class SQLiteConnection {
 
     /// Keeps SQLite from checkpointing (and deleting the WAL) when this connection closes last:
     /// the agent decides when the log is checkpointed.
-    public func disableCheckpointOnClose() {
-        _ = walship_sqlite_db_config_int(db, SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+    /// Fails if SQLite refuses or ignores the setting: the agent must never have the log
+    /// checkpointed behind its back.
+    public func disableCheckpointOnClose() throws {
+        var now: Int32 = 0
+        let rc = walship_sqlite_db_config_int(db, SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1, &now)
+        guard rc == SQLITE_OK else { throw fail(rc, "turn off the checkpoint on close") }
+        guard now == 1 else {
+            throw SQLiteError(code: SQLITE_ERROR, message: "the setting did not take", context: "turn off the checkpoint on close")
+        }
     }
 
     public func setBusyTimeout(milliseconds: Int32) { sqlite3_busy_timeout(db, milliseconds) }

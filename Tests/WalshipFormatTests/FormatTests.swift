@@ -9,11 +9,19 @@ final class ChecksumTests: XCTestCase {
     func testXXH64GoldenVectors() {
         XCTAssertEqual(XXH64.hash([UInt8]()), 0xEF46_DB37_51D8_E999)
         XCTAssertEqual(XXH64.hash(Array("abc".utf8)), 0x44BC_2CF5_AD77_0999)
-        // Lengths that exercise every tail path agree with a byte-at-a-time reference of the
-        // same algorithm would be circular; instead check seed sensitivity and stability.
-        let long = (0..<1000).map { UInt8($0 % 251) }
-        XCTAssertEqual(XXH64.hash(long, seed: 5), XXH64.hash(long, seed: 5))
-        XCTAssertNotEqual(XXH64.hash(long, seed: 5), XXH64.hash(long, seed: 6))
+        // Inputs of 32 bytes and more take the four-lane path, then every tail path. Reference
+        // values from the xxhash package (4.1.0) on bytes (i * 7 + 3) mod 256.
+        let vectors: [(Int, UInt64, UInt64)] = [
+            (31, 0xA2AA_5F33_CC4A_6119, 0x4B62_0437_708C_3EA9), (32, 0x23C3_C17E_F790_FD97, 0xB483_E00F_1DD6_7337),
+            (33, 0x50A7_CFC7_BA58_8784, 0xBB0F_5983_C203_F593), (63, 0x5E3E_54B4_31C7_493C, 0xBF5E_1C4F_A32C_6E24),
+            (64, 0x0EB6_4B3E_F6EE_B01F, 0xAC77_14C4_1EC0_53A0), (100, 0xA61F_8D4C_170F_E531, 0x708D_C77A_BB05_EC00),
+            (1000, 0x5F23_5FA0_33F1_A3FB, 0x208B_E8CA_F3F7_89AF), (4096, 0x7963_98CD_4327_97CC, 0x9B95_A478_F0AD_0D51),
+        ]
+        for (n, seed0, seed5) in vectors {
+            let data = (0..<n).map { UInt8(truncatingIfNeeded: $0 * 7 + 3) }
+            XCTAssertEqual(XXH64.hash(data), seed0, "length \(n), seed 0")
+            XCTAssertEqual(XXH64.hash(data, seed: 5), seed5, "length \(n), seed 5")
+        }
     }
 
     func testDatabaseChecksumIsOrderIndependentAndPageSensitive() {

@@ -42,6 +42,24 @@ final class LZ4ChecksumTests: XCTestCase {
         }
     }
 
+    func testXXH32ReferenceVectors() {
+        // From the xxhash package (4.1.0), on bytes (i * 7 + 3) mod 256, seeds 0 and 5.
+        let vectors: [(Int, UInt32, UInt32)] = [
+            (0, 0x02CC_5D05, 0x8093_8EDA), (1, 0x21AE_663A, 0x1369_B3DA), (15, 0x82D3_C84D, 0x2837_FDE9),
+            (16, 0x8845_547D, 0x3E68_24FC), (17, 0x450E_5F84, 0x264D_A2EF), (100, 0x7309_1A4D, 0x30BF_213A),
+            (4096, 0x4E81_883C, 0xBF8B_A54B),
+        ]
+        for (n, seed0, seed5) in vectors {
+            let data = (0..<n).map { UInt8(truncatingIfNeeded: $0 * 7 + 3) }
+            for (seed, want) in [(UInt32(0), seed0), (5, seed5)] {
+                var s = walship_xxh32_state()
+                walship_xxh32_init(&s, seed)
+                data.withUnsafeBytes { walship_xxh32_update(&s, $0.baseAddress, $0.count) }
+                XCTAssertEqual(walship_xxh32_digest(&s), want, "length \(n), seed \(seed)")
+            }
+        }
+    }
+
     func testADamagedLiteralIsCaughtByTheContentChecksum() throws {
         var rng = Rng(state: 0x5EED_0002)
         // Random bytes do not compress: the block holds them as literals, so a flipped byte

@@ -114,7 +114,7 @@ final class WALTests: XCTestCase {
             defer { system("rm -rf '\(dir)'") }
             let dbPath = dir + "/t.db"
             let db = try SQLiteConnection(path: dbPath, mode: .readWriteCreate)
-            db.disableCheckpointOnClose()
+            try db.disableCheckpointOnClose()
             try db.execute("PRAGMA page_size=\(pageSize); PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
             try db.checkpoint(.truncate)
             let before = try readFile(dbPath)
