@@ -47,6 +47,7 @@ public struct ReplicaConfig {
     public var url: String
     /// Credentials for this replica; nil means the process environment.
     public var environment: [String: String]?
+    public init(url: String, environment: [String: String]?) { self.url = url; self.environment = environment }
 }
 
 /// A configuration error: where in the file, and what to write instead.
@@ -61,9 +62,8 @@ public struct ConfigError: Error, CustomStringConvertible {
 
 public enum ConfigLoader {
     static let topKeys: Set<String> = ["defaults", "databases", "metrics-addr"]
-    static let intervalKeys: Set<String> = ["sync-interval", "snapshot-interval", "checkpoint-frames", "read-delay", "spool-limit",
-                                            "retention", "fine-window", "compaction", "verify-interval", "webhook-url",
-                                            "alert-lag", "alert-sync-failure", "encryption"]
+    /// Keys allowed under `defaults:` and per database: the shared options, and `encryption`.
+    static let intervalKeys: Set<String> = Set(DatabaseOptions.all.map(\.key)).union(["encryption"])
     static let databaseKeys: Set<String> = intervalKeys.union(["path", "spool-dir", "replicas", "database-id"])
     static let replicaKeys: Set<String> = ["url", "access-key-id", "secret-access-key", "session-token", "region"]
 
@@ -142,46 +142,9 @@ public enum ConfigLoader {
             }
             return out + rest
         }
-        func duration(_ n: YAMLNode, _ loc: String) throws -> Int64 {
-            let s = try scalar(n, loc)
-            do { return try DurationText.parseMicroseconds(s) } catch { throw fail(loc, "\(error)") }
-        }
-        func integer(_ n: YAMLNode, _ loc: String) throws -> Int {
-            let s = try scalar(n, loc)
-            guard let v = Int(s), v > 0 else { throw fail(loc, "expected a positive whole number, got '\(s)'") }
-            return v
-        }
-
-        func size(_ n: YAMLNode, _ loc: String) throws -> Int64 {
-            let s = try scalar(n, loc)
-            do { return try ByteSize.parse(s) } catch { throw fail(loc, "\(error)") }
-        }
         /// Keys allowed both under `defaults:` and per database.
         func applyCommon(_ k: String, _ v: YAMLNode, _ l: String, _ cfg: inout DatabaseConfig) throws {
             switch k {
-            case "sync-interval":
-                cfg.syncIntervalUs = try duration(v, l)
-                guard cfg.syncIntervalUs >= 10_000 else { throw fail(l, "must be at least 10ms") }
-            case "snapshot-interval": cfg.snapshotIntervalUs = try duration(v, l)
-            case "read-delay": cfg.readDelayUs = try duration(v, l)
-            case "checkpoint-frames": cfg.checkpointFrames = try integer(v, l)
-            case "spool-limit": cfg.spoolLimitBytes = try size(v, l)
-            case "retention":
-                cfg.retentionUs = try duration(v, l)
-                guard cfg.retentionUs >= 1_000_000 else { throw fail(l, "must be at least 1s") }
-            case "fine-window": cfg.fineWindowUs = try duration(v, l)
-            case "compaction":
-                let text = try scalar(v, l)
-                do { cfg.compactionLevelsUs = try CompactionLevels.parse(text) } catch { throw fail(l, "\(error)") }
-            case "verify-interval":
-                cfg.verifyIntervalUs = try duration(v, l)
-                guard cfg.verifyIntervalUs == 0 || cfg.verifyIntervalUs >= 1_000_000 else { throw fail(l, "must be at least 1s (or 0 for never)") }
-            case "webhook-url":
-                let u = try scalar(v, l)
-                guard u.hasPrefix("http://") || u.hasPrefix("https://") else { throw fail(l, "must be an http:// or https:// URL") }
-                cfg.webhookURL = u
-            case "alert-lag": cfg.alertLagUs = try duration(v, l)
-            case "alert-sync-failure": cfg.alertSyncFailureUs = try duration(v, l)
             case "encryption":
                 for (ek, ev) in try mapping(v, l, allowed: ["key-file"]) {
                     _ = ek
@@ -191,10 +154,13 @@ public enum ConfigLoader {
                     guard FS.exists(path) else { throw fail("\(l).key-file", "encryption key file \(path) does not exist") }
                     cfg.encryptionKeyFile = path
                 }
-            default: throw fail(l, "unknown key '\(k)'")
+            default:
+                // The options the command line shares (DatabaseOptions): the same rules.
+                let text = try scalar(v, l)
+                do { try DatabaseOptions.apply(k, text, to: &cfg) } catch { throw fail(l, "\(error)") }
             }
         }
-        var template = DatabaseConfig(path: "", replicas: [])
+        var template = DatabaseOptions.defaults()
         var databasesNode: YAMLNode?
         for (k, v) in try mapping(root, "", allowed: topKeys) {
             if k == "databases" { databasesNode = v; continue }

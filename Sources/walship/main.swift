@@ -78,6 +78,12 @@ func parseDuration(_ s: String, _ name: String) throws -> Int64 {
     do { return try DurationText.parseMicroseconds(s) } catch { throw ValidationError("\(name): \(error)") }
 }
 
+/// `--help` text of a shared option, with its default.
+func shared(_ key: String, valueName: String? = nil) -> ArgumentHelp {
+    guard let o = DatabaseOptions.named(key) else { return ArgumentHelp("") }
+    return ArgumentHelp(o.helpWithDefault, valueName: valueName)
+}
+
 struct Replicate: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Replicate a database continuously (runs until SIGTERM/SIGINT).",
@@ -91,62 +97,62 @@ struct Replicate: ParsableCommand {
     @Argument(help: "Path of the SQLite database (omit with --config).") var database: String?
     @Argument(help: "Replica URLs (default: file://<dir of DB>/<name>-replica).") var replicas: [String] = []
     @Option(help: "YAML config file with databases and their replicas.") var config: String?
-    @Option(help: "How often a segment is cut and shipped.") var syncInterval: String = "1s"
-    @Option(help: "How often a full snapshot is taken.") var snapshotInterval: String = "24h"
-    @Option(help: "Checkpoint the WAL once it holds this many frames.") var checkpointFrames: Int = 1000
-    @Option(help: ArgumentHelp("Wait up to this long after a WAL change before reading it, to read bursts of commits in one pass (at most a tenth of the sync interval; commit times stay precise to a few milliseconds).", valueName: "duration"))
-    var readDelay: String = "100ms"
+    // The options a config file also takes: DatabaseOptions holds their rules, defaults and help.
+    @Option(help: shared("sync-interval")) var syncInterval: String?
+    @Option(help: shared("snapshot-interval")) var snapshotInterval: String?
+    @Option(help: shared("checkpoint-frames")) var checkpointFrames: String?
+    @Option(help: shared("read-delay")) var readDelay: String?
     @Option(help: "Spool directory (default: .<name>-walship beside the database).") var spoolDir: String?
-    @Option(help: "Spool size past which a failing replica's backlog is dropped (it gets a new generation when it returns). Lowered on its own when the spool's filesystem runs short.")
-    var spoolLimit: String = "1GB"
+    @Option(help: shared("spool-limit")) var spoolLimit: String?
     @Option(help: ArgumentHelp("Encrypt every stored object with AES-256-GCM using this key (a file of 32 random bytes, e.g. `head -c 32 /dev/urandom > key`). Keep a copy: without it nothing can be restored.", valueName: "path"))
     var encryptionKeyFile: String?
     @Option(help: ArgumentHelp("Record this id (16 hex digits, as `walship status` prints it) in every object, so that restores can insist on it (`restore --database-id`). Default: the id the spool keeps, or a random one on a first run.", valueName: "id"))
     var databaseId: String?
-    @Option(help: "Keep snapshots this long (always at least one); segments go when no kept snapshot needs them. Points in time stay restorable for this long.")
-    var retention: String = "7d"
-    @Option(help: ArgumentHelp("Compaction level windows, smallest first: segments are merged into one object per window ('off' to disable). The last level squashes history older than --fine-window.", valueName: "windows"))
-    var compaction: String = "5m,1h"
-    @Option(help: "Inside this window every transaction stays a restore point; older history keeps only the last compaction level's boundaries.")
-    var fineWindow: String = "24h"
-    @Option(help: "Run a restore drill (restore, checksum, integrity_check) against every replica this often; results in metrics and status. Off by default.")
-    var verifyInterval: String?
+    @Option(help: shared("retention")) var retention: String?
+    @Option(help: shared("compaction", valueName: "windows")) var compaction: String?
+    @Option(help: shared("fine-window")) var fineWindow: String?
+    @Option(help: shared("verify-interval")) var verifyInterval: String?
     @Option(help: ArgumentHelp("Serve Prometheus metrics at http://HOST:PORT/metrics.", valueName: "host:port"))
     var metricsAddr: String?
-    @Option(help: "POST Slack-compatible JSON alerts here: sync failing, lag too high, failed drill, new generation.")
-    var webhookUrl: String?
-    @Option(help: "Alert when replication lag exceeds this.") var alertLag: String = "5m"
-    @Option(help: "Alert when uploads to a replica have failed for this long.") var alertSyncFailure: String = "1m"
+    @Option(help: shared("webhook-url", valueName: "url")) var webhookUrl: String?
+    @Option(help: shared("alert-lag")) var alertLag: String?
+    @Option(help: shared("alert-sync-failure")) var alertSyncFailure: String?
     @OptionGroup var log: LogOptions
 
+    /// The shared options given on the command line, by key.
+    var sharedGiven: [(String, String)] {
+        let typed: [(String, String?)] = [
+            ("sync-interval", syncInterval), ("snapshot-interval", snapshotInterval), ("checkpoint-frames", checkpointFrames),
+            ("read-delay", readDelay), ("spool-limit", spoolLimit), ("retention", retention), ("compaction", compaction),
+            ("fine-window", fineWindow), ("verify-interval", verifyInterval), ("webhook-url", webhookUrl),
+            ("alert-lag", alertLag), ("alert-sync-failure", alertSyncFailure),
+        ]
+        return typed.compactMap { k, v in v.map { (k, $0) } }
+    }
+
+    /// The database's settings: the defaults, then what was typed, by the same rules as the file.
+    func settings(path: String) throws -> DatabaseConfig {
+        var c = DatabaseOptions.defaults(path: path)
+        for (k, v) in sharedGiven {
+            do { try DatabaseOptions.apply(k, v, to: &c) } catch { throw ValidationError("--\(k): \(error)") }
+        }
+        return c
+    }
+
     func validate() throws {
-        do { _ = try ByteSize.parse(spoolLimit) } catch { throw ValidationError("--spool-limit: \(error)") }
-        guard try parseDuration(retention, "--retention") >= 1_000_000 else { throw ValidationError("--retention must be at least 1s") }
-        do { _ = try CompactionLevels.parse(compaction) } catch { throw ValidationError("--compaction: \(error)") }
-        _ = try parseDuration(fineWindow, "--fine-window")
-        if let v = verifyInterval { guard try parseDuration(v, "--verify-interval") >= 1_000_000 else { throw ValidationError("--verify-interval must be at least 1s") } }
-        _ = try parseDuration(alertLag, "--alert-lag")
-        _ = try parseDuration(alertSyncFailure, "--alert-sync-failure")
-        if let d = databaseId { do { _ = try DatabaseID.parse(d) } catch { throw ValidationError("--database-id: \(error)") } }
-        if let w = webhookUrl, !(w.hasPrefix("http://") || w.hasPrefix("https://")) { throw ValidationError("--webhook-url must be an http:// or https:// URL") }
         if config == nil && database == nil { throw ValidationError("give a database path, or --config FILE") }
         if config != nil && (database != nil || !replicas.isEmpty) { throw ValidationError("with --config, databases and replicas come from the file; give no paths") }
         if config != nil {
             // These have config keys of the same name; silently running with the file's
             // values (or defaults) instead of what was typed would be worse than an error.
-            let perDatabase = ["--sync-interval", "--snapshot-interval", "--checkpoint-frames", "--read-delay", "--spool-dir",
-                               "--spool-limit", "--encryption-key-file", "--retention", "--compaction", "--fine-window",
-                               "--verify-interval", "--webhook-url", "--alert-lag", "--alert-sync-failure", "--database-id"]
+            let perDatabase = DatabaseOptions.all.map(\.flag) + ["--spool-dir", "--encryption-key-file", "--database-id"]
             let given = CommandLine.arguments.compactMap { a in perDatabase.first { a == $0 || a.hasPrefix($0 + "=") } }
             if !given.isEmpty {
                 throw ValidationError("with --config, set \(given.joined(separator: ", ")) in the file (under defaults: or per database, without the dashes; encryption: key-file: for the key; database-id per database only)")
             }
         }
-        _ = try parseDuration(syncInterval, "--sync-interval")
-        _ = try parseDuration(snapshotInterval, "--snapshot-interval")
-        _ = try parseDuration(readDelay, "--read-delay")
-        guard try parseDuration(syncInterval, "--sync-interval") >= 10_000 else { throw ValidationError("--sync-interval must be at least 10ms") }
-        guard checkpointFrames >= 10 else { throw ValidationError("--checkpoint-frames must be at least 10") }
+        _ = try settings(path: "")
+        if let d = databaseId { do { _ = try DatabaseID.parse(d) } catch { throw ValidationError("--database-id: \(error)") } }
     }
 
     func run() throws {
@@ -159,38 +165,15 @@ struct Replicate: ParsableCommand {
                 let cfg = try ConfigLoader.load(path: file)
                 metricsAddress = metricsAddress ?? cfg.metricsAddress
                 for d in cfg.databases {
-                    var o = AgentOptions(databasePath: d.path, replicaURLs: d.replicas.map(\.url))
-                    o.replicaEnvironments = d.replicas.map(\.environment)
-                    o.syncIntervalUs = d.syncIntervalUs; o.snapshotIntervalUs = d.snapshotIntervalUs
-                    o.checkpointFrames = d.checkpointFrames; o.readDelayUs = d.readDelayUs
-                    o.spoolDirectory = d.spoolDirectory
-                    o.spoolLimitBytes = d.spoolLimitBytes
-                    o.encryptionKey = try loadKey(d.encryptionKeyFile)
-                    o.retentionUs = d.retentionUs; o.compactionLevelsUs = d.compactionLevelsUs; o.fineWindowUs = d.fineWindowUs
-                    o.verifyIntervalUs = d.verifyIntervalUs; o.webhookURL = d.webhookURL
-                    o.alertLagUs = d.alertLagUs; o.alertSyncFailureUs = d.alertSyncFailureUs
-                    o.databaseID = d.databaseID
-                    all.append(o)
+                    all.append(AgentOptions(d, encryptionKey: try loadKey(d.encryptionKeyFile)))
                 }
             } else {
                 let db = FS.absolute(database!)
-                var o = AgentOptions(databasePath: db, replicaURLs: replicas.isEmpty ? [AgentOptions.defaultReplicaURL(forDatabase: db)] : replicas)
-                o.syncIntervalUs = try parseDuration(syncInterval, "--sync-interval")
-                o.snapshotIntervalUs = try parseDuration(snapshotInterval, "--snapshot-interval")
-                o.checkpointFrames = checkpointFrames
-                o.readDelayUs = try parseDuration(readDelay, "--read-delay")
-                o.spoolDirectory = spoolDir.map(FS.absolute)
-                o.spoolLimitBytes = try ByteSize.parse(spoolLimit)
-                o.encryptionKey = try loadKey(encryptionKeyFile)
-                o.retentionUs = try parseDuration(retention, "--retention")
-                o.compactionLevelsUs = try CompactionLevels.parse(compaction)
-                o.fineWindowUs = try parseDuration(fineWindow, "--fine-window")
-                o.verifyIntervalUs = try verifyInterval.map { try parseDuration($0, "--verify-interval") } ?? 0
-                o.webhookURL = webhookUrl
-                o.databaseID = try databaseId.map(DatabaseID.parse)
-                o.alertLagUs = try parseDuration(alertLag, "--alert-lag")
-                o.alertSyncFailureUs = try parseDuration(alertSyncFailure, "--alert-sync-failure")
-                all.append(o)
+                var d = try settings(path: db)
+                d.replicas = (replicas.isEmpty ? [AgentOptions.defaultReplicaURL(forDatabase: db)] : replicas).map { ReplicaConfig(url: $0, environment: nil) }
+                d.spoolDirectory = spoolDir.map(FS.absolute)
+                d.databaseID = try databaseId.map(DatabaseID.parse)
+                all.append(AgentOptions(d, encryptionKey: try loadKey(encryptionKeyFile)))
             }
             if let addr = metricsAddress {
                 let server = MetricsServer(address: addr)

@@ -96,6 +96,38 @@ def test_bad_configs_name_their_place(tmp_path):
         assert expected in lines[0] and cfg.name in lines[0], (name, lines[0])
 
 
+def test_the_command_line_and_the_config_file_take_the_same_values(tmp_path):
+    """Each option `replicate` takes both as --KEY and as KEY: in a file is refused or taken the
+    same way by both, with the same message. They drifted: a file took checkpoint-frames: 5,
+    which the command line refused, and the command line refused --verify-interval 0 (never),
+    which the file took (as 0s)."""
+    db = tmp_path / "a.db"
+    create_ticket_db(db, rows=1)
+    refused = [("sync-interval", "5ms"), ("sync-interval", "x"), ("snapshot-interval", "soon"),
+               ("checkpoint-frames", "5"), ("checkpoint-frames", "ten"), ("read-delay", "-1s"),
+               ("spool-limit", "lots"), ("retention", "500ms"), ("compaction", "1h,5m"), ("fine-window", "x"),
+               ("verify-interval", "500ms"), ("webhook-url", "ftp://x"), ("alert-lag", "x"),
+               ("alert-sync-failure", "x")]
+    for key, value in refused:
+        cli = run_walship("replicate", db, "--spool-dir", tmp_path / "spool", f"--{key}={value}", timeout=30)
+        cfg = tmp_path / "c.yml"
+        cfg.write_text(f"databases:\n  - path: {db}\n    spool-dir: {tmp_path / 'spool'}\n    {key}: '{value}'\n")
+        conf = run_walship("replicate", "--config", cfg, timeout=30)
+        assert cli.returncode != 0 and conf.returncode != 0, (key, value, cli.stderr, conf.stderr)
+        cli_why = cli.stderr.strip().splitlines()[-1].split(f"--{key}: ", 1)[-1].split(" (see `walship replicate --help`)")[0]
+        conf_why = conf.stderr.strip().splitlines()[-1].split(f"databases[0].{key}: ", 1)[-1]
+        assert cli_why == conf_why and cli_why, (key, value, cli.stderr, conf.stderr)
+    # Taken by both: a run that gets past its options reaches the database (here a missing one).
+    missing = tmp_path / "missing.db"
+    for key, value in [("verify-interval", "0s"), ("checkpoint-frames", "10"), ("compaction", "off")]:
+        cli = run_walship("replicate", missing, f"--{key}", value, timeout=30)
+        cfg = tmp_path / "ok.yml"
+        cfg.write_text(f"databases:\n  - path: {missing}\n    {key}: '{value}'\n")
+        conf = run_walship("replicate", "--config", cfg, timeout=30)
+        for p in (cli, conf):
+            assert p.returncode != 0 and "does not exist" in p.stderr, (key, value, p.stderr)
+
+
 def test_relative_paths_in_a_config_are_relative_to_the_file(tmp_path):
     """A relative `path:` (and spool-dir, key-file) resolved against the directory the
     command ran in, so the same file named another database from elsewhere."""
