@@ -228,7 +228,7 @@ public final class Agent {
             let r = try ReplicaFactory.open(url, environment: env)
             // The shipper retries forever with its own backoff: two attempts a request from
             // now on, so that a failure shows (log, metrics, alerts) within seconds.
-            (r as? S3Replica)?.maxAttempts = 2
+            r.failFast()
             replicas.append(r)
         }
         try spool.prepare()

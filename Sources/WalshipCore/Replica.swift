@@ -48,6 +48,20 @@ public protocol Replica: AnyObject {
     func contains(key: String) throws -> Bool
     /// Requests (or file operations) made, by type: PUT, GET, LIST, DELETE, HEAD.
     var requestCounts: Counters { get }
+    /// Whether a restore should download objects ahead, several at once (each request waits on
+    /// a network), rather than read them in turn.
+    var readsAhead: Bool { get }
+    /// Another handle on the same replica, for a reader on another thread.
+    func anotherHandle() throws -> Replica
+    /// Makes each request give up after a failed retry or two rather than keep retrying, for
+    /// a caller with a backoff of its own (the agent's shippers) that must see failures soon.
+    func failFast()
+}
+
+extension Replica {
+    public var readsAhead: Bool { false }
+    public func anotherHandle() throws -> Replica { self }
+    public func failFast() {}
 }
 
 /// A flag shared between threads.

@@ -175,9 +175,9 @@ public enum Restorer {
         // Remote replicas: download segments ahead, in parallel, while the snapshot
         // streams and earlier segments are applied.
         var prefetcher: SegmentPrefetcher?
-        if let s3 = replica as? S3Replica, !plan.segments.isEmpty {
+        if replica.readsAhead, !plan.segments.isEmpty {
             prefetcher = try SegmentPrefetcher(keys: plan.segments.map(\.key), dir: tmp + "-segments") {
-                S3Replica(location: s3.location)
+                try replica.anotherHandle()
             }
         }
         defer { prefetcher?.finish() }

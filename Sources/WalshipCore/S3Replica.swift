@@ -127,6 +127,10 @@ public final class S3Replica: Replica {
     }
 
     public var displayURL: String { location.display }
+    public var readsAhead: Bool { true }
+    public func failFast() { maxAttempts = 2 }
+    /// A new handle (its own connection): one handle serves one request at a time.
+    public func anotherHandle() throws -> Replica { S3Replica(location: location) }
 
     private var sign: SigV4 { SigV4(accessKey: location.accessKey, secretKey: location.secretKey, region: location.region) }
 
