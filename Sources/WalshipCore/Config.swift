@@ -86,10 +86,12 @@ public enum ConfigLoader {
 
     public static func parse(_ text: String, file: String, purpose: Purpose = .replicate,
                              environment env: [String: String]) throws -> WalshipConfig {
-        /// Runs `body` for `key`; when the key is not one this purpose uses, a value naming an
-        /// unset variable is ignored instead of failing.
+        /// Runs `body` for `key`; when the key is not one this purpose uses, its errors are
+        /// ignored instead of failing.
         func unlessUnneeded(_ key: String, _ body: () throws -> Void) throws {
-            do { try body() } catch let e as ConfigError where e.unsetVariable && purpose == .read && !readKeys.contains(key) {}
+            // A command that only reads the replicas does not fail over a setting only
+            // `replicate` uses: neither an unset variable nor a value `replicate` would refuse.
+            do { try body() } catch is ConfigError where purpose == .read && !readKeys.contains(key) {}
         }
         func fail(_ loc: String, _ msg: String) -> ConfigError { ConfigError(file: file, location: loc, problem: msg) }
         /// A relative path in the file is relative to the file's directory, not to wherever

@@ -60,7 +60,8 @@ public protocol Replica: AnyObject {
 
 extension Replica {
     public var readsAhead: Bool { false }
-    public func anotherHandle() throws -> Replica { self }
+    /// A backend that reads ahead must give each reader its own handle.
+    public func anotherHandle() throws -> Replica { throw ReplicaError.unsupported("another handle on \(displayURL)") }
     public func failFast() {}
 }
 

@@ -80,7 +80,7 @@ func parseDuration(_ s: String, _ name: String) throws -> Int64 {
 
 /// `--help` text of a shared option, with its default.
 func shared(_ key: String, valueName: String? = nil) -> ArgumentHelp {
-    guard let o = DatabaseOptions.named(key) else { return ArgumentHelp("") }
+    guard let o = DatabaseOptions.named(key) else { preconditionFailure("no shared option '\(key)'") }
     return ArgumentHelp(o.helpWithDefault, valueName: valueName)
 }
 
@@ -101,7 +101,7 @@ struct Replicate: ParsableCommand {
     @Option(help: shared("sync-interval")) var syncInterval: String?
     @Option(help: shared("snapshot-interval")) var snapshotInterval: String?
     @Option(help: shared("checkpoint-frames")) var checkpointFrames: String?
-    @Option(help: shared("read-delay")) var readDelay: String?
+    @Option(help: shared("read-delay", valueName: "duration")) var readDelay: String?
     @Option(help: "Spool directory (default: .<name>-walship beside the database).") var spoolDir: String?
     @Option(help: shared("spool-limit")) var spoolLimit: String?
     @Option(help: ArgumentHelp("Encrypt every stored object with AES-256-GCM using this key (a file of 32 random bytes, e.g. `head -c 32 /dev/urandom > key`). Keep a copy: without it nothing can be restored.", valueName: "path"))

@@ -126,6 +126,20 @@ def test_the_command_line_and_the_config_file_take_the_same_values(tmp_path):
         conf = run_walship("replicate", "--config", cfg, timeout=30)
         for p in (cli, conf):
             assert p.returncode != 0 and "does not exist" in p.stderr, (key, value, p.stderr)
+    # Every shared option is on the command line, with its help.
+    help_text = run_walship("replicate", "--help", timeout=30).stdout
+    for key in {k for k, _ in refused}:
+        assert f"--{key} <" in help_text, key
+    # Commands that only read the replicas do not fail over a value only `replicate` uses.
+    good, bad = tmp_path / "good.yml", tmp_path / "bad.yml"
+    good.write_text(f"databases:\n  - path: {db}\n")
+    bad.write_text(f"databases:\n  - path: {db}\n    checkpoint-frames: 5\n    sync-interval: 1ms\n")
+    want = run_walship("list", "--config", good, db, timeout=30)
+    got = run_walship("list", "--config", bad, db, timeout=30)
+    # (no replica yet: both get past the file and stop at the replica, the same way)
+    assert "not a walship replica" in want.stderr, want.stderr
+    assert (got.returncode, got.stdout, got.stderr) == (want.returncode, want.stdout, want.stderr), (want.stderr, got.stderr)
+    assert "checkpoint-frames" not in got.stderr and "sync-interval" not in got.stderr, got.stderr
 
 
 def test_relative_paths_in_a_config_are_relative_to_the_file(tmp_path):
