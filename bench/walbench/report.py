@@ -468,8 +468,9 @@ def s3_bytes_peer(peer, sb):
                  b.get("level0_gb_per_day"), "{:.1f} GB")
         peer.add(f"  bytes uploaded per transaction (steady), {iv}", a.get("bytes_per_tx"), b.get("bytes_per_tx"),
                  "{:,.0f} B")
-        peer.add(f"bytes uploaded per day, every object level seen in the run counted once per transaction, {iv}",
-                 a.get("all_levels_gb_per_day"), b.get("all_levels_gb_per_day"), "{:.1f} GB")
+        if a.get("all_levels_gb_per_day") is not None or b.get("all_levels_gb_per_day") is not None:
+            peer.add(f"bytes uploaded per day, every object level seen in the run counted once per transaction, {iv}",
+                     a.get("all_levels_gb_per_day"), b.get("all_levels_gb_per_day"), "{:.1f} GB")
 
 
 def s3_bytes_tables(sb):
@@ -566,7 +567,7 @@ def s3_bytes_section(results, sec):
             "day in which every level seen covers every transaction once. Levels not seen in the run (walship's "
             "squashed hourly level, built once a window leaves the 24 h fine window; Litestream's levels above "
             "the run's length, such as its hourly one) and the daily snapshots of both are not in it.", "",
-            sec["s3_bytes_levels"], ""]
+            sec["s3_bytes_levels"], ""] + ([f"Note: {sb['note']}.", ""] if sb.get("note") else [])
 
 
 def churn_section(results, sec):
@@ -629,7 +630,7 @@ def results_md(results, peer, sec, tgt, plots, rel):
             "like with like. This file is rewritten by the script and is not edited by hand. "
             f"All figures are in `{rel}results.json`.", "",
             md_table(["parts", "run started (UTC)", "walship build", "command"],
-                     [[", ".join(m["parts"]), m["started_utc"], f"{m['walship_version']}, git {m['git']}, binary {m['walship_sha256']}",
+                     [[", ".join(m["parts"]), m["started_utc"], f"{m['walship_version']}, git {m['git']}{' + ' + str(m['dirty']) + ' changed files' if m.get('dirty') else ''}, binary {m['walship_sha256']}",
                        f"`{m['command']}`"] for m in merged], ["---", "---", "---", "---"]), ""]
     else:
         head = [
