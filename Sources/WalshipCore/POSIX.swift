@@ -109,6 +109,18 @@ public final class RawFile {
 
     public func append(_ data: [UInt8]) throws { try data.withUnsafeBytes { try append($0) } }
 
+    /// Hands the whole file to `handle` from its start, 1 MiB at a time.
+    public func readAll(_ handle: (UnsafeRawBufferPointer) throws -> Void) throws {
+        var buf = [UInt8](repeating: 0, count: 1 << 20)
+        var off = 0
+        while true {
+            let n = try buf.withUnsafeMutableBytes { try read(at: off, into: $0) }
+            if n == 0 { break }
+            try buf.withUnsafeBytes { try handle(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+            off += n
+        }
+    }
+
     public func truncate(to size: Int) throws {
         guard ftruncate(fd, off_t(size)) == 0 else { throw SystemError.last("truncate \(path)") }
     }

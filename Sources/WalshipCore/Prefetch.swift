@@ -201,14 +201,7 @@ final class LocalCopy {
 
     func read(_ handle: (UnsafeRawBufferPointer) throws -> Void) throws {
         if let f = file {
-            var buf = [UInt8](repeating: 0, count: 1 << 20)
-            var off = 0
-            while true {
-                let n = try buf.withUnsafeMutableBytes { try f.read(at: off, into: $0) }
-                if n == 0 { break }
-                try buf.withUnsafeBytes { try handle(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
-                off += n
-            }
+            try f.readAll(handle)
         } else {
             for p in pieces { try p.withUnsafeBytes { try handle($0) } }
         }

@@ -208,14 +208,7 @@ public final class FileReplica: Replica {
     public func get(key: String, _ handle: (UnsafeRawBufferPointer) throws -> Void) throws {
         requestCounts.add("GET")
         guard let f = try RawFile.openIfExists(path(key)) else { throw ReplicaError.missingObject(displayURL, key) }
-        var buf = [UInt8](repeating: 0, count: 1 << 20)
-        var off = 0
-        while true {
-            let n = try buf.withUnsafeMutableBytes { try f.read(at: off, into: $0) }
-            if n == 0 { break }
-            try buf.withUnsafeBytes { try handle(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
-            off += n
-        }
+        try f.readAll(handle)
     }
 
     public func list(prefix: String) throws -> [String] {
