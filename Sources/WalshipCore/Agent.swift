@@ -158,21 +158,26 @@ public final class Agent {
     private var alerter: Alerter?
     private var localCompactor: LocalCompactor?
     private var lastStatusFileUs: Int64 = 0
+    private var lastStatusWritten: StatusReport?
     private var lastAlertCheckUs: Int64 = 0
     private var lastHousekeepingUs: Int64 = 0
     private var lastVerifyUs: Int64 = 0
     private let verifyQueue = DispatchQueue(label: "walship.verify")
     private let verifyBusy = Flag()
 
-    private var stopRequested = false
+    /// Changes to the database and stop requests (ChangeHub); waits end early on either.
+    private let wakeup = Wakeup()
+    private var stopRequested: Bool { wakeup.stopped }
+    /// When the last change to the database or its WAL was seen (idle back-off).
+    private var lastChangeUs = monotonicMicroseconds()
+    /// Whether changes wake the agent (false: it polls on its timeouts alone).
+    private var watching = false
     private var bytesSinceRoomCheck = 0
     private var restartRequested = false
     /// The tailer's position when the wal-index was last seen ahead of it (stuck detection).
     private var stuckAt: Int?
     /// Compares the database file with the page-hash table after complete checkpoints.
     private var scrub = DatabaseScrub()
-    private var inotifyFD: Int32 = -1
-    private var wakePipe: [Int32] = [-1, -1]
 
     struct OpenSegment {
         var builder: ObjectBuilder
@@ -202,7 +207,10 @@ public final class Agent {
         }
     }
 
-    deinit { visibility?.stop() }
+    deinit {
+        visibility?.stop()
+        ChangeHub.shared.unsubscribe(wakeup)
+    }
 
     var meta: Logger.Metadata { ["db.path": "\(dbPath)"] }
 
@@ -650,9 +658,16 @@ public final class Agent {
     /// waits for its pin.
     /// Every 20 ms while nothing changes (a few syscalls: cheap enough to keep idle CPU low);
     /// every 2 ms for a moment after one was seen, so that its second step follows quickly.
+    ///
+    /// A database without changes for two seconds is looked at every 250 ms only: with many
+    /// idle databases the 20 ms looks were most of the process's work. An application
+    /// checkpoint on it that has frames to copy writes the database file first, and that
+    /// write wakes the agent at once (ChangeHub); only one with nothing left to copy waits
+    /// for the slower look.
     private var checkpointerCheckUs: Int64 {
-        if let last = lastCourtesy, monotonicMicroseconds() - last.atUs < 500_000 { return 2_000 }
-        return 20_000
+        let now = monotonicMicroseconds()
+        if let last = lastCourtesy, now - last.atUs < 500_000 { return 2_000 }
+        return now - lastChangeUs >= 2_000_000 ? 250_000 : 20_000
     }
 
     /// Another process holds both the WAL's writer lock and its checkpointer lock: a FULL,
@@ -1377,7 +1392,17 @@ public final class Agent {
         var lastWatchdogUs = monotonicMicroseconds()
         while !stopRequested {
             let now = monotonicMicroseconds()
-            let timeout = max(0, min(nextCutUs - now, options.pollIntervalUs - (now - lastWatchdogUs), checkpointerCheckUs))
+            // Idle: nothing to cut and no change for two seconds. An idle database is looked
+            // at once a second, and its cut times pass without a wake-up (they stay on the
+            // same grid): a commit wakes it through ChangeHub. Without inotify it polls as before.
+            let idle = watching && segment == nil && now - lastChangeUs >= 2_000_000
+            if idle && nextCutUs <= now {
+                nextCutUs += ((now - nextCutUs) / options.syncIntervalUs + 1) * options.syncIntervalUs
+            }
+            let watchdogUs = idle ? max(options.pollIntervalUs, 1_000_000) : options.pollIntervalUs
+            var timeout = min(watchdogUs - (now - lastWatchdogUs), checkpointerCheckUs)
+            if !idle { timeout = min(timeout, nextCutUs - now) }
+            timeout = max(0, timeout)
             // While the loop waits, a change wakes it at once and it samples commit times
             // itself; everywhere else the visibility log's thread samples for it.
             visibility?.setBusy(false)
@@ -1386,7 +1411,7 @@ public final class Agent {
                 // Nothing new: the moment to notice an application checkpoint waiting for the pin.
                 if blockingCheckpointRunning() { try makeWayForCheckpoint() }
                 let t = monotonicMicroseconds()
-                if t < nextCutUs && t - lastWatchdogUs < options.pollIntervalUs { continue }
+                if (idle || t < nextCutUs) && t - lastWatchdogUs < watchdogUs { continue }
             }
             visibility?.setBusy(true)   // (an idle look above leaves the sampling thread asleep)
             lastWatchdogUs = monotonicMicroseconds()
@@ -1423,7 +1448,7 @@ public final class Agent {
                 lastCheckpointTryUs = t
                 try checkpointCycle()
             }
-            if t - lastSnapshotCheckUs >= 250_000 {
+            if t - lastSnapshotCheckUs >= (idle ? 1_000_000 : 250_000) {
                 lastSnapshotCheckUs = t
                 let requested = FS.exists(spool.snapshotRequestPath)
                 // A scheduled snapshot of an unchanged database would only duplicate the last one.
@@ -1477,8 +1502,16 @@ public final class Agent {
         try refreshStatus(nowUs: now)
         let mono = monotonicMicroseconds()
         if mono - lastStatusFileUs >= 1_000_000 {
-            lastStatusFileUs = mono
-            StatusFile.write(status.current, spool: spool.dir)
+            // Written when something in it changed, and every 10 s regardless (its time says
+            // the agent is alive): an idle database costs no file write a second.
+            var report = status.current
+            report.updatedUnix = 0
+            let same = report == lastStatusWritten
+            if !same || mono - lastStatusFileUs >= 10_000_000 {
+                lastStatusFileUs = mono
+                lastStatusWritten = report
+                StatusFile.write(status.current, spool: spool.dir)
+            }
         }
         if let a = alerter, mono - lastAlertCheckUs >= 1_000_000 {
             lastAlertCheckUs = mono
@@ -1683,30 +1716,21 @@ public final class Agent {
         // Released now, not when the object goes: a restart takes them again at once.
         flock(dbFile.fd, LOCK_UN)
         spool.unlock()
+        ChangeHub.shared.unsubscribe(wakeup)
         logger.info("stopped", metadata: meta.merging(["txid": "\(lastTxid)"]) { a, _ in a })
         return pending
     }
 
-    public func stop() {
-        stopRequested = true
-        if wakePipe[1] >= 0 { var b: UInt8 = 1; _ = Glibc.write(wakePipe[1], &b, 1) }
-    }
+    public func stop() { wakeup.stop() }
 
     // MARK: waking up
 
     private func setUpWakeups() throws {
-        inotifyFD = inotify_init1(Int32(IN_NONBLOCK | IN_CLOEXEC))
-        if inotifyFD >= 0 {
-            let mask = UInt32(IN_MODIFY | IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_CLOSE_WRITE)
-            if inotify_add_watch(inotifyFD, FS.dirname(dbPath), mask) < 0 {
-                logger.warning("inotify unavailable; polling instead", metadata: meta)
-                close(inotifyFD); inotifyFD = -1
-            }
-        }
-        if pipe(&wakePipe) == 0 {
-            _ = fcntl(wakePipe[0], F_SETFL, O_NONBLOCK)
-            SignalBridge.install(writeFD: wakePipe[1]) { [weak self] in self?.stopRequested = true }
-        }
+        // Only this database's own files wake it: the database (replaced, or written by a
+        // checkpoint) and its WAL. Other databases and the spool in the same directory do not.
+        let name = String(dbPath[dbPath.index(after: dbPath.lastIndex(of: "/")!)...])
+        watching = ChangeHub.shared.subscribe(wakeup, directory: FS.dirname(dbPath), names: [name, name + "-wal"])
+        if !watching { logger.warning("inotify unavailable; polling instead", metadata: meta) }
     }
 
     private let sampleEveryUs: Int64 = 8_000
@@ -1714,22 +1738,11 @@ public final class Agent {
     /// Pause after a wake-up before reading the WAL: --read-delay, at most a tenth of the sync interval.
     private var debounceUs: Int64 { min(options.readDelayUs, options.syncIntervalUs / 10) }
 
-    /// Waits for a WAL change, the timeout, or a signal; true when the WAL (directory) changed.
+    /// Waits for a change to the database or its WAL, the timeout, or a stop; true on a change.
     @discardableResult
     private func waitForChange(timeoutUs: Int64) -> Bool {
-        var fds = [pollfd(fd: inotifyFD, events: Int16(POLLIN), revents: 0),
-                   pollfd(fd: wakePipe[0], events: Int16(POLLIN), revents: 0)]
-        let ms = Int32((timeoutUs + 999) / 1000)
-        let r = poll(&fds, nfds_t(fds.count), ms)
-        var changed = false
-        if r > 0 {
-            var buf = [UInt8](repeating: 0, count: 4096)
-            if fds[0].revents != 0 { changed = true; while read(inotifyFD, &buf, buf.count) > 0 {} }
-            if fds[1].revents != 0 {
-                while read(wakePipe[0], &buf, buf.count) > 0 {}
-                if SignalBridge.signalled { stopRequested = true }
-            }
-        }
+        let changed = wakeup.wait(timeoutUs: timeoutUs)
+        if changed { lastChangeUs = monotonicMicroseconds() }
         return changed
     }
 
@@ -1766,28 +1779,6 @@ func hostName() -> String {
 }
 
 /// Turns SIGTERM/SIGINT into a byte on the pipe of every agent in the process.
-enum SignalBridge {
-    nonisolated(unsafe) static var fds = [Int32](repeating: -1, count: 256)
-    nonisolated(unsafe) static var count = 0
-    nonisolated(unsafe) static var signalled = false
-    private static let mutex = Mutex()
-
-    static func install(writeFD: Int32, _ onSignal: @escaping () -> Void) {
-        mutex.locked {
-            if count < fds.count { fds[count] = writeFD; count += 1 }
-            if count == 1 {
-                let handler: @convention(c) (Int32) -> Void = { _ in
-                    SignalBridge.signalled = true
-                    var b: UInt8 = 1
-                    for i in 0..<SignalBridge.count { _ = Glibc.write(SignalBridge.fds[i], &b, 1) }
-                }
-                signal(SIGTERM, handler)
-                signal(SIGINT, handler)
-            }
-        }
-    }
-}
-
 /// A snapshot that did not fit in the spool's filesystem (nothing of it was kept).
 struct SnapshotNoRoom: Error, CustomStringConvertible {
     let cause: SystemError

@@ -9,7 +9,7 @@ import Foundation
 import WalshipFormat
 
 /// What one replica of a running agent looks like from outside.
-public struct ReplicaStatus: Codable, Sendable {
+public struct ReplicaStatus: Codable, Sendable, Equatable {
     public var url: String
     /// Age of the oldest committed transaction this replica has not acknowledged; 0 when caught up.
     public var lagSeconds: Double = 0
@@ -31,7 +31,7 @@ public struct ReplicaStatus: Codable, Sendable {
 
 /// A running agent's figures, for /metrics, `walship status` and alerts. Updated by the
 /// agent's loop and read from other threads.
-public struct StatusReport: Codable, Sendable {
+public struct StatusReport: Codable, Sendable, Equatable {
     public var database: String
     public var pid: Int32 = getpid()
     public var updatedUnix: Double = 0

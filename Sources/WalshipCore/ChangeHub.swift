@@ -1,0 +1,224 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What wakes one agent: a change to its database or WAL, a stop request, or its timeout.
+/// Waits run on the monotonic clock. Any thread may call `stop()` and `notifyChange()`.
+public final class Wakeup: @unchecked Sendable {
+    private let cond = MonotonicCondition()
+    private var changed = false
+    private var stopFlag = false
+
+    public init() {}
+
+    public var stopped: Bool { cond.locked { stopFlag } }
+
+    public func stop() { cond.locked { stopFlag = true; cond.signal() } }
+
+    func notifyChange() { cond.locked { changed = true; cond.signal() } }
+
+    /// Waits at most `timeoutUs` for a change or a stop. Returns whether a change came (and
+    /// clears it); a stop returns at once, with whatever change was pending.
+    public func wait(timeoutUs: Int64) -> Bool {
+        cond.locked {
+            if !changed && !stopFlag && timeoutUs > 0 {
+                let deadline = monotonicMicroseconds() + timeoutUs
+                while !changed && !stopFlag {
+                    let left = deadline - monotonicMicroseconds()
+                    if left <= 0 { break }
+                    cond.wait(timeoutUs: left)
+                }
+            }
+            // Signals normally arrive through the hub's thread; this covers a hub without one.
+            if SignalPipe.signalled != 0 { stopFlag = true }
+            defer { changed = false }
+            return changed
+        }
+    }
+}
+
+/// One inotify instance and one thread for the whole process. Each agent subscribes with its
+/// database's directory and file names; an event wakes only the agents whose names it carries,
+/// so a write to one database no longer wakes every agent watching the same directory.
+/// SIGTERM and SIGINT stop every subscriber, however many there are.
+public final class ChangeHub: @unchecked Sendable {
+    public static let shared = ChangeHub()
+
+    private struct Watch {
+        var wd: Int32
+        var byName: [String: [ObjectIdentifier: Wakeup]] = [:]
+        var count = 0
+    }
+
+    private let mutex = Mutex()
+    private var inotifyFD: Int32 = -1
+    private var watches: [String: Watch] = [:]      // by directory
+    private var directoryOf: [Int32: String] = [:]  // by watch descriptor
+    private var everyone: [ObjectIdentifier: Wakeup] = [:]
+    private var started = false
+    private var thread: JoinableThread?
+    private var stopAll = false
+
+    private init() {}
+
+    /// Registers `wakeup` for changes to `names` in `directory`. Returns false when changes
+    /// cannot be watched there (no inotify, or the limit on watches is reached): the caller
+    /// then relies on its timeout alone. Stop requests reach it either way.
+    @discardableResult
+    public func subscribe(_ wakeup: Wakeup, directory: String, names: [String]) -> Bool {
+        mutex.locked {
+            startIfNeeded()
+            everyone[ObjectIdentifier(wakeup)] = wakeup
+            if stopAll { wakeup.stop() }
+            guard inotifyFD >= 0 else { return false }
+            var w: Watch
+            if let existing = watches[directory] {
+                w = existing
+            } else {
+                let mask = UInt32(IN_MODIFY | IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_CLOSE_WRITE | IN_MOVED_FROM)
+                let wd = inotify_add_watch(inotifyFD, directory, mask)
+                if wd < 0 { return false }
+                // The same directory under another path gives the same descriptor.
+                if let other = directoryOf[wd], var shared = watches[other] {
+                    shared.count += 1
+                    for n in names { shared.byName[n, default: [:]][ObjectIdentifier(wakeup)] = wakeup }
+                    watches[other] = shared
+                    return true
+                }
+                w = Watch(wd: wd)
+                directoryOf[wd] = directory
+            }
+            w.count += 1
+            for n in names { w.byName[n, default: [:]][ObjectIdentifier(wakeup)] = wakeup }
+            watches[directory] = w
+            return true
+        }
+    }
+
+    /// Forgets `wakeup`; the directory's watch goes when its last subscriber does.
+    public func unsubscribe(_ wakeup: Wakeup) {
+        mutex.locked {
+            let id = ObjectIdentifier(wakeup)
+            guard everyone.removeValue(forKey: id) != nil else { return }
+            for (dir, var w) in watches {
+                var had = false
+                for (n, var subs) in w.byName where subs[id] != nil {
+                    subs[id] = nil
+                    w.byName[n] = subs.isEmpty ? nil : subs
+                    had = true
+                }
+                guard had else { continue }
+                w.count -= 1
+                if w.count <= 0 {
+                    _ = inotify_rm_watch(inotifyFD, w.wd)
+                    directoryOf[w.wd] = nil
+                    watches[dir] = nil
+                } else {
+                    watches[dir] = w
+                }
+            }
+        }
+    }
+
+    /// Starts the reader thread and the signal handlers (under the mutex).
+    private func startIfNeeded() {
+        guard !started else { return }
+        started = true
+        inotifyFD = inotify_init1(Int32(IN_CLOEXEC))
+        SignalPipe.install()
+        thread = try? JoinableThread { [self] in run() }
+        if thread == nil {
+            // Without the reader no change and no signal would arrive: every subscriber
+            // polls on its timeout, and signals still set the flag it checks.
+            if inotifyFD >= 0 { close(inotifyFD); inotifyFD = -1 }
+        }
+    }
+
+    private func run() {
+        var buf = [UInt8](repeating: 0, count: 64 * 1024)
+        while true {
+            var fds = [pollfd(fd: inotifyFD, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: SignalPipe.readFD, events: Int16(POLLIN), revents: 0)]
+            let r = poll(&fds, nfds_t(fds.count), -1)
+            if r < 0 {
+                if errno == EINTR { continue }
+                return
+            }
+            if fds[1].revents != 0 {
+                SignalPipe.drain()
+                let all = mutex.locked { stopAll = true; return Array(everyone.values) }
+                for w in all { w.stop() }
+            }
+            if inotifyFD >= 0 && fds[0].revents != 0 {
+                let n = buf.withUnsafeMutableBytes { read(inotifyFD, $0.baseAddress, $0.count) }
+                if n < 0 { if errno == EINTR || errno == EAGAIN { continue }; return }
+                dispatch(buf, count: n)
+            }
+        }
+    }
+
+    /// Wakes the subscribers named by the events in `buf[0..<count]`. A queue overflow, or a
+    /// watched directory that went away, wakes every subscriber of it (they look for themselves).
+    private func dispatch(_ buf: [UInt8], count: Int) {
+        var toWake: [ObjectIdentifier: Wakeup] = [:]
+        mutex.locked {
+            var off = 0
+            let header = MemoryLayout<inotify_event>.size
+            while off + header <= count {
+                let (wd, mask, len) = buf.withUnsafeBytes { raw -> (Int32, UInt32, Int) in
+                    let e = raw.loadUnaligned(fromByteOffset: off, as: inotify_event.self)
+                    return (e.wd, e.mask, Int(e.len))
+                }
+                // The kernel never writes a partial event; guard anyway before slicing.
+                guard len >= 0, off + header + len <= count else { break }
+                let nameBytes = buf[(off + header)..<(off + header + len)].prefix { $0 != 0 }
+                let name = String(decoding: nameBytes, as: UTF8.self)
+                off += header + len
+                if mask & UInt32(IN_Q_OVERFLOW) != 0 {
+                    for (k, v) in everyone { toWake[k] = v }
+                    continue
+                }
+                guard let dir = directoryOf[wd], let w = watches[dir] else { continue }
+                if mask & UInt32(IN_IGNORED) != 0 {
+                    for subs in w.byName.values { for (k, v) in subs { toWake[k] = v } }
+                    continue
+                }
+                if let subs = w.byName[name] { for (k, v) in subs { toWake[k] = v } }
+            }
+        }
+        for w in toWake.values { w.notifyChange() }
+    }
+}
+
+/// SIGTERM and SIGINT, turned into a byte on a pipe (all a signal handler may safely do)
+/// and a flag.
+enum SignalPipe {
+    nonisolated(unsafe) static var readFD: Int32 = -1
+    nonisolated(unsafe) static var writeFD: Int32 = -1
+    nonisolated(unsafe) static var signalled: sig_atomic_t = 0
+
+    static func install() {
+        guard readFD < 0 else { return }
+        var p: [Int32] = [-1, -1]
+        guard pipe(&p) == 0 else { return }
+        for fd in p {
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+            _ = fcntl(fd, F_SETFL, O_NONBLOCK)
+        }
+        readFD = p[0]; writeFD = p[1]
+        let handler: @convention(c) (Int32) -> Void = { _ in
+            SignalPipe.signalled = 1
+            var b: UInt8 = 1
+            let saved = errno
+            _ = Glibc.write(SignalPipe.writeFD, &b, 1)
+            errno = saved
+        }
+        signal(SIGTERM, handler)
+        signal(SIGINT, handler)
+    }
+
+    static func drain() {
+        var b = [UInt8](repeating: 0, count: 64)
+        while b.withUnsafeMutableBytes({ read(readFD, $0.baseAddress, $0.count) }) > 0 {}
+    }
+}
