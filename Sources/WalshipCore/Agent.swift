@@ -159,6 +159,7 @@ public final class Agent {
     private var localCompactor: LocalCompactor?
     private var lastStatusFileUs: Int64 = 0
     private var lastStatusWritten: StatusReport?
+    private var lastUpkeepUs: Int64 = 0
     private var lastAlertCheckUs: Int64 = 0
     private var lastHousekeepingUs: Int64 = 0
     private var lastVerifyUs: Int64 = 0
@@ -659,15 +660,15 @@ public final class Agent {
     /// Every 20 ms while nothing changes (a few syscalls: cheap enough to keep idle CPU low);
     /// every 2 ms for a moment after one was seen, so that its second step follows quickly.
     ///
-    /// A database without changes for two seconds is looked at every 250 ms only: with many
+    /// A database without changes for two seconds is looked at once a second only: with many
     /// idle databases the 20 ms looks were most of the process's work. An application
     /// checkpoint on it that has frames to copy writes the database file first, and that
     /// write wakes the agent at once (ChangeHub); only one with nothing left to copy waits
-    /// for the slower look.
+    /// for the slower look, a second at most.
     private var checkpointerCheckUs: Int64 {
         let now = monotonicMicroseconds()
         if let last = lastCourtesy, now - last.atUs < 500_000 { return 2_000 }
-        return now - lastChangeUs >= 2_000_000 ? 250_000 : 20_000
+        return now - lastChangeUs >= 2_000_000 ? 1_000_000 : 20_000
     }
 
     /// Another process holds both the WAL's writer lock and its checkpointer lock: a FULL,
@@ -1395,7 +1396,7 @@ public final class Agent {
             // Idle: nothing to cut and no change for two seconds. An idle database is looked
             // at once a second, and its cut times pass without a wake-up (they stay on the
             // same grid): a commit wakes it through ChangeHub. Without inotify it polls as before.
-            let idle = watching && segment == nil && now - lastChangeUs >= 2_000_000
+            var idle = watching && segment == nil && now - lastChangeUs >= 2_000_000
             if idle && nextCutUs <= now {
                 nextCutUs += ((now - nextCutUs) / options.syncIntervalUs + 1) * options.syncIntervalUs
             }
@@ -1413,7 +1414,13 @@ public final class Agent {
                 let t = monotonicMicroseconds()
                 if (idle || t < nextCutUs) && t - lastWatchdogUs < watchdogUs { continue }
             }
-            visibility?.setBusy(true)   // (an idle look above leaves the sampling thread asleep)
+            if changed { idle = false }
+            // An idle pass that only looks around (no change, no upkeep due) is short, and a
+            // commit made meanwhile wakes the next wait at once, which samples it: the
+            // sampling thread stays asleep, one thread switch less per idle database and second.
+            if !idle || monotonicMicroseconds() - lastUpkeepUs >= 5_000_000 {
+                visibility?.setBusy(true)   // (an idle look above leaves the sampling thread asleep)
+            }
             lastWatchdogUs = monotonicMicroseconds()
             if changed && debounceUs > 0 {
                 // Let a burst of commits land, then read them in one pass: far fewer WAL reads.
@@ -1481,13 +1488,18 @@ public final class Agent {
                 } else {
                     stuckAt = nil
                 }
-                try enforceSpoolLimit()
-                if segment == nil && persistedTableTxid < state.tableTxid {
-                    try saveState()   // records the flushed table, so the last segment can leave the spool
+                // The spool's upkeep and the status: on every tick while busy, every 5 s when
+                // idle (each costs directory listings, and idle databases may be thousands).
+                if !idle || t - lastUpkeepUs >= 5_000_000 {
+                    lastUpkeepUs = t
+                    try enforceSpoolLimit()
+                    if segment == nil && persistedTableTxid < state.tableTxid {
+                        try saveState()   // records the flushed table, so the last segment can leave the spool
+                    }
+                    try compactLocally(force: false)   // windows that closed while idle
+                    try collectOutbox()
+                    try operationsTick()
                 }
-                try compactLocally(force: false)   // windows that closed while idle
-                try collectOutbox()
-                try operationsTick()
             }
         }
         try shutdown()

@@ -671,6 +671,13 @@ signal(SIGPIPE, SIG_IGN)
 // goes), and the few threads share two malloc arenas rather than one each.
 _ = glibcMallopt(-3 /* M_MMAP_THRESHOLD */, 128 * 1024)
 _ = glibcMallopt(-8 /* M_ARENA_MAX */, 2)
+// One process may replicate thousands of databases, each with about a dozen open files: the
+// soft limit on open files (often 1,024) is raised to the hard limit the process was given.
+var openFiles = rlimit()
+if getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &openFiles) == 0 && openFiles.rlim_cur < openFiles.rlim_max {
+    openFiles.rlim_cur = openFiles.rlim_max
+    _ = setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &openFiles)
+}
 do {
     var command = try Walship.parseAsRoot()
     try command.run()
