@@ -1396,9 +1396,10 @@ public final class Agent {
             // Idle: nothing to cut and no change for two seconds. An idle database is looked
             // at once a second, and its cut times pass without a wake-up (they stay on the
             // same grid): a commit wakes it through ChangeHub. Without inotify it polls as before.
-            var idle = watching && segment == nil && now - lastChangeUs >= 2_000_000
+            var idle = watching && !wakeup.unwatched && segment == nil && now - lastChangeUs >= 2_000_000
             if idle && nextCutUs <= now {
-                nextCutUs += ((now - nextCutUs) / options.syncIntervalUs + 1) * options.syncIntervalUs
+                let every = max(1, options.syncIntervalUs)
+                nextCutUs += ((now - nextCutUs) / every + 1) * every
             }
             let watchdogUs = idle ? max(options.pollIntervalUs, 1_000_000) : options.pollIntervalUs
             var timeout = min(watchdogUs - (now - lastWatchdogUs), checkpointerCheckUs)
@@ -1453,6 +1454,7 @@ public final class Agent {
             }
             if tailer.framesInLog >= options.checkpointFrames && t - lastCheckpointTryUs >= 1_000_000 {
                 lastCheckpointTryUs = t
+                visibility?.setBusy(true)   // (an idle pass may have left it asleep)
                 try checkpointCycle()
             }
             if t - lastSnapshotCheckUs >= (idle ? 1_000_000 : 250_000) {
@@ -1463,6 +1465,7 @@ public final class Agent {
                 if requested || (changed && nowMicroseconds() - state.lastSnapshotTimeUs >= options.snapshotIntervalUs
                                  && t >= snapshotRetryAtUs) {
                     let generationBefore = state.generation
+                    visibility?.setBusy(true)   // (an idle pass may have left it asleep)
                     do {
                         try snapshotNow()
                         if requested { try? FS.remove(spool.snapshotRequestPath) }
@@ -1740,9 +1743,13 @@ public final class Agent {
     private func setUpWakeups() throws {
         // Only this database's own files wake it: the database (replaced, or written by a
         // checkpoint) and its WAL. Other databases and the spool in the same directory do not.
-        let name = String(dbPath[dbPath.index(after: dbPath.lastIndex(of: "/")!)...])
+        let name = FS.basename(dbPath)
         watching = ChangeHub.shared.subscribe(wakeup, directory: FS.dirname(dbPath), names: [name, name + "-wal"])
         if !watching { logger.warning("inotify unavailable; polling instead", metadata: meta) }
+        // A commit made after start() read the log and before the watch existed raised no
+        // event: the first wait returns at once, and the agent is busy for its first seconds.
+        lastChangeUs = monotonicMicroseconds()
+        wakeup.notifyChange()
     }
 
     private let sampleEveryUs: Int64 = 8_000
@@ -1790,7 +1797,6 @@ func hostName() -> String {
     return String(cString: buf)
 }
 
-/// Turns SIGTERM/SIGINT into a byte on the pipe of every agent in the process.
 /// A snapshot that did not fit in the spool's filesystem (nothing of it was kept).
 struct SnapshotNoRoom: Error, CustomStringConvertible {
     let cause: SystemError

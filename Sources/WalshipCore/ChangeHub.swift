@@ -8,10 +8,17 @@ public final class Wakeup: @unchecked Sendable {
     private let cond = MonotonicCondition()
     private var changed = false
     private var stopFlag = false
+    private var lost = false
 
     public init() {}
 
     public var stopped: Bool { cond.locked { stopFlag } }
+
+    /// Its watch is gone (the directory was removed or unmounted, or the hub's reader failed):
+    /// changes no longer wake it, and the agent polls on its timeouts.
+    public var unwatched: Bool { cond.locked { lost } }
+
+    func loseWatch() { cond.locked { lost = true; changed = true; cond.signal() } }
 
     public func stop() { cond.locked { stopFlag = true; cond.signal() } }
 
@@ -66,7 +73,8 @@ public final class ChangeHub: @unchecked Sendable {
     /// then relies on its timeout alone. Stop requests reach it either way.
     @discardableResult
     public func subscribe(_ wakeup: Wakeup, directory: String, names: [String]) -> Bool {
-        mutex.locked {
+        if mutex.locked({ everyone[ObjectIdentifier(wakeup)] != nil }) { unsubscribe(wakeup) }
+        return mutex.locked {
             startIfNeeded()
             everyone[ObjectIdentifier(wakeup)] = wakeup
             if stopAll { wakeup.stop() }
@@ -142,6 +150,7 @@ public final class ChangeHub: @unchecked Sendable {
             let r = poll(&fds, nfds_t(fds.count), -1)
             if r < 0 {
                 if errno == EINTR { continue }
+                abandon()
                 return
             }
             if fds[1].revents != 0 {
@@ -151,7 +160,11 @@ public final class ChangeHub: @unchecked Sendable {
             }
             if inotifyFD >= 0 && fds[0].revents != 0 {
                 let n = buf.withUnsafeMutableBytes { read(inotifyFD, $0.baseAddress, $0.count) }
-                if n < 0 { if errno == EINTR || errno == EAGAIN { continue }; return }
+                if n < 0 {
+                    if errno == EINTR || errno == EAGAIN { continue }
+                    abandon()
+                    return
+                }
                 dispatch(buf, count: n)
             }
         }
@@ -161,6 +174,7 @@ public final class ChangeHub: @unchecked Sendable {
     /// watched directory that went away, wakes every subscriber of it (they look for themselves).
     private func dispatch(_ buf: [UInt8], count: Int) {
         var toWake: [ObjectIdentifier: Wakeup] = [:]
+        var lostWatch: [Wakeup] = []
         mutex.locked {
             var off = 0
             let header = MemoryLayout<inotify_event>.size
@@ -180,13 +194,31 @@ public final class ChangeHub: @unchecked Sendable {
                 }
                 guard let dir = directoryOf[wd], let w = watches[dir] else { continue }
                 if mask & UInt32(IN_IGNORED) != 0 {
-                    for subs in w.byName.values { for (k, v) in subs { toWake[k] = v } }
+                    // The watch is gone (directory removed, or unmounted): its subscribers
+                    // poll from now on, and a later subscriber there gets a new watch.
+                    for subs in w.byName.values { for v in subs.values { lostWatch.append(v) } }
+                    watches[dir] = nil
+                    directoryOf[wd] = nil
                     continue
                 }
                 if let subs = w.byName[name] { for (k, v) in subs { toWake[k] = v } }
             }
         }
         for w in toWake.values { w.notifyChange() }
+        for w in lostWatch { w.loseWatch() }
+    }
+
+    /// The reader cannot go on (poll or read failed for good): every subscriber polls from
+    /// now on, and later subscribers are told that changes cannot be watched. Stop requests
+    /// still reach them through the flag the signal handler sets.
+    private func abandon() {
+        let all: [Wakeup] = mutex.locked {
+            if inotifyFD >= 0 { close(inotifyFD); inotifyFD = -1 }
+            watches = [:]
+            directoryOf = [:]
+            return Array(everyone.values)
+        }
+        for w in all { w.loseWatch() }
     }
 }
 

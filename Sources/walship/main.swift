@@ -598,7 +598,7 @@ struct Verify: ParsableCommand {
 struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Show a running agent's replication status (lag, last sync, shipped, errors, drills).",
-        discussion: "Reads the status the agent keeps in its spool (updated every second). Exits 0 when an agent is running for every database, 3 otherwise.")
+        discussion: "Reads the status the agent keeps in its spool (rewritten when it changes, and every 10 s while the agent runs). Exits 0 when an agent is running for every database, 3 otherwise.")
     @Argument(help: "Path of the SQLite database (omit with --config).") var database: String?
     @Option(help: "YAML config file: show every database in it.") var config: String?
     @Option(help: "Spool directory (default: .<name>-walship beside the database).") var spoolDir: String?
@@ -672,10 +672,11 @@ signal(SIGPIPE, SIG_IGN)
 _ = glibcMallopt(-3 /* M_MMAP_THRESHOLD */, 128 * 1024)
 _ = glibcMallopt(-8 /* M_ARENA_MAX */, 2)
 // One process may replicate thousands of databases, each with about a dozen open files: the
-// soft limit on open files (often 1,024) is raised to the hard limit the process was given.
+// soft limit on open files (often 1,024) is raised towards the hard limit the process was
+// given, up to 1,048,576 (some containers allow far more than any fleet needs).
 var openFiles = rlimit()
-if getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &openFiles) == 0 && openFiles.rlim_cur < openFiles.rlim_max {
-    openFiles.rlim_cur = openFiles.rlim_max
+if getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &openFiles) == 0 && openFiles.rlim_cur < min(openFiles.rlim_max, 1 << 20) {
+    openFiles.rlim_cur = min(openFiles.rlim_max, 1 << 20)
     _ = setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &openFiles)
 }
 do {

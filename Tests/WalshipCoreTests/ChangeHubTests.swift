@@ -20,40 +20,50 @@ final class ChangeHubTests: XCTestCase {
         rmdir(dir)
     }
 
-    private func append(_ name: String) {
-        let fd = open(dir + "/" + name, O_WRONLY | O_CREAT | O_APPEND, 0o600)
-        XCTAssertGreaterThanOrEqual(fd, 0)
-        var b: UInt8 = 7
-        XCTAssertEqual(write(fd, &b, 1), 1)
-        close(fd)
+    /// Creates the files before anyone subscribes, so that a later `touch` is one event.
+    private func create(_ names: String...) {
+        for n in names {
+            let fd = open(dir + "/" + n, O_WRONLY | O_CREAT, 0o600)
+            XCTAssertGreaterThanOrEqual(fd, 0)
+            close(fd)
+        }
+    }
+
+    /// One IN_MODIFY event: a truncate by path opens and closes nothing.
+    private var length: Int = 0
+    private func touch(_ name: String) {
+        length += 1
+        XCTAssertEqual(truncate(dir + "/" + name, off_t(length)), 0)
     }
 
     func testAWriteToOneDatabaseWakesItsAgentAndNoOther() {
+        create("a.db", "a.db-wal", "a.db-shm", "b.db", "notes.txt")
         let a = Wakeup(), b = Wakeup()
         XCTAssertTrue(ChangeHub.shared.subscribe(a, directory: dir, names: ["a.db", "a.db-wal"]))
         XCTAssertTrue(ChangeHub.shared.subscribe(b, directory: dir, names: ["b.db", "b.db-wal"]))
         defer { ChangeHub.shared.unsubscribe(a); ChangeHub.shared.unsubscribe(b) }
-        append("a.db-wal")
+        touch("a.db-wal")
         XCTAssertTrue(a.wait(timeoutUs: 5_000_000), "the write to a.db-wal did not wake a.db's agent")
         XCTAssertFalse(b.wait(timeoutUs: 300_000), "a write to a.db-wal woke b.db's agent")
         // Files that are neither database nor WAL (the spool, the -shm) wake nobody.
-        append("a.db-shm")
-        append("notes.txt")
+        touch("a.db-shm")
+        touch("notes.txt")
         XCTAssertFalse(a.wait(timeoutUs: 300_000))
-        append("b.db")
+        touch("b.db")
         XCTAssertTrue(b.wait(timeoutUs: 5_000_000))
         XCTAssertFalse(a.wait(timeoutUs: 100_000))
     }
 
     func testAnUnsubscribedAgentIsNoLongerWokenAndTheOthersStillAre() {
+        create("a.db-wal", "b.db-wal")
         let a = Wakeup(), b = Wakeup()
         ChangeHub.shared.subscribe(a, directory: dir, names: ["a.db-wal"])
         ChangeHub.shared.subscribe(b, directory: dir, names: ["b.db-wal"])
         ChangeHub.shared.unsubscribe(a)
         defer { ChangeHub.shared.unsubscribe(b) }
-        append("a.db-wal")
+        touch("a.db-wal")
         XCTAssertFalse(a.wait(timeoutUs: 300_000))
-        append("b.db-wal")
+        touch("b.db-wal")
         XCTAssertTrue(b.wait(timeoutUs: 5_000_000), "removing one subscriber dropped the directory's watch")
     }
 
@@ -68,12 +78,40 @@ final class ChangeHubTests: XCTestCase {
     }
 
     func testAChangeBeforeTheWaitIsNotLost() {
+        create("c.db-wal")
         let w = Wakeup()
         ChangeHub.shared.subscribe(w, directory: dir, names: ["c.db-wal"])
         defer { ChangeHub.shared.unsubscribe(w) }
-        append("c.db-wal")
+        touch("c.db-wal")
         usleep(200_000)   // the event arrives while nobody waits
         XCTAssertTrue(w.wait(timeoutUs: 5_000_000))
         XCTAssertFalse(w.wait(timeoutUs: 0), "one change was reported twice")
+    }
+
+    func testSubscribingTwiceThenOnceUnsubscribedLeavesNoWatchBehind() {
+        create("d.db-wal")
+        let w = Wakeup(), other = Wakeup()
+        ChangeHub.shared.subscribe(w, directory: dir, names: ["d.db-wal"])
+        ChangeHub.shared.subscribe(w, directory: dir, names: ["d.db-wal"])
+        ChangeHub.shared.unsubscribe(w)
+        touch("d.db-wal")
+        XCTAssertFalse(w.wait(timeoutUs: 300_000), "a second subscription outlived the unsubscribe")
+        // The directory can be watched again from scratch.
+        XCTAssertTrue(ChangeHub.shared.subscribe(other, directory: dir, names: ["d.db-wal"]))
+        defer { ChangeHub.shared.unsubscribe(other) }
+        touch("d.db-wal")
+        XCTAssertTrue(other.wait(timeoutUs: 5_000_000))
+    }
+
+    func testARemovedDirectoryWakesItsAgentsAndLeavesThemPolling() {
+        let sub = dir + "/gone"
+        XCTAssertEqual(mkdir(sub, 0o700), 0)
+        let w = Wakeup()
+        XCTAssertTrue(ChangeHub.shared.subscribe(w, directory: sub, names: ["e.db", "e.db-wal"]))
+        defer { ChangeHub.shared.unsubscribe(w) }
+        XCTAssertFalse(w.unwatched)
+        XCTAssertEqual(rmdir(sub), 0)
+        XCTAssertTrue(w.wait(timeoutUs: 5_000_000), "the removal did not wake the agent")
+        XCTAssertTrue(w.unwatched, "an agent whose directory went away still counts on events")
     }
 }

@@ -182,9 +182,12 @@ def fleet_run(ctx, tool, n, idle_s, busy_s, rate, template):
                 res.setdefault("restore_errors", []).append((rc.stdout + rc.stderr).decode()[-200:])
                 continue
             r = sqlite3.connect(out)
-            got = r.execute("SELECT max(at) FROM t").fetchone()[0] or 0.0
+            got = r.execute("SELECT max(at) FROM t").fetchone()[0]
             r.close()
-            rpos.append(max(0.0, want - got))
+            if got is None and want > 0:
+                res["not_replicated"] = res.get("not_replicated", 0) + 1   # no commit reached the replica
+                continue
+            rpos.append(max(0.0, want - (got or 0.0)))
         rpos.sort()
         res["rpo_s"] = {"n": len(rpos), "median": percentile(rpos, 50), "max": rpos[-1] if rpos else None}
     except Exception as e:

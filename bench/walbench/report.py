@@ -591,7 +591,9 @@ def fleet_table(fl):
                          fmt(busy.get("fds") or idle.get("fds"), "{:,}"),
                          fmt(r.get("vmhwm_kb") and r["vmhwm_kb"] / 1024, "{:.0f} MiB"),
                          fmt(rpo.get("median"), "{:.2f}"), fmt(rpo.get("max"), "{:.2f}"),
-                         (r.get("error") or "")[:80] + ("; restore errors" if r.get("restore_errors") else "")])
+                         (r.get("error") or "")[:80] + ("; restore errors" if r.get("restore_errors") else "")
+                         + (f"; {r['not_replicated']} active database(s) had nothing in the replica"
+                            if r.get("not_replicated") else "")])
     return md_table(["databases", "tool", "active", "startup to all replicated (s)", "CPU idle", "CPU busy",
                      "threads", "open fds", "peak RSS", "RPO median (s)", "RPO max (s)", "error"], rows,
                     ["---:", "---"] + ["---:"] * 9 + ["---"])
