@@ -10,8 +10,8 @@ import WalshipFormat
 ///
 /// The agent's main loop samples while it waits for a burst of commits to land. While it is
 /// busy elsewhere (cutting a segment, compacting, checkpointing, comparing the database file),
-/// it arms this log's own thread, which samples on its behalf: commits made then are dated as
-/// closely as the others.
+/// it arms this log, and the process's one `VisibilitySampler` thread samples on its behalf:
+/// commits made then are dated as closely as the others.
 final class VisibilityLog {
     struct Sample: Equatable { var timeUs: Int64; var salt1: UInt32; var salt2: UInt32; var mxFrame: UInt32 }
 
@@ -25,33 +25,38 @@ final class VisibilityLog {
     private var samples: [Sample] = []
     private var armed = false
     private var stopping = false
-    private var thread: JoinableThread?
+    private let sampler: VisibilitySampler
 
     /// `read` must be safe to call from another thread (a positioned read of the `-shm` file is).
-    init(everyUs: Int64, read: @escaping () -> WalIndexHeader?) {
+    init(everyUs: Int64, sampler: VisibilitySampler = .shared, read: @escaping () -> WalIndexHeader?) {
         self.everyUs = everyUs
+        self.sampler = sampler
         self.read = read
     }
 
-    func start() throws {
-        guard thread == nil else { return }
-        thread = try JoinableThread { [self] in loop() }
-    }
+    /// Makes sure the process's sampling thread runs.
+    func start() throws { try sampler.start() }
 
-    /// Stops the sampling thread and waits for it.
+    /// No sample is taken for this log once this returns.
     func stop() {
-        cond.locked { stopping = true; cond.signal() }
-        thread?.join()
-        thread = nil
+        cond.locked { stopping = true; armed = false }
+        sampler.disarm(self)
     }
 
     /// The main loop is busy (true) or about to wait for the next change itself (false).
     func setBusy(_ busy: Bool) {
-        cond.locked {
-            if armed == busy { return }
+        let changed: Bool = cond.locked {
+            if armed == busy || stopping { return false }
             armed = busy
-            if busy { cond.signal() }
+            return true
         }
+        guard changed else { return }
+        if busy { sampler.arm(self, everyUs: everyUs) } else { sampler.disarm(self) }
+    }
+
+    /// Called by the sampler's thread.
+    func sampleIfArmed() {
+        cond.locked { if armed && !stopping { takeSample() } }
     }
 
     /// Takes one sample now.
@@ -89,14 +94,45 @@ final class VisibilityLog {
         // then dated when it is read, still an upper bound.
         if samples.count < Self.capacity { samples.append(s) }
     }
+}
+
+/// One thread for the whole process: it samples every armed `VisibilityLog` every few
+/// milliseconds, and sleeps while none is armed. (One thread per database was 1,000 threads
+/// for 1,000 databases, nearly all asleep.)
+final class VisibilitySampler: @unchecked Sendable {
+    static let shared = VisibilitySampler()
+
+    private let cond = MonotonicCondition()
+    private var armed: [ObjectIdentifier: (log: VisibilityLog, everyUs: Int64)] = [:]
+    private var thread: JoinableThread?
+
+    func start() throws {
+        try cond.locked {
+            guard thread == nil else { return }
+            thread = try JoinableThread { [self] in loop() }
+        }
+    }
+
+    func arm(_ log: VisibilityLog, everyUs: Int64) {
+        cond.locked {
+            armed[ObjectIdentifier(log)] = (log, everyUs)
+            cond.signal()   // a newly armed log is sampled at once
+        }
+    }
+
+    func disarm(_ log: VisibilityLog) {
+        cond.locked { _ = armed.removeValue(forKey: ObjectIdentifier(log)) }
+    }
 
     private func loop() {
-        cond.locked {
-            while !stopping {
-                if !armed { cond.wait(); continue }
-                takeSample()
-                cond.wait(timeoutUs: everyUs)
+        while true {
+            let (logs, everyUs): ([VisibilityLog], Int64) = cond.locked {
+                while armed.isEmpty { cond.wait() }
+                return (armed.values.map(\.log), armed.values.map(\.everyUs).min() ?? 8_000)
             }
+            // Each log takes its sample under its own lock; none is held here meanwhile.
+            for log in logs { log.sampleIfArmed() }
+            cond.locked { if !armed.isEmpty { cond.wait(timeoutUs: everyUs) } }
         }
     }
 }

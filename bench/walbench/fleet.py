@@ -184,7 +184,7 @@ def fleet_run(ctx, tool, n, idle_s, busy_s, rate, template):
             r = sqlite3.connect(out)
             got = r.execute("SELECT max(at) FROM t").fetchone()[0]
             r.close()
-            if got is None and want > 0:
+            if (got or 0.0) <= 0.0 and want > 0:   # the template's rows carry time 0
                 res["not_replicated"] = res.get("not_replicated", 0) + 1   # no commit reached the replica
                 continue
             rpos.append(max(0.0, want - (got or 0.0)))
