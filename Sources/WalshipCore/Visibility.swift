@@ -19,7 +19,9 @@ final class VisibilityLog {
     /// the main loop forgets the ones it has read past.
     static let capacity = 4096
 
-    private let read: () -> WalIndexHeader?
+    /// Dropped at stop(), under the lock: the file it reads is then released on the agent's
+    /// thread, never later on the sampler's.
+    private var read: (() -> WalIndexHeader?)?
     private let everyUs: Int64
     private let cond = MonotonicCondition()
     private var samples: [Sample] = []
@@ -39,19 +41,22 @@ final class VisibilityLog {
 
     /// No sample is taken for this log once this returns.
     func stop() {
-        cond.locked { stopping = true; armed = false }
-        sampler.disarm(self)
+        cond.locked {
+            stopping = true
+            armed = false
+            read = nil
+            sampler.disarm(self)   // (lock order: a log's lock, then the sampler's)
+        }
     }
 
     /// The main loop is busy (true) or about to wait for the next change itself (false).
     func setBusy(_ busy: Bool) {
-        let changed: Bool = cond.locked {
-            if armed == busy || stopping { return false }
+        cond.locked {
+            if armed == busy || stopping { return }
             armed = busy
-            return true
+            // Under the log's lock, so that a stop() can never leave it armed in the sampler.
+            if busy { sampler.arm(self, everyUs: everyUs) } else { sampler.disarm(self) }
         }
-        guard changed else { return }
-        if busy { sampler.arm(self, everyUs: everyUs) } else { sampler.disarm(self) }
     }
 
     /// Called by the sampler's thread.
@@ -86,7 +91,7 @@ final class VisibilityLog {
 
     // The mutex is held.
     private func takeSample() {
-        guard let h = read() else { return }
+        guard let h = read?() else { return }
         // The time is taken after the read: the sample never dates a commit before it was visible.
         let s = Sample(timeUs: nowMicroseconds(), salt1: h.salt1, salt2: h.salt2, mxFrame: h.mxFrame)
         if let last = samples.last, last.salt1 == s.salt1, last.salt2 == s.salt2, last.mxFrame == s.mxFrame { return }
@@ -98,12 +103,16 @@ final class VisibilityLog {
 
 /// One thread for the whole process: it samples every armed `VisibilityLog` every few
 /// milliseconds, and sleeps while none is armed. (One thread per database was 1,000 threads
-/// for 1,000 databases, nearly all asleep.)
+/// for 1,000 databases, nearly all asleep.) Sweeps run on a fixed schedule from their start,
+/// so a sweep's own length does not stretch the interval; a newly armed log is sampled at
+/// once, on its own, without a whole sweep.
 final class VisibilitySampler: @unchecked Sendable {
     static let shared = VisibilitySampler()
 
     private let cond = MonotonicCondition()
-    private var armed: [ObjectIdentifier: (log: VisibilityLog, everyUs: Int64)] = [:]
+    private var armed: [ObjectIdentifier: VisibilityLog] = [:]
+    private var fresh: [VisibilityLog] = []
+    private var everyUs: Int64 = 8_000
     private var thread: JoinableThread?
 
     func start() throws {
@@ -113,26 +122,54 @@ final class VisibilitySampler: @unchecked Sendable {
         }
     }
 
+    /// Lock order: called with the log's lock held; the sampler never takes a log's lock
+    /// while it holds its own.
     func arm(_ log: VisibilityLog, everyUs: Int64) {
         cond.locked {
-            armed[ObjectIdentifier(log)] = (log, everyUs)
-            cond.signal()   // a newly armed log is sampled at once
+            armed[ObjectIdentifier(log)] = log
+            fresh.append(log)
+            self.everyUs = max(1_000, min(self.everyUs, everyUs))
+            cond.signal()
         }
     }
 
     func disarm(_ log: VisibilityLog) {
-        cond.locked { _ = armed.removeValue(forKey: ObjectIdentifier(log)) }
+        cond.locked {
+            armed[ObjectIdentifier(log)] = nil
+            fresh.removeAll { $0 === log }
+        }
     }
 
+    var armedCount: Int { cond.locked { armed.count } }
+
     private func loop() {
+        var next = monotonicMicroseconds()
         while true {
-            let (logs, everyUs): ([VisibilityLog], Int64) = cond.locked {
-                while armed.isEmpty { cond.wait() }
-                return (armed.values.map(\.log), armed.values.map(\.everyUs).min() ?? 8_000)
+            let (sweep, logs): (Bool, [VisibilityLog]) = cond.locked {
+                while armed.isEmpty {
+                    cond.wait()
+                    next = monotonicMicroseconds()
+                }
+                while fresh.isEmpty {
+                    let left = next - monotonicMicroseconds()
+                    if left <= 0 { break }
+                    cond.wait(timeoutUs: left)
+                }
+                if monotonicMicroseconds() >= next {
+                    fresh = []
+                    return (true, Array(armed.values))
+                }
+                defer { fresh = [] }
+                return (false, fresh)
             }
             // Each log takes its sample under its own lock; none is held here meanwhile.
             for log in logs { log.sampleIfArmed() }
-            cond.locked { if !armed.isEmpty { cond.wait(timeoutUs: everyUs) } }
+            if sweep {
+                let interval = cond.locked { everyUs }
+                next += interval
+                let now = monotonicMicroseconds()
+                if next <= now { next = now + interval }   // an overrun sweep: no burst to catch up
+            }
         }
     }
 }
