@@ -139,7 +139,8 @@ def fleet_run(ctx, tool, n, idle_s, busy_s, rate, template):
         res["startup_s"] = time.monotonic() - t0 if done == n else None
         res["replicated_at_startup"] = done
         if tp.poll() is not None:
-            res["error"] = f"exited with {tp.returncode} during startup"
+            last = [x for x in open(logpath, errors="replace").read().splitlines() if "error" in x.lower()][-1:]
+            res["error"] = f"exited with {tp.returncode} during startup" + (f": {last[0][-160:]}" if last else "")
             return res
         time.sleep(2.0)   # let the first checkpoints and state writes settle
         c0 = proc_cost(tp.pid)

@@ -631,7 +631,10 @@ def fleet_section(results, sec):
             f"{fl['rate_per_active']:g} tx/s from one writer process. Threads, open file descriptors: at the end of "
             "the busy window. RPO: the agent is SIGKILLed at a random instant in the busy window, each active "
             "database is restored, and RPO = the newest commit time in the source at the kill minus the newest "
-            "commit time restored (each row stores its commit time).", "", sec["fleet"], ""]
+            "commit time restored (each row stores its commit time)."
+            + (f" Limit on open files for both tools: {fl['open_files_limit'][0]:,} (hard "
+               f"{fl['open_files_limit'][1]:,}); a database needs several." if fl.get("open_files_limit") else ""),
+            "", sec["fleet"], ""]
 
 
 def churn_section(results, sec):
