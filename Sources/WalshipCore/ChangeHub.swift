@@ -62,6 +62,8 @@ public final class ChangeHub: @unchecked Sendable {
     private var watches: [String: Watch] = [:]      // by directory
     private var directoryOf: [Int32: String] = [:]  // by watch descriptor
     private var everyone: [ObjectIdentifier: Wakeup] = [:]
+    /// The `watches` key each subscriber was filed under (none when it has no watch).
+    private var directoryKey: [ObjectIdentifier: String] = [:]
     private var started = false
     private var thread: JoinableThread?
     private var stopAll = false
@@ -79,26 +81,23 @@ public final class ChangeHub: @unchecked Sendable {
             everyone[ObjectIdentifier(wakeup)] = wakeup
             if stopAll { wakeup.stop() }
             guard inotifyFD >= 0 else { return false }
-            var w: Watch
-            if let existing = watches[directory] {
-                w = existing
-            } else {
+            var key = directory
+            if watches[directory] == nil {
                 let mask = UInt32(IN_MODIFY | IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_CLOSE_WRITE | IN_MOVED_FROM)
                 let wd = inotify_add_watch(inotifyFD, directory, mask)
                 if wd < 0 { return false }
                 // The same directory under another path gives the same descriptor.
-                if let other = directoryOf[wd], var shared = watches[other] {
-                    shared.count += 1
-                    for n in names { shared.byName[n, default: [:]][ObjectIdentifier(wakeup)] = wakeup }
-                    watches[other] = shared
-                    return true
+                if let other = directoryOf[wd], watches[other] != nil {
+                    key = other
+                } else {
+                    watches[directory] = Watch(wd: wd)
+                    directoryOf[wd] = directory
                 }
-                w = Watch(wd: wd)
-                directoryOf[wd] = directory
             }
-            w.count += 1
-            for n in names { w.byName[n, default: [:]][ObjectIdentifier(wakeup)] = wakeup }
-            watches[directory] = w
+            let id = ObjectIdentifier(wakeup)
+            watches[key]!.count += 1
+            for n in names { watches[key]!.byName[n, default: [:]][id] = wakeup }
+            directoryKey[id] = key
             return true
         }
     }
@@ -108,22 +107,23 @@ public final class ChangeHub: @unchecked Sendable {
         mutex.locked {
             let id = ObjectIdentifier(wakeup)
             guard everyone.removeValue(forKey: id) != nil else { return }
-            for (dir, var w) in watches {
-                var had = false
-                for (n, var subs) in w.byName where subs[id] != nil {
-                    subs[id] = nil
-                    w.byName[n] = subs.isEmpty ? nil : subs
-                    had = true
-                }
-                guard had else { continue }
-                w.count -= 1
-                if w.count <= 0 {
-                    _ = inotify_rm_watch(inotifyFD, w.wd)
-                    directoryOf[w.wd] = nil
-                    watches[dir] = nil
-                } else {
-                    watches[dir] = w
-                }
+            // A watch dropped since (IN_IGNORED), or made again for a later subscriber, no
+            // longer files this one: only a watch that holds it counts it.
+            guard let dir = directoryKey.removeValue(forKey: id), var w = watches[dir] else { return }
+            var had = false
+            for (n, var subs) in w.byName where subs[id] != nil {
+                subs[id] = nil
+                w.byName[n] = subs.isEmpty ? nil : subs
+                had = true
+            }
+            guard had else { return }
+            w.count -= 1
+            if w.count <= 0 {
+                _ = inotify_rm_watch(inotifyFD, w.wd)
+                directoryOf[w.wd] = nil
+                watches[dir] = nil
+            } else {
+                watches[dir] = w
             }
         }
     }
@@ -216,6 +216,7 @@ public final class ChangeHub: @unchecked Sendable {
             if inotifyFD >= 0 { close(inotifyFD); inotifyFD = -1 }
             watches = [:]
             directoryOf = [:]
+            directoryKey = [:]
             return Array(everyone.values)
         }
         for w in all { w.loseWatch() }

@@ -130,7 +130,7 @@ def fleet_run(ctx, tool, n, idle_s, busy_s, rate, template):
         t0 = time.monotonic()
         tp = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         logf.close()
-        done, last_check = 0, 0.0
+        done = 0
         while time.monotonic() - t0 < STARTUP_LIMIT_S and tp.poll() is None:
             time.sleep(0.5)
             done = snapshots_done(tool.name, replica_root, names)
