@@ -54,6 +54,49 @@ final class ChangeHubTests: XCTestCase {
         XCTAssertFalse(a.wait(timeoutUs: 100_000))
     }
 
+    /// A database written to while its agent is busy (not waiting) costs the reader one
+    /// wake-up, not one per write: its events stay queued, merged by the kernel, until the
+    /// agent waits again, and then that wait returns at once. (It may be news the agent has
+    /// read already: the events carry no position, so the agent looks once more.)
+    func testWritesWhileTheAgentIsBusyWakeTheReaderOnceAndReachTheNextWait() {
+        create("a.db-wal")
+        let a = Wakeup()
+        XCTAssertTrue(ChangeHub.shared.subscribe(a, directory: dir, names: ["a.db-wal"]))
+        defer { ChangeHub.shared.unsubscribe(a) }
+        touch("a.db-wal")
+        XCTAssertTrue(a.wait(timeoutUs: 5_000_000))
+        usleep(50_000)   // (any short rest begun meanwhile is over)
+        let before = ChangeHub.shared.reads
+        for _ in 0..<200 {
+            touch("a.db-wal")
+            usleep(200)
+        }
+        usleep(50_000)
+        let reads = ChangeHub.shared.reads - before
+        XCTAssertLessThanOrEqual(reads, 2, "200 writes while nobody waited woke the reader \(reads) times")
+        XCTAssertGreaterThanOrEqual(reads, 1, "the first write was not read")
+        let t0 = monotonicMicroseconds()
+        XCTAssertTrue(a.wait(timeoutUs: 5_000_000), "the writes made while busy did not reach the next wait")
+        XCTAssertLessThan(monotonicMicroseconds() - t0, 1_000_000)
+    }
+
+    /// A write made while the agent is busy and the reader rests still reaches the agent when
+    /// it starts to wait: it does not sleep through it.
+    func testAWriteDuringTheRestWakesTheNextWait() {
+        create("a.db-wal")
+        let a = Wakeup()
+        XCTAssertTrue(ChangeHub.shared.subscribe(a, directory: dir, names: ["a.db-wal"]))
+        defer { ChangeHub.shared.unsubscribe(a) }
+        touch("a.db-wal")
+        XCTAssertTrue(a.wait(timeoutUs: 5_000_000))
+        touch("a.db-wal")          // read at once: a change is pending, the reader rests
+        XCTAssertTrue(a.wait(timeoutUs: 5_000_000))
+        usleep(20_000)
+        touch("a.db-wal")          // queued while the reader rests for a waiter
+        usleep(20_000)
+        XCTAssertTrue(a.wait(timeoutUs: 5_000_000), "a write made while the reader rested never woke the agent")
+    }
+
     func testAnUnsubscribedAgentIsNoLongerWokenAndTheOthersStillAre() {
         create("a.db-wal", "b.db-wal")
         let a = Wakeup(), b = Wakeup()
