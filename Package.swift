@@ -6,7 +6,12 @@ import PackageDescription
 //   CLinux                   two Linux calls Glibc does not import (filesystem type, zero range)
 //   WalshipFormat            pure formats: WAL parsing, checksums, segment/snapshot encoding, names, time
 //   WalshipLZ4 / WalshipSQLite / WalshipCurl / WalshipCrypto   thin owners of the C handles
-//   WalshipCore              agent (capture, spool, shipping), replicas, restore, list
+//   WalshipSystem            syscalls (one errno/EINTR helper), clocks, threads and locks, inotify
+//                            (ChangeHub) and the signal relay, the environment
+//   WalshipStorage           the Replica protocol, the registry of backends by URL scheme, the
+//                            directory backend
+//   WalshipS3                the S3 backend (registers s3://)
+//   WalshipCore              agent (capture, spool, shipping), restore, list, config
 //   walship                  the command-line tool
 let package = Package(
     name: "walship",
@@ -33,17 +38,27 @@ let package = Package(
         .target(name: "WalshipSQLite", dependencies: ["CSQLite"]),
         .target(name: "WalshipCurl", dependencies: ["CCurl", "WalshipFormat"]),
         .target(name: "WalshipCrypto", dependencies: ["CCrypto"]),
+        .target(name: "WalshipSystem", dependencies: ["CLinux"],
+                swiftSettings: [.swiftLanguageMode(.v6)]),
+        .target(name: "WalshipStorage", dependencies: ["WalshipSystem", "WalshipFormat"],
+                swiftSettings: [.swiftLanguageMode(.v6)]),
+        .target(name: "WalshipS3", dependencies: ["WalshipStorage", "WalshipSystem", "WalshipFormat", "WalshipCurl", "WalshipCrypto"],
+                swiftSettings: [.swiftLanguageMode(.v6)]),
         .target(name: "WalshipCore", dependencies: [
+            "WalshipSystem", "WalshipStorage",
             "WalshipFormat", "WalshipLZ4", "WalshipSQLite", "WalshipCurl", "WalshipCrypto", "CLinux",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "walship", dependencies: [
-            "WalshipCore", "WalshipFormat",
+            "WalshipCore", "WalshipFormat", "WalshipSystem", "WalshipStorage", "WalshipS3",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "WalshipFormatTests", dependencies: ["WalshipFormat", "WalshipLZ4", "WalshipSQLite", "WalshipCrypto"]),
-        .testTarget(name: "WalshipCoreTests", dependencies: ["WalshipCore", "WalshipFormat", "WalshipCurl", "WalshipSQLite"]),
+        .testTarget(name: "WalshipSystemTests", dependencies: ["WalshipSystem"]),
+        .testTarget(name: "WalshipStorageTests", dependencies: ["WalshipStorage"]),
+        .testTarget(name: "WalshipCoreTests", dependencies: ["WalshipCore", "WalshipFormat", "WalshipCurl", "WalshipSQLite",
+                                                            "WalshipSystem", "WalshipStorage", "WalshipS3"]),
     ],
     swiftLanguageModes: [.v5]
 )

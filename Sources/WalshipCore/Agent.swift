@@ -10,7 +10,8 @@ import Dispatch
 import Logging
 import WalshipFormat
 import WalshipSQLite
-import WalshipCurl
+import WalshipStorage
+import WalshipSystem
 
 public struct AgentOptions {
     public var databasePath: String
@@ -164,7 +165,7 @@ public final class Agent {
     private var lastHousekeepingUs: Int64 = 0
     private var lastVerifyUs: Int64 = 0
     private let verifyQueue = DispatchQueue(label: "walship.verify")
-    private let verifyBusy = Flag()
+    private let verifyBusy = AtomicFlag()
 
     /// Changes to the database and stop requests (ChangeHub); waits end early on either.
     private let wakeup = Wakeup()
@@ -219,8 +220,9 @@ public final class Agent {
 
     /// Opens the database, spool and replicas, decides continue vs new generation, and pins.
     public func start() throws {
-        // libcurl (and the TLS stack behind it) is initialised only when an S3 replica needs it,
-        // which keeps its pages out of the agent's memory for directory replicas.
+        // A backend's libraries (libcurl and TLS for a network store) are initialised only when
+        // a replica of its kind is opened, which keeps their pages out of the agent's memory
+        // for directory replicas.
         guard FS.exists(dbPath) else { throw AgentError.databaseMissing(dbPath) }
         guard FS.isRegularFile(dbPath) else { throw AgentError.notADatabase(dbPath) }
         // Before anything is created (spool, replica): a file that is not SQLite's is refused
@@ -234,7 +236,7 @@ public final class Agent {
         }
         for (i, url) in options.replicaURLs.enumerated() {
             let env = i < options.replicaEnvironments.count ? options.replicaEnvironments[i] : nil
-            let r = try ReplicaFactory.open(url, environment: env)
+            let r = try ReplicaBackends.open(url, environment: env)
             // The shipper retries forever with its own backoff: two attempts a request from
             // now on, so that a failure shows (log, metrics, alerts) within seconds.
             r.failFast()
@@ -1109,7 +1111,7 @@ public final class Agent {
     /// or unreachable), rather than one the operator must fix.
     static func isOutage(_ error: Error) -> Bool {
         switch error {
-        case let e as S3Error: return e.status >= 500 || e.status == 408 || e.status == 429
+        case let e as ReplicaOutageTelling: return e.isOutage
         case ReplicaError.io: return true
         case let e as SystemError: return [EIO, ESTALE, ENOTCONN, ETIMEDOUT, EHOSTDOWN, EHOSTUNREACH, ENETUNREACH].contains(e.errno)
         default: return false
@@ -1665,7 +1667,7 @@ public final class Agent {
             for (i, url) in urls.enumerated() {
                 let report: VerifyReport
                 do {
-                    let r = try ReplicaFactory.open(url, environment: i < envs.count ? envs[i] : nil)
+                    let r = try ReplicaBackends.open(url, environment: i < envs.count ? envs[i] : nil)
                     report = Verifier.run(replica: r, target: .latest, encryptionKey: key, tempDir: dir, scrub: .segments)
                 } catch {
                     var failed = VerifyReport(replica: url, target: RestoreTarget.latest.description)

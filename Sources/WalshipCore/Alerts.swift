@@ -5,6 +5,8 @@ import Dispatch
 import Logging
 import WalshipCurl
 import WalshipFormat
+import WalshipStorage
+import WalshipSystem
 
 /// Posts Slack-compatible JSON ({"text": ...}) to a webhook when a condition starts, again at
 /// most every `repeatUs` while it lasts, and once more when it clears. Conditions: uploads

@@ -1,4 +1,6 @@
 import WalshipFormat
+import WalshipStorage
+import WalshipSystem
 
 /// The YAML configuration file (read with MiniYAML): many databases, each with replicas in order of preference.
 ///
@@ -219,15 +221,14 @@ public enum ConfigLoader {
                     }
                 }
                 guard let u = url, !u.isEmpty else { throw fail(rl, "'url' is required (file:///path or s3://bucket/prefix)") }
-                if !creds.isEmpty && !u.hasPrefix("s3://") {
-                    throw fail(rl, "access-key-id, secret-access-key, session-token and region apply to s3:// replicas only")
+                let backend: ReplicaBackend
+                do { backend = try ReplicaBackends.backend(for: u) } catch { throw fail(rl, "\(error)") }
+                if !creds.isEmpty && !backend.takesCredentials {
+                    throw fail(rl, "access-key-id, secret-access-key, session-token and region do not apply to \(backend.scheme) replicas")
                 }
                 let replicaEnv = creds.isEmpty ? nil : env.merging(creds) { _, b in b }
                 // Validate the URL now, so a typo fails at start-up with its location.
-                do {
-                    if u.hasPrefix("s3://") { _ = try S3Location.parse(u, environment: replicaEnv ?? env) }
-                    else { _ = try ReplicaFactory.open(u) }
-                } catch { throw fail(rl, "\(error)") }
+                do { try backend.validate(u, replicaEnv ?? env) } catch { throw fail(rl, "\(error)") }
                 cfg.replicas.append(ReplicaConfig(url: u, environment: replicaEnv))
             }
             if cfg.replicas.isEmpty {

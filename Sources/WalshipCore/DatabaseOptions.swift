@@ -1,4 +1,6 @@
 import WalshipFormat
+import WalshipStorage
+import WalshipSystem
 
 /// A value an option does not take; the message says what it takes.
 public struct OptionValueError: Error, CustomStringConvertible {

@@ -1,5 +1,7 @@
 import Glibc
 import WalshipFormat
+import WalshipStorage
+import WalshipSystem
 
 /// The self-check after a checkpoint. Once a checkpoint has copied every committed frame of
 /// the WAL into the database file, and while the agent's pin keeps any later frame out of it,

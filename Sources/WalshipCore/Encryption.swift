@@ -3,6 +3,8 @@ import Glibc
 #endif
 import WalshipFormat
 import WalshipCrypto
+import WalshipStorage
+import WalshipSystem
 
 extension AESGCM: AuthenticatedCipher {}
 

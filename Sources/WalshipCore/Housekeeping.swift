@@ -3,6 +3,8 @@ import Glibc
 #endif
 import Logging
 import WalshipFormat
+import WalshipStorage
+import WalshipSystem
 
 /// Compaction jobs that failed (retention still ran).
 struct HousekeepingError: Error, CustomStringConvertible {

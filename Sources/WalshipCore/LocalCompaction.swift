@@ -2,6 +2,8 @@
 import Glibc
 #endif
 import WalshipFormat
+import WalshipStorage
+import WalshipSystem
 
 /// Builds level-1 segments in the spool, from hard links to the level-0 segments the agent
 /// cut, so that compaction costs each replica one PUT and one batch DELETE per window, and no

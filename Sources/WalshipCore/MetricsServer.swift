@@ -3,6 +3,8 @@ import Glibc
 #endif
 import Dispatch
 import WalshipFormat
+import WalshipStorage
+import WalshipSystem
 
 public enum MetricsServerError: Error, CustomStringConvertible {
     case badAddress(String)

@@ -1,5 +1,7 @@
 import WalshipFormat
 import WalshipLZ4
+import WalshipStorage
+import WalshipSystem
 
 /// Thrown by a payload handler to end a download early (the restore target was reached).
 struct StopStreaming: Error {}

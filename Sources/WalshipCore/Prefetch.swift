@@ -3,6 +3,8 @@ import Glibc
 #endif
 import Dispatch
 import CLinux
+import WalshipStorage
+import WalshipSystem
 
 /// Downloads a restore plan's segments ahead of the apply step: `parallel` downloads at once,
 /// at most `window` finished or running ahead. Apply then reads local copies while the next

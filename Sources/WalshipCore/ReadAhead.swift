@@ -2,6 +2,8 @@
 import Glibc
 #endif
 import WalshipFormat
+import WalshipStorage
+import WalshipSystem
 
 /// Reads a restore's objects one after another on a thread of its own, ahead of the step that
 /// applies them: it fetches each object (or takes the prefetched copy), checks its frame,

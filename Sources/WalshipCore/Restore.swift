@@ -3,6 +3,8 @@ import Glibc
 #endif
 import WalshipFormat
 import WalshipSQLite
+import WalshipStorage
+import WalshipSystem
 
 public enum IntegrityMode: String, CaseIterable, Sendable {
     case full, quick, none

@@ -3,6 +3,8 @@ import Glibc
 #endif
 import WalshipFormat
 import CLinux
+import WalshipStorage
+import WalshipSystem
 
 /// The database file a restore builds, past its snapshot: pages written, truncations, and the
 /// final length.

@@ -4,17 +4,8 @@ import Glibc
 import Dispatch
 import Logging
 import WalshipFormat
-
-/// A plain mutex (pthread), for the little state shared between the agent and its shippers.
-final class Mutex {
-    private var m = pthread_mutex_t()
-    init() { pthread_mutex_init(&m, nil) }
-    deinit { pthread_mutex_destroy(&m) }
-    func locked<T>(_ body: () throws -> T) rethrows -> T {
-        pthread_mutex_lock(&m); defer { pthread_mutex_unlock(&m) }
-        return try body()
-    }
-}
+import WalshipStorage
+import WalshipSystem
 
 /// Uploads the spool's outbox to one replica, strictly in sequence order, on its own queue.
 /// A replica that fails is retried with capped exponential backoff and jitter; it delays

@@ -1,6 +1,8 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import WalshipStorage
+import WalshipSystem
 
 /// Asks a running agent for a snapshot through a request file in its spool.
 public enum SnapshotRequest {

@@ -8,6 +8,8 @@ import Foundation
 #endif
 import WalshipFormat
 import WalshipLZ4
+import WalshipStorage
+import WalshipSystem
 
 /// What the agent knows durably about its database, written atomically after each cut.
 struct AgentState: Codable {

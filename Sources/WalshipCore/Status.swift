@@ -7,6 +7,8 @@ import FoundationEssentials
 import Foundation
 #endif
 import WalshipFormat
+import WalshipStorage
+import WalshipSystem
 
 /// What one replica of a running agent looks like from outside.
 public struct ReplicaStatus: Codable, Sendable, Equatable {

@@ -2,6 +2,8 @@
 import Glibc
 #endif
 import WalshipFormat
+import WalshipStorage
+import WalshipSystem
 
 /// A committed transaction found in the WAL: where each page's last version lives.
 struct CommittedTransaction {

@@ -3,6 +3,8 @@ import Glibc
 #endif
 import WalshipFormat
 import WalshipSQLite
+import WalshipStorage
+import WalshipSystem
 
 /// The result of a restore drill (`walship verify`, or the agent's --verify-interval).
 public struct VerifyReport: Codable, Sendable {

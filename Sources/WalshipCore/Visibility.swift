@@ -2,6 +2,8 @@
 import Glibc
 #endif
 import WalshipFormat
+import WalshipStorage
+import WalshipSystem
 
 /// When each commit became visible: samples of SQLite's wal-index header (the last committed
 /// frame, and the salts of the log it belongs to), each with the wall-clock time it was taken.

@@ -2,6 +2,9 @@ import ArgumentParser
 import Logging
 import WalshipCore
 import WalshipFormat
+import WalshipS3
+import WalshipStorage
+import WalshipSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -283,7 +286,7 @@ struct Restore: ParsableCommand {
                 if o.databaseID == nil { o.databaseID = d.databaseID }
                 r = try firstHealthyReplica(d.replicas)
             } else {
-                r = try ReplicaFactory.open(replica)
+                r = try ReplicaBackends.open(replica)
             }
             let res = try Restorer.restore(replica: r, output: out, options: o) { msg in
                 FileHandleStderr.write("walship: \(msg)\n")
@@ -350,7 +353,7 @@ func firstHealthyReplica(_ replicas: [ReplicaConfig]) throws -> Replica {
     var empty: [Replica] = []
     for rc in replicas {
         do {
-            let r = try ReplicaFactory.open(rc.url, environment: rc.environment)
+            let r = try ReplicaBackends.open(rc.url, environment: rc.environment)
             if try r.isEmpty() || listGenerations(r).isEmpty {
                 empty.append(r)
                 problems.append("\(r.displayURL): holds no backup yet")
@@ -380,12 +383,12 @@ struct List: ParsableCommand {
     func run() throws {
         do {
             var key = try loadKey(encryptionKeyFile)
-            guard let file = config else { try list(try ReplicaFactory.open(replica), key: key, json: json); return }
+            guard let file = config else { try list(try ReplicaBackends.open(replica), key: key, json: json); return }
             let d = try configuredDatabase(FS.absolute(replica), in: file)
             if key == nil { key = try loadKey(d.encryptionKeyFile) }
             if json { print("{") }
             for (i, rc) in d.replicas.enumerated() {
-                let r = try ReplicaFactory.open(rc.url, environment: rc.environment)
+                let r = try ReplicaBackends.open(rc.url, environment: rc.environment)
                 if json {
                     print("\(try jsonString(r.displayURL)): ", terminator: "")
                     try list(r, key: key, json: true)
@@ -563,9 +566,9 @@ struct Verify: ParsableCommand {
                 let d = try configuredDatabase(FS.absolute(replica), in: file)
                 if masterKey == nil { masterKey = try loadKey(d.encryptionKeyFile) }
                 if databaseID == nil { databaseID = d.databaseID }
-                replicas = try d.replicas.map { try ReplicaFactory.open($0.url, environment: $0.environment) }
+                replicas = try d.replicas.map { try ReplicaBackends.open($0.url, environment: $0.environment) }
             } else {
-                replicas = [try ReplicaFactory.open(replica)]
+                replicas = [try ReplicaBackends.open(replica)]
             }
             for r in replicas {
                 reports.append(Verifier.run(replica: r, target: target, encryptionKey: masterKey, tempDir: dir, scrub: ScrubScope(rawValue: scrub)!,
@@ -679,6 +682,8 @@ if getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &openFiles) == 0 && op
     openFiles.rlim_cur = min(openFiles.rlim_max, 1 << 20)
     _ = setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &openFiles)
 }
+// The replica backends beside the built-in directory one: each registers its URL scheme.
+S3Backend.register()
 do {
     var command = try Walship.parseAsRoot()
     try command.run()

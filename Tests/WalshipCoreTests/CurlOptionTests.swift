@@ -1,5 +1,7 @@
 import XCTest
 import WalshipCurl
+@testable import WalshipStorage
+@testable import WalshipSystem
 
 /// A request libcurl cannot be configured for is refused before it is sent, naming the option,
 /// instead of going out with that option missing.

@@ -1,5 +1,7 @@
 import XCTest
 @testable import WalshipCore
+@testable import WalshipStorage
+@testable import WalshipSystem
 
 /// The shared options' defaults are the ones the settings and the agent start from, and every
 /// default parses under its own rule.

@@ -4,6 +4,8 @@ import WalshipFormat
 #if canImport(Glibc)
 import Glibc
 #endif
+@testable import WalshipStorage
+@testable import WalshipSystem
 
 /// Compaction of a generation an upgraded agent continued: version-1 segments followed by
 /// version-2 ones, merged into one version-2 object that holds every transaction as it was.

@@ -5,6 +5,8 @@ import Dispatch
 #if canImport(Glibc)
 import Glibc
 #endif
+@testable import WalshipStorage
+@testable import WalshipSystem
 
 /// The restore's read-ahead thread: objects come out whole and in order, a damaged object's
 /// error comes after the payload read before it and nothing after it, and stopping early never

@@ -4,6 +4,8 @@ import WalshipFormat
 #if canImport(Glibc)
 import Glibc
 #endif
+@testable import WalshipStorage
+@testable import WalshipSystem
 
 /// The restore's output file, mapped and written: growth without writes reads as zeros, a
 /// truncation removes what lies beyond it (also when the database grows back over it), and

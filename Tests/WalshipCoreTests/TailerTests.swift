@@ -4,6 +4,8 @@ import WalshipFormat
 #if canImport(Glibc)
 import Glibc
 #endif
+@testable import WalshipStorage
+@testable import WalshipSystem
 
 /// The WAL tailer against logs written by hand, byte for byte as SQLite lays them out, where
 /// a real application could produce the same only by luck of timing.

@@ -4,6 +4,8 @@ import Glibc
 #endif
 @testable import WalshipCore
 import WalshipFormat
+@testable import WalshipStorage
+@testable import WalshipSystem
 
 /// One sampling thread for the process dates the commits of every busy agent.
 final class VisibilitySamplerTests: XCTestCase {

@@ -81,7 +81,7 @@ def test_bad_configs_name_their_place(tmp_path):
         "bad database id": (f"databases:\n  - path: {db}\n    database-id: a1\n", "16 hexadecimal digits"),
         "bad default": (f"defaults:\n  sync-interval: 1ms\ndatabases:\n  - path: {db}\n", "defaults.sync-interval: must be at least 10ms"),
         "credentials on a directory replica": (f"databases:\n  - path: {db}\n    replicas:\n      - url: file://{tmp_path}/r\n        region: eu-west-1\n",
-                                               "databases[0].replicas[0]: access-key-id, secret-access-key, session-token and region apply to s3:// replicas only"),
+                                               "databases[0].replicas[0]: access-key-id, secret-access-key, session-token and region do not apply to file replicas"),
         "database id in defaults": (f"defaults:\n  database-id: 00000000000000a1\ndatabases:\n  - path: {db}\n", "unknown key 'database-id'"),
     }
     env = dict(os.environ, AWS_ACCESS_KEY_ID="AKIAWALSHIPTEST0001", AWS_SECRET_ACCESS_KEY="x" * 40)

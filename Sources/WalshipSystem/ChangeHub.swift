@@ -26,7 +26,7 @@ public final class Wakeup: @unchecked Sendable {
 
     public func stop() { cond.locked { stopFlag = true; cond.signal() } }
 
-    func notifyChange() { cond.locked { changed = true; cond.signal() } }
+    package func notifyChange() { cond.locked { changed = true; cond.signal() } }
 
     /// Waits at most `timeoutUs` for a change or a stop. Returns whether a change came (and
     /// clears it); a stop returns at once, with whatever change was pending.
@@ -173,9 +173,8 @@ public final class ChangeHub: @unchecked Sendable {
         while true {
             var fds = [pollfd(fd: inotifyFD, events: Int16(POLLIN), revents: 0),
                        pollfd(fd: SignalPipe.readFD, events: Int16(POLLIN), revents: 0)]
-            let r = poll(&fds, nfds_t(fds.count), -1)
+            let r = retryingEINTR { poll(&fds, nfds_t(fds.count), -1) }
             if r < 0 {
-                if errno == EINTR { continue }
                 abandon()
                 return
             }
@@ -185,9 +184,9 @@ public final class ChangeHub: @unchecked Sendable {
                 for w in all { w.stop() }
             }
             if inotifyFD >= 0 && fds[0].revents != 0 {
-                let n = buf.withUnsafeMutableBytes { read(inotifyFD, $0.baseAddress, $0.count) }
+                let n = retryingEINTR { buf.withUnsafeMutableBytes { read(inotifyFD, $0.baseAddress, $0.count) } }
                 if n < 0 {
-                    if errno == EINTR || errno == EAGAIN { continue }
+                    if errno == EAGAIN { continue }
                     abandon()
                     return
                 }
@@ -223,8 +222,7 @@ public final class ChangeHub: @unchecked Sendable {
                 if left <= 0 { break }
                 ms = Int32((left + 999) / 1000)
             }
-            let r = poll(&fds, nfds_t(fds.count), ms)
-            if r < 0 && errno == EINTR { continue }
+            let r = retryingEINTR { poll(&fds, nfds_t(fds.count), ms) }
             if r == 0 && !untilWaiter { continue }   // (re-check the deadline)
             break
         }

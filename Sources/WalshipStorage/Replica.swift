@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import WalshipFormat
+import WalshipSystem
 
 /// Errors of the replica domain: where objects live and how they are reached.
 public enum ReplicaError: Error, CustomStringConvertible {
@@ -23,6 +24,12 @@ public enum ReplicaError: Error, CustomStringConvertible {
             return "replica \(replica) no longer holds generation \(g) (its directory was deleted?): nothing more can be added to it"
         }
     }
+}
+
+/// An error of a backend that tells an outage (the replica is down or unreachable, and
+/// waiting may cure it) from a fault the operator must fix (credentials, a missing bucket).
+public protocol ReplicaOutageTelling: Error {
+    var isOutage: Bool { get }
 }
 
 /// Where objects are stored. Keys are relative paths like "generations/<gen>/snapshots/x".
@@ -65,15 +72,6 @@ extension Replica {
     public func failFast() {}
 }
 
-/// A flag shared between threads.
-final class Flag: @unchecked Sendable {
-    private let mutex = Mutex()
-    private var value = false
-    /// Sets the flag; false if it was already set.
-    func testAndSet() -> Bool { mutex.locked { if value { return false }; value = true; return true } }
-    func clear() { mutex.locked { value = false } }
-}
-
 /// Named counters shared between threads.
 public final class Counters: @unchecked Sendable {
     private let mutex = Mutex()
@@ -85,22 +83,63 @@ public final class Counters: @unchecked Sendable {
 
 public let replicaMarkerKey = "walship-replica.json"
 
-public enum ReplicaFactory {
-    /// Opens a replica from its URL: file:///abs/path (or a plain absolute path).
+/// A kind of replica, reached through URLs of one scheme. Each backend module registers its
+/// own at start-up (`ReplicaBackends.register`); the agent, restore and the configuration
+/// only ever go through the registry, so they never name a backend.
+public struct ReplicaBackend: Sendable {
+    /// The URL scheme, without "://": "file", "s3".
+    public let scheme: String
+    /// The URL's form, for error messages: "s3://bucket/prefix?endpoint=URL".
+    public let usage: String
+    /// Whether a configuration may give this replica credentials of its own (access-key-id,
+    /// secret-access-key, session-token, region), passed to it as environment variables.
+    public let takesCredentials: Bool
+    /// Checks a URL (and the credentials it would use) without reaching the replica, so a
+    /// typo fails at start-up.
+    public let validate: @Sendable (_ url: String, _ environment: [String: String]) throws -> Void
+    /// Opens a handle on the replica (no request is made yet).
+    public let open: @Sendable (_ url: String, _ environment: [String: String]) throws -> Replica
+
+    public init(scheme: String, usage: String, takesCredentials: Bool,
+                validate: @escaping @Sendable (String, [String: String]) throws -> Void,
+                open: @escaping @Sendable (String, [String: String]) throws -> Replica) {
+        self.scheme = scheme
+        self.usage = usage
+        self.takesCredentials = takesCredentials
+        self.validate = validate
+        self.open = open
+    }
+}
+
+/// The replica backends by URL scheme. The directory backend is always there; others are
+/// added by their modules (the executable registers them before it reads any URL).
+public enum ReplicaBackends {
+    private static let mutex = Mutex()
+    nonisolated(unsafe) private static var byScheme: [String: ReplicaBackend] = ["file": FileReplica.backend]
+
+    /// Adds (or replaces) the backend for its scheme.
+    public static func register(_ backend: ReplicaBackend) {
+        mutex.locked { byScheme[backend.scheme] = backend }
+    }
+
+    /// The backend a URL names (an absolute path is a directory), or an error listing the forms
+    /// that work.
+    public static func backend(for url: String) throws -> ReplicaBackend {
+        let all = mutex.locked { byScheme }
+        if url.hasPrefix("/") { return all["file"]! }
+        if let r = url.firstRange(of: "://"), let b = all[String(url[..<r.lowerBound])] { return b }
+        let forms = all.values.sorted { $0.scheme < $1.scheme }.map(\.usage).joined(separator: " or ")
+        throw ReplicaError.badURL(url, "use \(forms)")
+    }
+
+    /// Opens a replica from its URL; `environment` defaults to the process's.
     public static func open(_ url: String, environment: [String: String]? = nil) throws -> Replica {
-        if url.hasPrefix("file://") {
-            let path = String(url.dropFirst("file://".count))
-            guard path.hasPrefix("/") else {
-                throw ReplicaError.badURL(url, "a file URL needs an absolute path, like file:///var/backups/app-replica")
-            }
-            return FileReplica(root: FS.normalize(URIEncoding.decode(path)))
-        }
-        if url.hasPrefix("/") { return FileReplica(root: FS.normalize(url)) }
-        if url.hasPrefix("s3://") {
-            let env = environment ?? ProcessEnvironment.all()
-            return S3Replica(location: try S3Location.parse(url, environment: env), environment: env)
-        }
-        throw ReplicaError.badURL(url, "use file:///absolute/path or s3://bucket/prefix?endpoint=URL")
+        try backend(for: url).open(url, environment ?? ProcessEnvironment.all())
+    }
+
+    /// Checks a URL without reaching the replica.
+    public static func validate(_ url: String, environment: [String: String]? = nil) throws {
+        try backend(for: url).validate(url, environment ?? ProcessEnvironment.all())
     }
 }
 
@@ -111,6 +150,21 @@ public final class FileReplica: Replica {
     public let requestCounts = Counters()
     public init(root: String) { self.root = root }
     public var displayURL: String { "file://" + root }
+
+    /// file:///absolute/path, or a plain absolute path.
+    static let backend = ReplicaBackend(
+        scheme: "file", usage: "file:///absolute/path", takesCredentials: false,
+        validate: { url, _ in _ = try FileReplica.root(of: url) },
+        open: { url, _ in FileReplica(root: try FileReplica.root(of: url)) })
+
+    static func root(of url: String) throws -> String {
+        if url.hasPrefix("/") { return FS.normalize(url) }
+        let path = String(url.dropFirst("file://".count))
+        guard url.hasPrefix("file://"), path.hasPrefix("/") else {
+            throw ReplicaError.badURL(url, "a file URL needs an absolute path, like file:///var/backups/app-replica")
+        }
+        return FS.normalize(URIEncoding.decode(path))
+    }
 
     public func prepareForWriting() throws {
         if FS.exists(root) && !FS.isDirectory(root) {

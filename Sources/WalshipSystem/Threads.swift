@@ -3,12 +3,12 @@ import Glibc
 #endif
 
 /// A joinable POSIX thread running one closure. Creation failures are thrown, not ignored.
-final class JoinableThread {
+package final class JoinableThread {
     private var handle = pthread_t()
     private let body: () -> Void
     private var joined = false
 
-    init(_ body: @escaping () -> Void) throws {
+    package init(_ body: @escaping () -> Void) throws {
         self.body = body
         let context = Unmanaged.passRetained(self)
         let rc = pthread_create(&handle, nil, { raw in
@@ -22,7 +22,7 @@ final class JoinableThread {
     }
 
     /// Waits for the closure to return (once; later calls return at once).
-    func join() {
+    package func join() {
         if joined { return }
         joined = true
         pthread_join(handle, nil)
@@ -31,11 +31,11 @@ final class JoinableThread {
 
 /// A mutex with a condition whose timed waits run on the monotonic clock, so a wall-clock
 /// step neither stretches nor cuts them short.
-final class MonotonicCondition {
+package final class MonotonicCondition {
     private var m = pthread_mutex_t()
     private var c = pthread_cond_t()
 
-    init() {
+    package init() {
         pthread_mutex_init(&m, nil)
         var attr = pthread_condattr_t()
         pthread_condattr_init(&attr)
@@ -49,14 +49,14 @@ final class MonotonicCondition {
         pthread_mutex_destroy(&m)
     }
 
-    func locked<T>(_ body: () throws -> T) rethrows -> T {
+    package func locked<T>(_ body: () throws -> T) rethrows -> T {
         pthread_mutex_lock(&m); defer { pthread_mutex_unlock(&m) }
         return try body()
     }
 
     /// Waits (the mutex held by the caller, inside `locked`) until signalled, or for at most
     /// `timeoutUs` microseconds when it is given. Spurious wake-ups happen: callers re-check.
-    func wait(timeoutUs: Int64? = nil) {
+    package func wait(timeoutUs: Int64? = nil) {
         guard let t = timeoutUs else { pthread_cond_wait(&c, &m); return }
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -66,5 +66,26 @@ final class MonotonicCondition {
         pthread_cond_timedwait(&c, &m, &ts)
     }
 
-    func signal() { pthread_cond_broadcast(&c) }
+    package func signal() { pthread_cond_broadcast(&c) }
+}
+
+/// A plain mutex (pthread), for small state shared between threads.
+package final class Mutex: @unchecked Sendable {
+    private var m = pthread_mutex_t()
+    package init() { pthread_mutex_init(&m, nil) }
+    deinit { pthread_mutex_destroy(&m) }
+    package func locked<T>(_ body: () throws -> T) rethrows -> T {
+        pthread_mutex_lock(&m); defer { pthread_mutex_unlock(&m) }
+        return try body()
+    }
+}
+
+/// A flag shared between threads.
+package final class AtomicFlag: @unchecked Sendable {
+    private let mutex = Mutex()
+    private var value = false
+    package init() {}
+    /// Sets the flag; false if it was already set.
+    package func testAndSet() -> Bool { mutex.locked { if value { return false }; value = true; return true } }
+    package func clear() { mutex.locked { value = false } }
 }

@@ -2,7 +2,7 @@ import XCTest
 #if canImport(Glibc)
 import Glibc
 #endif
-@testable import WalshipCore
+@testable import WalshipSystem
 
 /// One inotify instance for the process: a change wakes the agent of that database only.
 final class ChangeHubTests: XCTestCase {

@@ -18,7 +18,32 @@ public struct SystemError: Error, CustomStringConvertible {
         }
         return "\(context): \(String(cString: strerror(errno)))\(hint)"
     }
-    static func last(_ context: String) -> SystemError { SystemError(errno: Glibc.errno, context: context) }
+    public init(errno: Int32, context: String) { self.errno = errno; self.context = context }
+    package static func last(_ context: String) -> SystemError { SystemError(errno: Glibc.errno, context: context) }
+}
+
+/// Runs a system call again while it is interrupted by a signal (EINTR), and turns a
+/// failure (-1 and errno) into a `SystemError` saying what was being done. The one place
+/// where errno is read after a call.
+@inlinable
+package func valueOrErrno<T: FixedWidthInteger & SignedInteger>(_ context: @autoclosure () -> String, _ call: () -> T) throws -> T {
+    while true {
+        let r = call()
+        if r != -1 { return r }
+        let e = Glibc.errno
+        if e == EINTR { continue }
+        throw SystemError(errno: e, context: context())
+    }
+}
+
+/// The same without the error: -1 (errno set) when the call failed for another reason than
+/// EINTR, for callers that handle errno themselves (EAGAIN, ENOENT).
+@inlinable
+package func retryingEINTR<T: FixedWidthInteger & SignedInteger>(_ call: () -> T) -> T {
+    while true {
+        let r = call()
+        if r != -1 || Glibc.errno != EINTR { return r }
+    }
 }
 
 public func nowMicroseconds() -> Int64 {
@@ -39,9 +64,7 @@ public final class RawFile {
     public let path: String
 
     public init(path: String, flags: Int32, mode: mode_t = 0o600) throws {
-        let f = open(path, flags | O_CLOEXEC, mode)
-        guard f >= 0 else { throw SystemError.last("open \(path)") }
-        self.fd = f
+        self.fd = try valueOrErrno("open \(path)") { open(path, flags | O_CLOEXEC, mode) }
         self.path = path
     }
 
@@ -74,8 +97,7 @@ public final class RawFile {
     public func read(at offset: Int, into buf: UnsafeMutableRawBufferPointer) throws -> Int {
         var done = 0
         while done < buf.count {
-            let n = pread(fd, buf.baseAddress! + done, buf.count - done, off_t(offset + done))
-            if n < 0 { if Glibc.errno == EINTR { continue }; throw SystemError.last("read \(path)") }
+            let n = try valueOrErrno("read \(path)") { pread(fd, buf.baseAddress! + done, buf.count - done, off_t(offset + done)) }
             if n == 0 { break }
             done += n
         }
@@ -92,8 +114,7 @@ public final class RawFile {
     public func write(at offset: Int, _ data: UnsafeRawBufferPointer) throws {
         var done = 0
         while done < data.count {
-            let n = pwrite(fd, data.baseAddress! + done, data.count - done, off_t(offset + done))
-            if n < 0 { if Glibc.errno == EINTR { continue }; throw SystemError.last("write \(path)") }
+            let n = try valueOrErrno("write \(path)") { pwrite(fd, data.baseAddress! + done, data.count - done, off_t(offset + done)) }
             done += n
         }
     }
@@ -101,8 +122,7 @@ public final class RawFile {
     public func append(_ data: UnsafeRawBufferPointer) throws {
         var done = 0
         while done < data.count {
-            let n = Glibc.write(fd, data.baseAddress! + done, data.count - done)
-            if n < 0 { if Glibc.errno == EINTR { continue }; throw SystemError.last("write \(path)") }
+            let n = try valueOrErrno("write \(path)") { Glibc.write(fd, data.baseAddress! + done, data.count - done) }
             done += n
         }
     }
@@ -122,11 +142,11 @@ public final class RawFile {
     }
 
     public func truncate(to size: Int) throws {
-        guard ftruncate(fd, off_t(size)) == 0 else { throw SystemError.last("truncate \(path)") }
+        _ = try valueOrErrno("truncate \(path)") { ftruncate(fd, off_t(size)) }
     }
 
     public func sync() throws {
-        guard fsync(fd) == 0 else { throw SystemError.last("fsync \(path)") }
+        _ = try valueOrErrno("fsync \(path)") { fsync(fd) }
     }
 
     public func inode() throws -> (dev: UInt64, ino: UInt64) {
@@ -258,7 +278,7 @@ public enum FS {
     /// A new scratch file beside `path`, under a name nobody could guess, created with
     /// O_EXCL|O_NOFOLLOW: in a directory others can write, a planted file or symlink is never
     /// opened instead.
-    static func createScratch(beside path: String, mode: mode_t) throws -> (file: RawFile, path: String) {
+    package static func createScratch(beside path: String, mode: mode_t) throws -> (file: RawFile, path: String) {
         var attempt = 0
         while true {
             let tmp = path + ".tmp-\(getpid())-\(String(UInt64.random(in: 0...UInt64.max), radix: 16))"
@@ -304,7 +324,8 @@ public enum FS {
         if path.hasPrefix("/") { return normalize(path) }
         var buf = [CChar](repeating: 0, count: 4096)
         guard getcwd(&buf, buf.count) != nil else { return path }
-        return normalize(String(cString: buf) + "/" + path)
+        let cwd = String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return normalize(cwd + "/" + path)
     }
 
     /// The absolute path with every symlink resolved, as SQLite's unix VFS resolves a
@@ -316,7 +337,7 @@ public enum FS {
         return String(cString: p)
     }
 
-    static func normalize(_ path: String) -> String {
+    package static func normalize(_ path: String) -> String {
         var out: [Substring] = []
         for part in path.split(separator: "/") {
             if part == "." { continue }

@@ -4,6 +4,8 @@ import Glibc
 import WalshipCurl
 import WalshipFormat
 import WalshipCrypto
+import WalshipStorage
+import WalshipSystem
 
 /// Where an S3 replica lives and how to reach it, parsed from
 /// s3://bucket/prefix?endpoint=URL&region=R&path-style=true plus the environment.
@@ -72,26 +74,16 @@ public struct S3Location: Sendable {
     }
 }
 
-public enum ProcessEnvironment {
-    public static func all() -> [String: String] {
-        var out: [String: String] = [:]
-        var p = environ
-        while let e = p.pointee {
-            let s = String(cString: e)
-            if let i = s.firstIndex(of: "=") { out[String(s[..<i])] = String(s[s.index(after: i)...]) }
-            p += 1
-        }
-        return out
-    }
-}
-
 /// An S3 error answer: HTTP status plus S3's code and message.
-public struct S3Error: Error, CustomStringConvertible {
+public struct S3Error: ReplicaOutageTelling, CustomStringConvertible {
     public let status: Int
     public let code: String
     public let message: String
     public let operation: String
     public let endpoint: String
+
+    /// Server errors, a request timeout and throttling: the store is down or busy.
+    public var isOutage: Bool { status >= 500 || status == 408 || status == 429 }
 
     public var isRetryable: Bool { status >= 500 || status == 429 || code == "SlowDown" || code == "RequestTimeout" }
 
@@ -450,4 +442,16 @@ public final class S3Replica: Replica {
             return r.status == 404 ? nil : Int(r.headers["content-length"] ?? "")
         }
     }
+}
+
+/// The S3 backend (s3://bucket/prefix?endpoint=URL&region=R&path-style=true), for the
+/// replica registry.
+public enum S3Backend {
+    public static let backend = ReplicaBackend(
+        scheme: "s3", usage: "s3://bucket/prefix?endpoint=URL", takesCredentials: true,
+        validate: { url, env in _ = try S3Location.parse(url, environment: env) },
+        open: { url, env in S3Replica(location: try S3Location.parse(url, environment: env), environment: env) })
+
+    /// Makes s3:// URLs work wherever replicas are named.
+    public static func register() { ReplicaBackends.register(backend) }
 }
