@@ -11,7 +11,11 @@ import PackageDescription
 //   WalshipStorage           the Replica protocol, the registry of backends by URL scheme, the
 //                            directory backend
 //   WalshipS3                the S3 backend (registers s3://)
-//   WalshipCore              agent (capture, spool, shipping), restore, list, config
+//   WalshipRestore           reading a replica back: objects (decrypt, decompress, check),
+//                            restore, prefetch, verify, encryption keys
+//   WalshipConfig            one options schema for the command line and the config file
+//   WalshipAgent             the agent: tailer, pin, cutter, spool, shippers, housekeeping,
+//                            status, metrics, alerts
 //   walship                  the command-line tool
 let package = Package(
     name: "walship",
@@ -44,21 +48,26 @@ let package = Package(
                 swiftSettings: [.swiftLanguageMode(.v6)]),
         .target(name: "WalshipS3", dependencies: ["WalshipStorage", "WalshipSystem", "WalshipFormat", "WalshipCurl", "WalshipCrypto"],
                 swiftSettings: [.swiftLanguageMode(.v6)]),
-        .target(name: "WalshipCore", dependencies: [
-            "WalshipSystem", "WalshipStorage",
+        .target(name: "WalshipRestore", dependencies: [
+            "WalshipSystem", "WalshipStorage", "WalshipFormat", "WalshipLZ4", "WalshipSQLite", "WalshipCrypto",
+        ], swiftSettings: [.swiftLanguageMode(.v6)]),
+        .target(name: "WalshipConfig", dependencies: ["WalshipSystem", "WalshipStorage", "WalshipFormat"],
+                swiftSettings: [.swiftLanguageMode(.v6)]),
+        .target(name: "WalshipAgent", dependencies: [
+            "WalshipSystem", "WalshipStorage", "WalshipRestore", "WalshipConfig",
             "WalshipFormat", "WalshipLZ4", "WalshipSQLite", "WalshipCurl", "WalshipCrypto", "CLinux",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "walship", dependencies: [
-            "WalshipCore", "WalshipFormat", "WalshipSystem", "WalshipStorage", "WalshipS3",
+            "WalshipAgent", "WalshipConfig", "WalshipRestore", "WalshipFormat", "WalshipSystem", "WalshipStorage", "WalshipS3",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "WalshipFormatTests", dependencies: ["WalshipFormat", "WalshipLZ4", "WalshipSQLite", "WalshipCrypto"]),
         .testTarget(name: "WalshipSystemTests", dependencies: ["WalshipSystem"]),
         .testTarget(name: "WalshipStorageTests", dependencies: ["WalshipStorage"]),
-        .testTarget(name: "WalshipCoreTests", dependencies: ["WalshipCore", "WalshipFormat", "WalshipCurl", "WalshipSQLite",
-                                                            "WalshipSystem", "WalshipStorage", "WalshipS3"]),
+        .testTarget(name: "WalshipAgentTests", dependencies: ["WalshipAgent", "WalshipFormat", "WalshipCurl", "WalshipSQLite",
+                                                            "WalshipSystem", "WalshipStorage", "WalshipS3", "WalshipRestore", "WalshipConfig"]),
     ],
     swiftLanguageModes: [.v5]
 )

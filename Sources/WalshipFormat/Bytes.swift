@@ -93,3 +93,12 @@ public enum Base64 {
         return String(decoding: out, as: UTF8.self)
     }
 }
+
+extension StringProtocol {
+    /// Every `a` replaced by `b` (without Foundation).
+    package func replacingAll(_ a: Character, with b: String) -> String {
+        var out = ""
+        for c in self { if c == a { out += b } else { out.append(c) } }
+        return out
+    }
+}

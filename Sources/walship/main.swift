@@ -1,7 +1,9 @@
 import ArgumentParser
 import Logging
-import WalshipCore
+import WalshipConfig
+import WalshipAgent
 import WalshipFormat
+import WalshipRestore
 import WalshipS3
 import WalshipStorage
 import WalshipSystem
@@ -173,7 +175,7 @@ struct Replicate: ParsableCommand {
             } else {
                 let db = FS.absolute(database!)
                 var d = try settings(path: db)
-                d.replicas = (replicas.isEmpty ? [AgentOptions.defaultReplicaURL(forDatabase: db)] : replicas).map { ReplicaConfig(url: $0, environment: nil) }
+                d.replicas = (replicas.isEmpty ? [DatabaseConfig.defaultReplicaURL(forDatabase: db)] : replicas).map { ReplicaConfig(url: $0, environment: nil) }
                 d.spoolDirectory = spoolDir.map(FS.absolute)
                 d.databaseID = try databaseId.map(DatabaseID.parse)
                 all.append(AgentOptions(d, encryptionKey: try loadKey(encryptionKeyFile)))
@@ -493,7 +495,7 @@ struct Snapshot: ParsableCommand {
         log.bootstrap()
         let logger = Logger(label: "walship")
         let db = FS.absolute(database)
-        var opts = AgentOptions(databasePath: db, replicaURLs: replicas.isEmpty ? [AgentOptions.defaultReplicaURL(forDatabase: db)] : replicas)
+        var opts = AgentOptions(databasePath: db, replicaURLs: replicas.isEmpty ? [DatabaseConfig.defaultReplicaURL(forDatabase: db)] : replicas)
         opts.spoolDirectory = spoolDir.map(FS.absolute)
         opts.oneShotSnapshot = true
         do {

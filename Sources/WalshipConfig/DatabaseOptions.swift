@@ -100,26 +100,3 @@ public enum DatabaseOptions {
         return c
     }
 }
-
-extension AgentOptions {
-    /// The agent's options for one database of `replicate`, from its settings.
-    public init(_ d: DatabaseConfig, encryptionKey: EncryptionKey?) {
-        self.init(databasePath: d.path, replicaURLs: d.replicas.map(\.url))
-        replicaEnvironments = d.replicas.map(\.environment)
-        syncIntervalUs = d.syncIntervalUs
-        snapshotIntervalUs = d.snapshotIntervalUs
-        checkpointFrames = d.checkpointFrames
-        readDelayUs = d.readDelayUs
-        spoolDirectory = d.spoolDirectory
-        spoolLimitBytes = d.spoolLimitBytes
-        self.encryptionKey = encryptionKey
-        retentionUs = d.retentionUs
-        compactionLevelsUs = d.compactionLevelsUs
-        fineWindowUs = d.fineWindowUs
-        verifyIntervalUs = d.verifyIntervalUs
-        webhookURL = d.webhookURL
-        alertLagUs = d.alertLagUs
-        alertSyncFailureUs = d.alertSyncFailureUs
-        databaseID = d.databaseID
-    }
-}

@@ -5,6 +5,8 @@ import Dispatch
 import Logging
 import WalshipCurl
 import WalshipFormat
+import WalshipConfig
+import WalshipRestore
 import WalshipStorage
 import WalshipSystem
 

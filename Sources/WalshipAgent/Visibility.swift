@@ -2,6 +2,8 @@
 import Glibc
 #endif
 import WalshipFormat
+import WalshipConfig
+import WalshipRestore
 import WalshipStorage
 import WalshipSystem
 

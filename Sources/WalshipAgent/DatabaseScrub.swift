@@ -1,5 +1,7 @@
 import Glibc
 import WalshipFormat
+import WalshipConfig
+import WalshipRestore
 import WalshipStorage
 import WalshipSystem
 

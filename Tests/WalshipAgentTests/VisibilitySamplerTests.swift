@@ -2,8 +2,10 @@ import XCTest
 #if canImport(Glibc)
 import Glibc
 #endif
-@testable import WalshipCore
+@testable import WalshipAgent
 import WalshipFormat
+@testable import WalshipConfig
+@testable import WalshipRestore
 @testable import WalshipStorage
 @testable import WalshipSystem
 

@@ -29,6 +29,8 @@ public struct VerifyReport: Codable, Sendable {
     /// another key, for example).
     public var notes: [String] = []
     public var seconds: Double = 0
+
+    public init(replica: String, target: String) { self.replica = replica; self.target = target }
 }
 
 public enum ScrubScope: String, Sendable { case all, segments, none }

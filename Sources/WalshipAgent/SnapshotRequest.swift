@@ -1,6 +1,8 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import WalshipConfig
+import WalshipRestore
 import WalshipStorage
 import WalshipSystem
 

@@ -42,7 +42,7 @@ public struct EncryptionKey: Sendable, CustomStringConvertible {
         return st.st_mode & 0o077 != 0
     }
 
-    func sealer(sink: @escaping (UnsafeRawBufferPointer) throws -> Void) throws -> SealedStreamWriter {
+    package func sealer(sink: @escaping (UnsafeRawBufferPointer) throws -> Void) throws -> SealedStreamWriter {
         try SealedStreamWriter(masterKey: bytes, salt: try secureRandomBytes(Sealing.saltSize),
                                makeCipher: { try AESGCM(key: $0) }, sink: sink)
     }

@@ -4,6 +4,8 @@ import Glibc
 import Dispatch
 import Logging
 import WalshipFormat
+import WalshipConfig
+import WalshipRestore
 import WalshipStorage
 import WalshipSystem
 

@@ -8,6 +8,8 @@ import Foundation
 #endif
 import WalshipFormat
 import WalshipLZ4
+import WalshipConfig
+import WalshipRestore
 import WalshipStorage
 import WalshipSystem
 
@@ -210,15 +212,6 @@ extension String {
         while let c = s.last, c == " " || c == "\n" || c == "\t" || c == "\0" { s = s.dropLast() }
         return String(s)
     }
-    func replacingAll(_ a: Character, with b: String) -> String {
-        var out = ""
-        for c in self { if c == a { out += b } else { out.append(c) } }
-        return out
-    }
-}
-
-extension Substring {
-    func replacingAll(_ a: Character, with b: String) -> String { String(self).replacingAll(a, with: b) }
 }
 
 /// page number → XXH64 of the page, on disk (8 bytes a page) with an in-memory overlay of the

@@ -1,10 +1,12 @@
 import XCTest
-@testable import WalshipCore
+@testable import WalshipAgent
 import WalshipFormat
 import Dispatch
 #if canImport(Glibc)
 import Glibc
 #endif
+@testable import WalshipConfig
+@testable import WalshipRestore
 @testable import WalshipStorage
 @testable import WalshipSystem
 

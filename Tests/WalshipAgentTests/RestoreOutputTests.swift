@@ -1,9 +1,11 @@
 import XCTest
-@testable import WalshipCore
+@testable import WalshipAgent
 import WalshipFormat
 #if canImport(Glibc)
 import Glibc
 #endif
+@testable import WalshipConfig
+@testable import WalshipRestore
 @testable import WalshipStorage
 @testable import WalshipSystem
 

@@ -1,5 +1,7 @@
 import XCTest
-@testable import WalshipCore
+@testable import WalshipAgent
+@testable import WalshipConfig
+@testable import WalshipRestore
 @testable import WalshipStorage
 @testable import WalshipSystem
 

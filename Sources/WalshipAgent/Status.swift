@@ -7,6 +7,8 @@ import FoundationEssentials
 import Foundation
 #endif
 import WalshipFormat
+import WalshipConfig
+import WalshipRestore
 import WalshipStorage
 import WalshipSystem
 

@@ -232,10 +232,26 @@ public enum ConfigLoader {
                 cfg.replicas.append(ReplicaConfig(url: u, environment: replicaEnv))
             }
             if cfg.replicas.isEmpty {
-                cfg.replicas.append(ReplicaConfig(url: AgentOptions.defaultReplicaURL(forDatabase: cfg.path), environment: nil))
+                cfg.replicas.append(ReplicaConfig(url: DatabaseConfig.defaultReplicaURL(forDatabase: cfg.path), environment: nil))
             }
             out.append(cfg)
         }
         return WalshipConfig(databases: out, metricsAddress: metricsAddress)
+    }
+}
+
+/// Defaults of the operations settings (retention, compaction, alerts).
+public enum OperationsDefaults {
+    public static let retentionUs: Int64 = 7 * 86_400_000_000
+    public static let fineWindowUs: Int64 = 86_400_000_000
+    public static let compactionLevelsUs: [Int64] = [300_000_000, 3_600_000_000]
+    public static let alertLagUs: Int64 = 300_000_000
+    public static let alertSyncFailureUs: Int64 = 60_000_000
+}
+
+extension DatabaseConfig {
+    /// The replica of a database given none: a directory beside it, `<db>-replica`.
+    public static func defaultReplicaURL(forDatabase db: String) -> String {
+        "file://" + FS.dirname(db) + "/" + FS.basename(db) + "-replica"
     }
 }

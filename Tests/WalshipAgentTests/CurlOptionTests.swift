@@ -1,5 +1,7 @@
 import XCTest
 import WalshipCurl
+@testable import WalshipConfig
+@testable import WalshipRestore
 @testable import WalshipStorage
 @testable import WalshipSystem
 

@@ -4,7 +4,9 @@ import WalshipStorage
 import WalshipSystem
 
 /// Thrown by a payload handler to end a download early (the restore target was reached).
-struct StopStreaming: Error {}
+package struct StopStreaming: Error {
+    package init() {}
+}
 
 /// Errors reading a stored object, naming the object and replica.
 public struct ObjectError: Error, CustomStringConvertible {
@@ -12,6 +14,7 @@ public struct ObjectError: Error, CustomStringConvertible {
     public let replica: String
     public let problem: String
     public var description: String { "object '\(key)' in \(replica) \(problem)" }
+    package init(key: String, replica: String, problem: String) { self.key = key; self.replica = replica; self.problem = problem }
 }
 
 /// An error met while reading object `key`, as its reader reports it: format failures become
@@ -28,7 +31,7 @@ func objectReadError(_ e: Error, key: String, replica: Replica) -> Error {
 /// decompresses its LZ4 frame and hands the payload to `payload` chunk by chunk. Returns the
 /// metadata. Wraps every format failure in an ObjectError that names the object.
 @discardableResult
-func streamObject(_ replica: Replica, key: String, expect kind: ObjectKind, encryption: EncryptionKey? = nil, allowUnencrypted: Bool = false,
+package func streamObject(_ replica: Replica, key: String, expect kind: ObjectKind, encryption: EncryptionKey? = nil, allowUnencrypted: Bool = false,
                   onMetadata: (ObjectMetadata) throws -> Void = { _ in },
                   payload: (UnsafeRawBufferPointer) throws -> Void) throws -> ObjectMetadata {
     var head: [UInt8] = []

@@ -3,6 +3,8 @@ import Glibc
 #endif
 import Dispatch
 import WalshipFormat
+import WalshipConfig
+import WalshipRestore
 import WalshipStorage
 import WalshipSystem
 
