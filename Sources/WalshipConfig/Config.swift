@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import WalshipFormat
 import WalshipStorage
 import WalshipSystem
@@ -16,13 +19,30 @@ import WalshipSystem
 ///             access-key-id: ${AWS_ACCESS_KEY_ID}
 ///             secret-access-key: ${AWS_SECRET_ACCESS_KEY}
 ///           - url: file:///var/backups/app
+///     directories:                 # optional: every database found in a directory
+///       - path: /var/lib/tenants
+///         pattern: "*.db"          # the default
+///         replicas:
+///           - url: s3://bucket/tenants/{name}   # {name}: the database's file name
 public struct WalshipConfig {
     public var databases: [DatabaseConfig]
+    /// `directories:`: every database that matches a pattern in a directory, found while running.
+    public var directories: [DirectoryConfig] = []
     /// `metrics-addr: HOST:PORT`, one endpoint for the whole process.
     public var metricsAddress: String?
 }
 
-public struct DatabaseConfig {
+extension WalshipConfig {
+    /// The settings of the database at `path`: listed under `databases:`, or in one of the
+    /// `directories:` (its name matching there).
+    public func database(at path: String) -> DatabaseConfig? {
+        if let d = databases.first(where: { $0.path == path }) { return d }
+        let dir = FS.dirname(path), name = FS.basename(path)
+        return directories.first { $0.path == dir && $0.matches(name: name) }?.database(named: name)
+    }
+}
+
+public struct DatabaseConfig: Sendable {
     public var path: String
     public var syncIntervalUs: Int64 = 1_000_000
     public var snapshotIntervalUs: Int64 = 86_400_000_000
@@ -45,7 +65,7 @@ public struct DatabaseConfig {
     public var databaseID: UInt64?
 }
 
-public struct ReplicaConfig {
+public struct ReplicaConfig: Sendable {
     public var url: String
     /// Credentials for this replica; nil means the process environment.
     public var environment: [String: String]?
@@ -63,11 +83,12 @@ public struct ConfigError: Error, CustomStringConvertible {
 }
 
 public enum ConfigLoader {
-    static let topKeys: Set<String> = ["defaults", "databases", "metrics-addr"]
+    static let topKeys: Set<String> = ["defaults", "databases", "directories", "metrics-addr"]
     /// Keys allowed under `defaults:` and per database: the shared options, and `encryption`.
     static let intervalKeys: Set<String> = Set(DatabaseOptions.all.map(\.key)).union(["encryption"])
     static let databaseKeys: Set<String> = intervalKeys.union(["path", "spool-dir", "replicas", "database-id"])
     static let replicaKeys: Set<String> = ["url", "access-key-id", "secret-access-key", "session-token", "region"]
+    static let directoryKeys: Set<String> = intervalKeys.union(["path", "pattern", "replicas"])
 
     /// What the file is read for. `replicate` uses every key. The other commands use only a
     /// database's path, spool, replicas, key and id: a variable they do not need (a webhook's,
@@ -164,16 +185,66 @@ public enum ConfigLoader {
                 do { try DatabaseOptions.apply(k, text, to: &cfg) } catch { throw fail(l, "\(error)") }
             }
         }
+        /// The replicas under `loc` (`nameTemplate`: their URLs hold `{name}`, filled in per
+        /// database found in a directory).
+        func replicaList(_ nodes: [YAMLNode], _ loc: String, nameTemplate: Bool) throws -> [ReplicaConfig] {
+            var list: [ReplicaConfig] = []
+            for (j, rn) in nodes.enumerated() {
+                let rl = "\(loc).replicas[\(j)]"
+                var url: String?
+                var creds: [String: String] = [:]
+                for (k, v) in try mapping(rn, rl, allowed: replicaKeys) {
+                    let value = try scalar(v, "\(rl).\(k)")
+                    // An empty value (`${NAME:-}` unset) gives nothing, rather than hiding
+                    // what the process environment has.
+                    if k != "url" && value.isEmpty { continue }
+                    switch k {
+                    case "url": url = value
+                    case "access-key-id": creds["AWS_ACCESS_KEY_ID"] = value
+                    case "secret-access-key": creds["AWS_SECRET_ACCESS_KEY"] = value
+                    case "session-token": creds["AWS_SESSION_TOKEN"] = value
+                    default: creds["AWS_REGION"] = value
+                    }
+                }
+                guard let u = url, !u.isEmpty else { throw fail(rl, "'url' is required (file:///path or s3://bucket/prefix)") }
+                if nameTemplate && !u.contains(DirectoryConfig.namePlaceholder) {
+                    throw fail("\(rl).url", "a directory's replica URL needs {name} (the database's file name), so that each database has a replica of its own")
+                }
+                let backend: ReplicaBackend
+                do { backend = try ReplicaBackends.backend(for: u) } catch { throw fail(rl, "\(error)") }
+                if !creds.isEmpty && !backend.takesCredentials {
+                    throw fail(rl, "access-key-id, secret-access-key, session-token and region do not apply to \(backend.scheme) replicas")
+                }
+                let replicaEnv = creds.isEmpty ? nil : env.merging(creds) { _, b in b }
+                // Validate the URL now, so a typo fails at start-up with its location.
+                let sample = nameTemplate ? DirectoryConfig.fill(u, name: "example.db") : u
+                do { try backend.validate(sample, replicaEnv ?? env) } catch { throw fail(rl, "\(error)") }
+                list.append(ReplicaConfig(url: u, environment: replicaEnv))
+            }
+            return list
+        }
         var template = DatabaseOptions.defaults()
         var databasesNode: YAMLNode?
+        var directoriesNode: YAMLNode?
         for (k, v) in try mapping(root, "", allowed: topKeys) {
             if k == "databases" { databasesNode = v; continue }
+            if k == "directories" { directoriesNode = v; continue }
             if k == "metrics-addr" { try unlessUnneeded(k) { metricsAddress = try scalar(v, k) }; continue }
             for (dk, dv) in try mapping(v, "defaults", allowed: intervalKeys) {
                 try unlessUnneeded(dk) { try applyCommon(dk, dv, "defaults.\(dk)", &template) }
             }
         }
-        guard case .sequence(let dbs, _)? = databasesNode, !dbs.isEmpty else { throw fail("databases", "a non-empty list of databases is required") }
+        var dbs: [YAMLNode] = []
+        if let n = databasesNode {
+            guard case .sequence(let list, _) = n, !list.isEmpty else { throw fail("databases", "expected a non-empty list of databases") }
+            dbs = list
+        }
+        var dirs: [YAMLNode] = []
+        if let n = directoriesNode {
+            guard case .sequence(let list, _) = n, !list.isEmpty else { throw fail("directories", "expected a non-empty list of directories") }
+            dirs = list
+        }
+        if dbs.isEmpty && dirs.isEmpty { throw fail("databases", "a non-empty list of databases (or of directories) is required") }
         var out: [DatabaseConfig] = []
         var seen: [String: Int] = [:]
         for (i, dbNode) in dbs.enumerated() {
@@ -203,40 +274,41 @@ public enum ConfigLoader {
             if let id = cfg.databaseID, let j = out.firstIndex(where: { $0.databaseID == id }) {
                 throw fail("\(loc).database-id", "databases[\(j)] has the same id; each database needs its own")
             }
-            for (j, rn) in (replicaNodes ?? []).enumerated() {
-                let rl = "\(loc).replicas[\(j)]"
-                var url: String?
-                var creds: [String: String] = [:]
-                for (k, v) in try mapping(rn, rl, allowed: replicaKeys) {
-                    let value = try scalar(v, "\(rl).\(k)")
-                    // An empty value (`${NAME:-}` unset) gives nothing, rather than hiding
-                    // what the process environment has.
-                    if k != "url" && value.isEmpty { continue }
-                    switch k {
-                    case "url": url = value
-                    case "access-key-id": creds["AWS_ACCESS_KEY_ID"] = value
-                    case "secret-access-key": creds["AWS_SECRET_ACCESS_KEY"] = value
-                    case "session-token": creds["AWS_SESSION_TOKEN"] = value
-                    default: creds["AWS_REGION"] = value
-                    }
-                }
-                guard let u = url, !u.isEmpty else { throw fail(rl, "'url' is required (file:///path or s3://bucket/prefix)") }
-                let backend: ReplicaBackend
-                do { backend = try ReplicaBackends.backend(for: u) } catch { throw fail(rl, "\(error)") }
-                if !creds.isEmpty && !backend.takesCredentials {
-                    throw fail(rl, "access-key-id, secret-access-key, session-token and region do not apply to \(backend.scheme) replicas")
-                }
-                let replicaEnv = creds.isEmpty ? nil : env.merging(creds) { _, b in b }
-                // Validate the URL now, so a typo fails at start-up with its location.
-                do { try backend.validate(u, replicaEnv ?? env) } catch { throw fail(rl, "\(error)") }
-                cfg.replicas.append(ReplicaConfig(url: u, environment: replicaEnv))
-            }
+            cfg.replicas = try replicaList(replicaNodes ?? [], loc, nameTemplate: false)
             if cfg.replicas.isEmpty {
                 cfg.replicas.append(ReplicaConfig(url: DatabaseConfig.defaultReplicaURL(forDatabase: cfg.path), environment: nil))
             }
             out.append(cfg)
         }
-        return WalshipConfig(databases: out, metricsAddress: metricsAddress)
+        var directories: [DirectoryConfig] = []
+        for (i, node) in dirs.enumerated() {
+            let loc = "directories[\(i)]"
+            var path: String?
+            var pattern = DirectoryConfig.defaultPattern
+            var cfg = template
+            var replicaNodes: [YAMLNode] = []
+            for (k, v) in try mapping(node, loc, allowed: directoryKeys) {
+                let l = "\(loc).\(k)"
+                switch k {
+                case "path": path = try scalar(v, l)
+                case "pattern":
+                    pattern = try scalar(v, l)
+                    if pattern.isEmpty || pattern.contains("/") { throw fail(l, "a pattern matches file names in the directory (like *.db): no '/', not empty") }
+                case "replicas":
+                    guard case .sequence(let seq, _) = v else { throw fail(l, "expected a list of replicas") }
+                    replicaNodes = seq
+                default: try unlessUnneeded(k) { try applyCommon(k, v, l, &cfg) }
+                }
+            }
+            guard let p = path, !p.isEmpty else { throw fail(loc, "'path' (the directory) is required") }
+            let dir = resolved(p)
+            cfg.replicas = try replicaList(replicaNodes, loc, nameTemplate: true)
+            if let j = directories.firstIndex(where: { FS.resolved($0.path) == FS.resolved(dir) && $0.pattern == pattern }) {
+                throw fail(loc, "directory \(dir) with pattern \(pattern) is listed twice (also directories[\(j)])")
+            }
+            directories.append(DirectoryConfig(path: dir, pattern: pattern, settings: cfg))
+        }
+        return WalshipConfig(databases: out, directories: directories, metricsAddress: metricsAddress)
     }
 }
 
@@ -253,5 +325,91 @@ extension DatabaseConfig {
     /// The replica of a database given none: a directory beside it, `<db>-replica`.
     public static func defaultReplicaURL(forDatabase db: String) -> String {
         "file://" + FS.dirname(db) + "/" + FS.basename(db) + "-replica"
+    }
+}
+
+/// A directory whose databases are replicated as they appear (`replicate --dir`, or a config
+/// file's `directories:`). `settings` applies to each; its replica URLs hold `{name}`.
+public struct DirectoryConfig: Sendable {
+    public static let namePlaceholder = "{name}"
+    public static let defaultPattern = "*.db"
+
+    public var path: String
+    public var pattern: String
+    /// Every database's settings; `path` is unset and replica URLs are templates.
+    public var settings: DatabaseConfig
+
+    public init(path: String, pattern: String, settings: DatabaseConfig) {
+        self.path = path
+        self.pattern = pattern
+        self.settings = settings
+    }
+
+    /// A replica URL template with `{name}` replaced by a file name. In a URL the name is
+    /// percent-encoded (the URL's path is decoded when it is read), so that no file name can
+    /// add a query, a fragment or another directory to it; in a plain path it goes as is.
+    public static func fill(_ template: String, name: String) -> String {
+        let value = template.hasPrefix("/") ? name : URIEncoding.encode(name, keepSlash: false)
+        var out = ""
+        var rest = Substring(template)
+        while let r = rest.firstRange(of: namePlaceholder) {
+            out += rest[..<r.lowerBound] + value
+            rest = rest[r.upperBound...]
+        }
+        return out + rest
+    }
+
+    /// Whether a file name is one of this directory's databases: it matches the pattern, is
+    /// not hidden (the agent's own spools and scratch files start with a dot), and is not a
+    /// database's companion file (-wal, -shm, -journal).
+    public func matches(name: String) -> Bool {
+        if name.hasPrefix(".") || name.hasSuffix("-wal") || name.hasSuffix("-shm") || name.hasSuffix("-journal") { return false }
+        return fnmatch(pattern, name, 0) == 0
+    }
+
+    /// The databases in the directory now: matching names that are regular files (a symbolic
+    /// link is not followed: the directory may be writable by others) and start with SQLite's
+    /// header. A file still being created (shorter than the header) is not one yet.
+    ///
+    /// Reading the header opens the file, and closing any descriptor of a database drops every
+    /// POSIX lock this process holds on it (SQLite's among them): so a name in `known` (its
+    /// agent runs in this process) is only looked up, never opened, and neither is a file whose
+    /// identity (device, inode) is in `taken` (a hard link to a database replicated here).
+    public func databasesPresent(known: Set<String> = [], taken: Set<FileIdentity> = []) throws -> [String] {
+        var out: [String] = []
+        for name in try FS.list(path).sorted() where matches(name: name) {
+            var st = stat()
+            guard lstat(path + "/" + name, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { continue }
+            if known.contains(name) { out.append(name); continue }
+            guard st.st_size >= 100, !taken.contains(FileIdentity(st)) else { continue }
+            guard let f = try? RawFile.openIfExists(path + "/" + name, flags: O_RDONLY | O_NOFOLLOW | O_NONBLOCK),
+                  let head = try? f.read(at: 0, count: 16), head == Array("SQLite format 3\0".utf8) else { continue }
+            out.append(name)
+        }
+        return out
+    }
+
+    /// The settings of the database `name` in this directory.
+    public func database(named name: String) -> DatabaseConfig {
+        var d = settings
+        d.path = path + "/" + name
+        d.replicas = settings.replicas.map { ReplicaConfig(url: Self.fill($0.url, name: name), environment: $0.environment) }
+        if d.replicas.isEmpty {
+            d.replicas = [ReplicaConfig(url: DatabaseConfig.defaultReplicaURL(forDatabase: d.path), environment: nil)]
+        }
+        return d
+    }
+}
+
+/// A file's identity: its device and inode.
+public struct FileIdentity: Hashable, Sendable {
+    public var device: UInt64
+    public var inode: UInt64
+    public init(_ st: stat) { device = UInt64(st.st_dev); inode = UInt64(st.st_ino) }
+
+    /// The identity of the file at `path` (a symbolic link is followed), nil when it is gone.
+    public static func of(_ path: String) -> FileIdentity? {
+        var st = stat()
+        return stat(path, &st) == 0 ? FileIdentity(st) : nil
     }
 }

@@ -82,8 +82,9 @@ public struct S3Error: ReplicaOutageTelling, CustomStringConvertible {
     public let operation: String
     public let endpoint: String
 
-    /// Server errors, a request timeout and throttling: the store is down or busy.
-    public var isOutage: Bool { status >= 500 || status == 408 || status == 429 }
+    /// Server errors, a request timeout and throttling (S3 may answer those with 400 or 200
+    /// and a code): the store is down or busy.
+    public var isOutage: Bool { status >= 500 || status == 408 || status == 429 || code == "SlowDown" || code == "RequestTimeout" }
 
     public var isRetryable: Bool { status >= 500 || status == 429 || code == "SlowDown" || code == "RequestTimeout" }
 

@@ -127,8 +127,14 @@ public enum ReplicaBackends {
     public static func backend(for url: String) throws -> ReplicaBackend {
         let all = mutex.locked { byScheme }
         if url.hasPrefix("/") { return all["file"]! }
-        if let r = url.firstRange(of: "://"), let b = all[String(url[..<r.lowerBound])] { return b }
         let forms = all.values.sorted { $0.scheme < $1.scheme }.map(\.usage).joined(separator: " or ")
+        if let r = url.firstRange(of: "://") {
+            let scheme = String(url[..<r.lowerBound])
+            if let b = all[scheme] { return b }
+            if !scheme.isEmpty && scheme.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "+" || $0 == "-" || $0 == "." }) {
+                throw ReplicaError.badURL(url, "no backend for \(scheme):// replicas in this build; use \(forms)")
+            }
+        }
         throw ReplicaError.badURL(url, "use \(forms)")
     }
 

@@ -1,3 +1,4 @@
+import CLinux
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -80,9 +81,11 @@ public final class ChangeHub: @unchecked Sendable {
     private var waiters = 0
     /// The reader rests until a subscriber starts waiting; that subscriber writes to `pokeFD`.
     private var restingForWaiter = false
+    private var poked = false
     private var pokeFDs: [Int32] = [-1, -1]
     /// Reads of the inotify queue so far (tests: how often the reader woke for events).
-    private(set) var reads = 0
+    private var reads = 0
+    var readCount: Int { mutex.locked { reads } }
 
     private init() {}
 
@@ -152,14 +155,8 @@ public final class ChangeHub: @unchecked Sendable {
         started = true
         inotifyFD = inotify_init1(Int32(IN_CLOEXEC))
         SignalPipe.install()
-        if pipe(&pokeFDs) == 0 {
-            for fd in pokeFDs {
-                _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-                _ = fcntl(fd, F_SETFL, O_NONBLOCK)
-            }
-        } else {
-            pokeFDs = [-1, -1]
-        }
+        // Without the pipe the hub never rests for a waiter (only the short rests).
+        if walship_pipe_nonblocking(&pokeFDs) != 0 { pokeFDs = [-1, -1] }
         thread = try? JoinableThread { [self] in run() }
         if thread == nil {
             // Without the reader no change and no signal would arrive: every subscriber
@@ -206,30 +203,40 @@ public final class ChangeHub: @unchecked Sendable {
     /// - While some subscriber waits, the rest is short (`restUs`, the sampling period that
     ///   dates commits anyway): a change to a waiting database is delivered that late at most.
     /// A signal ends any rest at once.
+    /// (In a process with many databases some agent is nearly always waiting, so the short
+    /// rest is the usual one there; the long one is for a process whose databases are all busy.)
     private func rest() {
         let untilWaiter: Bool = mutex.locked {
             guard waiters == 0, pokeFDs[0] >= 0 else { return false }
             restingForWaiter = true
+            poked = false
             return true
         }
         var fds = [pollfd(fd: SignalPipe.readFD, events: Int16(POLLIN), revents: 0),
-                   pollfd(fd: pokeFDs[0], events: Int16(POLLIN), revents: 0)]
+                   pollfd(fd: untilWaiter ? pokeFDs[0] : -1, events: Int16(POLLIN), revents: 0)]
         let deadline = monotonicMicroseconds() + Self.restUs
         while true {
-            var ms: Int32 = -1
+            // The long rest also looks once a second whether someone waits: a poke that could
+            // not be written must not leave a waiter without news.
+            var ms: Int32 = 1_000
             if !untilWaiter {
                 let left = deadline - monotonicMicroseconds()
                 if left <= 0 { break }
                 ms = Int32((left + 999) / 1000)
             }
             let r = retryingEINTR { poll(&fds, nfds_t(fds.count), ms) }
-            if r == 0 && !untilWaiter { continue }   // (re-check the deadline)
+            if r == 0 {
+                if untilWaiter && mutex.locked({ waiters == 0 }) { continue }
+                if !untilWaiter { continue }   // (re-check the deadline)
+            }
             break
         }
         if untilWaiter {
+            // Only this thread clears the flag, and before draining: a poke written while it
+            // was set is drained here, and none is written once it is clear.
+            mutex.locked { restingForWaiter = false }
             var b = [UInt8](repeating: 0, count: 64)
             while b.withUnsafeMutableBytes({ read(pokeFDs[0], $0.baseAddress, $0.count) }) > 0 {}
-            mutex.locked { restingForWaiter = false }
         }
     }
 
@@ -239,10 +246,10 @@ public final class ChangeHub: @unchecked Sendable {
     func waiterArrives() {
         mutex.locked {
             waiters += 1
-            if restingForWaiter {
-                restingForWaiter = false
+            if restingForWaiter && !poked {
+                poked = true
                 var b: UInt8 = 1
-                _ = write(pokeFDs[1], &b, 1)
+                _ = write(pokeFDs[1], &b, 1)   // (a failed write: the hub looks within a second)
             }
         }
     }

@@ -94,7 +94,10 @@ struct Replicate: ParsableCommand {
         abstract: "Replicate a database continuously (runs until SIGTERM/SIGINT).",
         discussion: """
         With no REPLICA_URL, replicates to file://<dir of DB>/<name>-replica. With --config, replicates \
-        every database of the file, each to its replicas. Databases are switched to WAL mode if \
+        every database of the file, each to its replicas. With --dir, replicates every database in \
+        a directory, picking up new ones within a second and retiring those that vanish; each \
+        replica URL is a template where {name} is the database's file name \
+        (--replica-template s3://bucket/tenants/{name}). Databases are switched to WAL mode if \
         needed. Applications must use busy_timeout >= 5000 ms. On SIGTERM or SIGINT, walship ships \
         everything committed, then exits 0.
         """)
@@ -102,6 +105,12 @@ struct Replicate: ParsableCommand {
     @Argument(help: "Path of the SQLite database (omit with --config).") var database: String?
     @Argument(help: "Replica URLs (default: file://<dir of DB>/<name>-replica).") var replicas: [String] = []
     @Option(help: "YAML config file with databases and their replicas.") var config: String?
+    @Option(help: ArgumentHelp("Replicate every database in this directory, as they come and go (see --pattern, --replica-template).", valueName: "dir"))
+    var dir: String?
+    @Option(help: ArgumentHelp("With --dir: which file names are databases (a shell pattern; names starting with a dot, and -wal, -shm and -journal files, never are).", valueName: "glob"))
+    var pattern: String = DirectoryConfig.defaultPattern
+    @Option(help: ArgumentHelp("With --dir: a replica URL with {name} where the database's file name goes; repeat for more replicas (default: file://<dir>/<name>-replica beside each database).", valueName: "url"))
+    var replicaTemplate: [String] = []
     // The options a config file also takes: DatabaseOptions holds their rules, defaults and help.
     @Option(help: shared("sync-interval")) var syncInterval: String?
     @Option(help: shared("snapshot-interval")) var snapshotInterval: String?
@@ -145,8 +154,25 @@ struct Replicate: ParsableCommand {
     }
 
     func validate() throws {
-        if config == nil && database == nil { throw ValidationError("give a database path, or --config FILE") }
+        if config == nil && database == nil && dir == nil { throw ValidationError("give a database path, --dir DIR, or --config FILE") }
+        if config != nil && dir != nil { throw ValidationError("give --dir or --config, not both (a config file lists directories under directories:)") }
         if config != nil && (database != nil || !replicas.isEmpty) { throw ValidationError("with --config, databases and replicas come from the file; give no paths") }
+        if dir != nil && (database != nil || !replicas.isEmpty) { throw ValidationError("with --dir, give no database path or replica URL: the replicas come from --replica-template") }
+        if dir == nil && (!replicaTemplate.isEmpty || CommandLine.arguments.contains(where: { $0 == "--pattern" || $0.hasPrefix("--pattern=") })) {
+            throw ValidationError("--pattern and --replica-template go with --dir")
+        }
+        if dir != nil {
+            if pattern.isEmpty || pattern.contains("/") { throw ValidationError("--pattern: a pattern matches file names in the directory (like *.db): no '/', not empty") }
+            for t in replicaTemplate {
+                guard t.contains(DirectoryConfig.namePlaceholder) else {
+                    throw ValidationError("--replica-template \(Redact.url(t)): put {name} where the database's file name goes, so that each database has a replica of its own")
+                }
+                do { try ReplicaBackends.validate(DirectoryConfig.fill(t, name: "example.db")) } catch { throw ValidationError("--replica-template: \(error)") }
+            }
+            for flag in ["--spool-dir", "--database-id"] where CommandLine.arguments.contains(where: { $0 == flag || $0.hasPrefix(flag + "=") }) {
+                throw ValidationError("\(flag) names one database; with --dir each database has its own (its spool beside it, its id drawn on its first run)")
+            }
+        }
         if config != nil {
             // These have config keys of the same name; silently running with the file's
             // values (or defaults) instead of what was typed would be worse than an error.
@@ -164,6 +190,8 @@ struct Replicate: ParsableCommand {
         log.bootstrap()
         let logger = Logger(label: "walship")
         var all: [AgentOptions] = []
+        var directories: [DirectoryConfig] = []
+        var directoryKeys: [EncryptionKey?] = []
         do {
             var metricsAddress = metricsAddr
             if let file = config {
@@ -172,6 +200,13 @@ struct Replicate: ParsableCommand {
                 for d in cfg.databases {
                     all.append(AgentOptions(d, encryptionKey: try loadKey(d.encryptionKeyFile)))
                 }
+                directories = cfg.directories
+                directoryKeys = try directories.map { try loadKey($0.settings.encryptionKeyFile) }
+            } else if let d = dir {
+                var settings = try settings(path: "")
+                settings.replicas = replicaTemplate.map { ReplicaConfig(url: $0, environment: nil) }
+                directories = [DirectoryConfig(path: FS.absolute(d), pattern: pattern, settings: settings)]
+                directoryKeys = [try loadKey(encryptionKeyFile)]
             } else {
                 let db = FS.absolute(database!)
                 var d = try settings(path: db)
@@ -180,6 +215,9 @@ struct Replicate: ParsableCommand {
                 d.databaseID = try databaseId.map(DatabaseID.parse)
                 all.append(AgentOptions(d, encryptionKey: try loadKey(encryptionKeyFile)))
             }
+            for d in directories where !FS.isDirectory(d.path) {
+                throw ValidationError("directory \(d.path) does not exist (or is not a directory)")
+            }
             if let addr = metricsAddress {
                 let server = MetricsServer(address: addr)
                 try server.start()
@@ -187,23 +225,20 @@ struct Replicate: ParsableCommand {
                 metricsServer = server
             }
         } catch { fail(error) }
-        // One agent per database, each on its own thread; a failure of one stops the process
-        // with its message (a supervisor restarts it).
-        let threads = all.map { opts in
-            WorkerThread {
-                while true {
-                    do {
-                        let agent = Agent(options: opts, logger: logger)
-                        try agent.start()
-                        try agent.run()
-                        return
-                    } catch is AgentRestart {
-                        continue
-                    } catch { fail(error) }
-                }
+        // One agent per database, each on its own thread. A failure of a database named in the
+        // command or the file stops the process with its message (a service manager restarts
+        // it); a directory's database is retried on its own (see Supervisor).
+        let supervisor = Supervisor(logger: logger)
+        do {
+            for opts in all { try supervisor.start(opts, onFailure: .stopProcess({ fail($0) })) }
+        } catch { fail(error) }
+        if !directories.isEmpty {
+            for d in directories {
+                logger.info("watching a directory for databases", metadata: ["dir.path": "\(d.path)", "dir.pattern": "\(d.pattern)"])
             }
+            DirectoryWatcher(directories: directories, encryptionKeys: directoryKeys, supervisor: supervisor, logger: logger).run()
         }
-        threads.forEach { $0.join() }
+        supervisor.waitForAll()
     }
 }
 
@@ -341,8 +376,8 @@ func printJSON<T: Encodable>(_ value: T, snakeCase: Bool = false) throws {
 /// The database `db` (an absolute path) of the config file, read for a command other than
 /// `replicate`.
 func configuredDatabase(_ db: String, in file: String) throws -> DatabaseConfig {
-    guard let d = try ConfigLoader.load(path: file, purpose: .read).databases.first(where: { $0.path == db }) else {
-        throw ValidationError("\(db) is not a database in \(file)")
+    guard let d = try ConfigLoader.load(path: file, purpose: .read).database(at: db) else {
+        throw ValidationError("\(db) is not a database in \(file) (neither under databases: nor matching a pattern under directories:)")
     }
     return d
 }
@@ -625,7 +660,14 @@ struct Status: ParsableCommand {
         do {
             var dbs: [(String, String?)] = []
             if let file = config {
-                dbs = try ConfigLoader.load(path: file, purpose: .read).databases.map { ($0.path, $0.spoolDirectory) }
+                let cfg = try ConfigLoader.load(path: file, purpose: .read)
+                dbs = cfg.databases.map { ($0.path, $0.spoolDirectory) }
+                // A directory's databases: those in it now.
+                for d in cfg.directories {
+                    for name in try d.databasesPresent() where !dbs.contains(where: { $0.0 == d.path + "/" + name }) {
+                        dbs.append((d.path + "/" + name, nil))
+                    }
+                }
             } else {
                 dbs = [(FS.absolute(database!), spoolDir.map(FS.absolute))]
             }

@@ -66,13 +66,13 @@ final class ChangeHubTests: XCTestCase {
         touch("a.db-wal")
         XCTAssertTrue(a.wait(timeoutUs: 5_000_000))
         usleep(50_000)   // (any short rest begun meanwhile is over)
-        let before = ChangeHub.shared.reads
+        let before = ChangeHub.shared.readCount
         for _ in 0..<200 {
             touch("a.db-wal")
             usleep(200)
         }
         usleep(50_000)
-        let reads = ChangeHub.shared.reads - before
+        let reads = ChangeHub.shared.readCount - before
         XCTAssertLessThanOrEqual(reads, 2, "200 writes while nobody waited woke the reader \(reads) times")
         XCTAssertGreaterThanOrEqual(reads, 1, "the first write was not read")
         let t0 = monotonicMicroseconds()

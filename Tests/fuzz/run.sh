@@ -15,7 +15,7 @@ mkdir -p "$out/corpus" "$out/crashes"
 stale=$(find "$root/Sources/WalshipFormat" "$root/Tests/fuzz/FuzzTargets.swift" -newer "$bin" 2>/dev/null | head -1 || true)
 if [ ! -x "$bin" ] || [ -n "$stale" ]; then
     echo "building $bin (libFuzzer + AddressSanitizer)"
-    swiftc -sanitize=fuzzer,address -parse-as-library -O -g -module-name WalshipFuzz \
+    swiftc -sanitize=fuzzer,address -parse-as-library -O -g -module-name WalshipFuzz -package-name walship \
         "$root"/Sources/WalshipFormat/*.swift "$root/Tests/fuzz/FuzzTargets.swift" -o "$bin"
 fi
 SWIFT_BACKTRACE=enable=no ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:abort_on_error=1} \

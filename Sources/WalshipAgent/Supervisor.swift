@@ -1,0 +1,250 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import WalshipConfig
+import WalshipFormat
+import WalshipRestore
+import WalshipStorage
+import WalshipSystem
+
+/// Runs one agent per database, each on its own thread, for `walship replicate`.
+///
+/// SIGTERM and SIGINT reach every agent through the `ChangeHub`; each ships what is committed
+/// and returns, and `waitForAll()` joins them, the last started first.
+///
+/// What a failed agent does depends on how its database was named:
+/// - named in the command or the config file (`.stopProcess`): its error stops the process,
+///   and a service manager restarts it;
+/// - found in a directory (`.retry`): it is logged, and the agent starts again after a pause,
+///   while the directory's other databases go on; a database that is gone is retired.
+public final class Supervisor: @unchecked Sendable {
+    public enum OnFailure: Sendable {
+        case stopProcess(@Sendable (Error) -> Never)
+        case retry
+    }
+
+    private final class Entry {
+        let options: AgentOptions
+        var agent: Agent?
+        var thread: JoinableThread?
+        var retiring = false
+        var finished = false
+        /// When it failed (monotonic), for a directory's database.
+        var failedAtUs: Int64?
+        init(options: AgentOptions) { self.options = options }
+    }
+
+    /// The pause before a directory's failed database is tried again.
+    public static let retryAfterUs: Int64 = 30_000_000
+
+    private let logger: Logger
+    private let mutex = Mutex()
+    private var entries: [String: Entry] = [:]   // by database path
+    private var started: [String] = []            // paths, in order of start
+
+    public init(logger: Logger) { self.logger = logger }
+
+    /// Whether an agent runs (or is shutting down, or failed and waits for its retry) for `path`.
+    public func has(_ path: String) -> Bool { mutex.locked { entries[path] != nil } }
+
+    /// The databases with an agent that has not been retired.
+    public var paths: [String] { mutex.locked { entries.filter { !$0.value.retiring }.map(\.key) } }
+
+    /// Starts an agent for `options.databasePath` on a thread of its own.
+    public func start(_ options: AgentOptions, onFailure: OnFailure) throws {
+        let path = options.databasePath
+        let entry = Entry(options: options)
+        try mutex.locked {
+            guard entries[path] == nil else { return }
+            entries[path] = entry
+            started.append(path)
+            entry.thread = try JoinableThread { [self] in runAgent(entry, onFailure: onFailure) }
+        }
+    }
+
+    private func runAgent(_ entry: Entry, onFailure: OnFailure) {
+        let path = entry.options.databasePath
+        while true {
+            let agent = Agent(options: entry.options, logger: logger)
+            let retiring: Bool = mutex.locked { entry.agent = agent; return entry.retiring }
+            if retiring { agent.stop() }
+            do {
+                try agent.start()
+                try agent.run()
+                mutex.locked { entry.finished = true; entry.agent = nil }
+                return
+            } catch is AgentRestart {
+                // The database file was replaced: a new agent takes the new file. A directory's
+                // database that is gone (or being retired) ends here instead; one named in the
+                // command or the file fails at the new start, as it always did.
+                let retiring = mutex.locked { entry.retiring }
+                if case .retry = onFailure, retiring || !FS.exists(path) {
+                    if !retiring { logger.notice("database is gone; its agent is retired", metadata: ["db.path": "\(path)"]) }
+                    mutex.locked { entry.finished = true; entry.agent = nil }
+                    return
+                }
+                continue
+            } catch {
+                switch onFailure {
+                case .stopProcess(let fail): fail(error)
+                case .retry:
+                    let gone = !FS.exists(path)
+                    if gone || mutex.locked({ entry.retiring }) {
+                        if gone { logger.notice("database is gone; its agent is retired", metadata: ["db.path": "\(path)"]) }
+                        mutex.locked { entry.finished = true; entry.agent = nil }
+                    } else {
+                        logger.error("replication of this database failed; trying again in \(Self.retryAfterUs / 1_000_000) s",
+                                     metadata: ["db.path": "\(path)", "error": "\(error)"])
+                        mutex.locked { entry.failedAtUs = monotonicMicroseconds(); entry.finished = true; entry.agent = nil }
+                    }
+                    return
+                }
+            }
+        }
+    }
+
+    /// Stops the agent of `path` (it ships what is committed first). Its thread ends on its own;
+    /// `reap()` forgets it then.
+    public func retire(_ path: String) {
+        let agent: Agent? = mutex.locked {
+            guard let e = entries[path] else { return nil }
+            e.retiring = true
+            return e.agent
+        }
+        agent?.stop()
+    }
+
+    /// Joins the threads of agents that ended. Returns the paths of databases that failed and
+    /// whose pause is over: the caller may start them again.
+    @discardableResult
+    public func reap() -> [String] {
+        let now = monotonicMicroseconds()
+        let (done, retry): ([Entry], [String]) = mutex.locked {
+            var done: [Entry] = []
+            var retry: [String] = []
+            for (path, e) in entries where e.finished {
+                if let t = e.failedAtUs, !e.retiring {
+                    if now - t < Self.retryAfterUs { continue }
+                    retry.append(path)
+                }
+                done.append(e)
+                entries[path] = nil
+                started.removeAll { $0 == path }
+            }
+            return (done, retry)
+        }
+        for e in done { e.thread?.join() }
+        return retry
+    }
+
+    /// Waits for every agent to end (after a stop request), the last started first.
+    public func waitForAll() {
+        while true {
+            let next: Entry? = mutex.locked {
+                guard let path = started.popLast() else { return nil }
+                return entries.removeValue(forKey: path)
+            }
+            guard let e = next else { return }
+            e.thread?.join()
+        }
+    }
+}
+
+/// Finds the databases of `replicate --dir` (or a config file's `directories:`) and keeps one
+/// agent per database: a database that appears is replicated within a second (the directory
+/// is listed twice a second), one that vanishes is retired (its agent ships what it has and
+/// stops; its spool stays until removed by hand), and one whose agent failed is tried again
+/// after a pause.
+public final class DirectoryWatcher: @unchecked Sendable {
+    private let directories: [DirectoryConfig]
+    private let keys: [EncryptionKey?]
+    private let supervisor: Supervisor
+    private let logger: Logger
+    private let wakeup = Wakeup()
+    private var warned: Set<String> = []
+    /// The databases this watcher started (a database of the same directory named under
+    /// `databases:` is not its to retire).
+    private var owned: Set<String> = []
+    /// The identity of every database replicated in this process, by path: a file with one of
+    /// them under another name (a hard link) is the same database, and is never opened.
+    private var identities: [String: FileIdentity] = [:]
+
+    public static let scanEveryUs: Int64 = 500_000
+
+    public init(directories: [DirectoryConfig], encryptionKeys: [EncryptionKey?], supervisor: Supervisor, logger: Logger) {
+        self.directories = directories
+        self.keys = encryptionKeys
+        self.supervisor = supervisor
+        self.logger = logger
+    }
+
+    /// Scans until SIGTERM or SIGINT (or `stop()`).
+    public func run() {
+        // Subscribed for the stop requests only (no names: no change wakes it).
+        ChangeHub.shared.subscribe(wakeup, directory: directories.first?.path ?? "/", names: [])
+        defer { ChangeHub.shared.unsubscribe(wakeup) }
+        while !wakeup.stopped {
+            scan()
+            _ = wakeup.wait(timeoutUs: Self.scanEveryUs)
+        }
+    }
+
+    public func stop() { wakeup.stop() }
+
+    /// One pass: start what appeared (or waited out its pause), retire what vanished.
+    public func scan() {
+        let retry = Set(supervisor.reap())
+        var present: Set<String> = []
+        let running = supervisor.paths
+        for p in running where identities[p] == nil { identities[p] = FileIdentity.of(p) }
+        for p in identities.keys where !supervisor.has(p) { identities[p] = nil }
+        let taken = Set(identities.values)
+        for (i, dir) in directories.enumerated() {
+            let names: [String]
+            do {
+                let known = Set(identities.keys.filter { FS.dirname($0) == dir.path }.map(FS.basename))
+                names = try dir.databasesPresent(known: known, taken: taken)
+                warned.remove(dir.path)
+            } catch {
+                if warned.insert(dir.path).inserted {
+                    logger.error("cannot list the directory; its databases go on, new ones wait", metadata: ["dir.path": "\(dir.path)", "error": "\(error)"])
+                }
+                // Nothing is retired on a listing that failed.
+                for p in owned where FS.dirname(p) == dir.path { present.insert(p) }
+                continue
+            }
+            for name in names {
+                let path = dir.path + "/" + name
+                if present.contains(path) { continue }   // (two patterns of one directory)
+                present.insert(path)
+                if supervisor.has(path) && !retry.contains(path) { continue }
+                // One agent per file: another name for a file replicated here is skipped.
+                guard let id = FileIdentity.of(path) else { continue }
+                if let other = identities.first(where: { $0.value == id && $0.key != path })?.key {
+                    if warned.insert(path).inserted {
+                        logger.warning("not replicated: the same file as another database (a hard link)", metadata: ["db.path": "\(path)", "same.as": "\(other)"])
+                    }
+                    continue
+                }
+                let options = AgentOptions(dir.database(named: name), encryptionKey: keys[i])
+                do {
+                    identities[path] = id
+                    try supervisor.start(options, onFailure: .retry)
+                    owned.insert(path)
+                    logger.info("database found; replicating it", metadata: ["db.path": "\(path)"])
+                } catch {
+                    logger.error("cannot start an agent for this database; trying again soon", metadata: ["db.path": "\(path)", "error": "\(error)"])
+                }
+            }
+        }
+        let stillRunning = Set(supervisor.paths)
+        for path in owned.sorted() {
+            if !supervisor.has(path) { owned.remove(path); continue }   // ended, and reaped
+            if stillRunning.contains(path) && !present.contains(path) {
+                logger.notice("database vanished from its directory; retiring its agent", metadata: ["db.path": "\(path)"])
+                supervisor.retire(path)
+            }
+        }
+    }
+}

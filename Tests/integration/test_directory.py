@@ -1,0 +1,178 @@
+"""Directory mode: `walship replicate --dir DIR` (and a config file's `directories:`) replicates
+every database found in a directory, picks up new ones while it runs, and retires those that go."""
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+
+from conftest import WALSHIP, create_ticket_db, run_walship, table_contents
+
+
+def start(args, log_path):
+    log = open(log_path, "w")
+    return subprocess.Popen([str(WALSHIP), "replicate", *map(str, args)], stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for(log_path, text, proc, count=1, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log_path.read_text(errors="replace").count(text) >= count:
+            return time.monotonic()
+        assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
+        time.sleep(0.05)
+    raise AssertionError(f"no {count}× '{text}' in the log after {timeout} s:\n" + log_path.read_text(errors="replace")[-3000:])
+
+
+def add_rows(db, n, tag):
+    con = sqlite3.connect(str(db), timeout=10)
+    for i in range(n):
+        con.execute("INSERT INTO usuarios(nombre, email) VALUES(?, ?)", (f"{tag}{i}", f"{tag}{i}@example.com"))
+    con.commit()
+    con.close()
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+
+
+def restore(url, out):
+    p = run_walship("restore", url, "-o", out)
+    assert p.returncode == 0, p.stderr
+    return table_contents(out)
+
+
+def test_databases_are_picked_up_as_they_appear_and_retired_when_they_go(tmp_path):
+    d = tmp_path / "tenants"
+    d.mkdir()
+    r = tmp_path / "replicas"
+    r.mkdir()
+    for name in ("a.db", "b.db"):
+        create_ticket_db(d / name, rows=3)
+    # Not databases of this directory: another file, a hidden one, a file with no header yet,
+    # a symbolic link to a database elsewhere (never followed in a shared directory), and a
+    # database the pattern does not match.
+    (d / "notes.txt").write_text("hello")
+    create_ticket_db(d / ".hidden.db", rows=1)
+    (d / "empty.db").write_bytes(b"")
+    elsewhere = tmp_path / "elsewhere.db"
+    create_ticket_db(elsewhere, rows=1)
+    os.symlink(elsewhere, d / "link.db")
+    # Another name for a.db (a hard link): the same database, replicated once.
+    os.link(d / "a.db", d / "alias.db")
+    create_ticket_db(d / "other.sqlite", rows=1)
+    log_path = tmp_path / "agent.log"
+    proc = start(["--dir", d, "--replica-template", f"file://{r}/{{name}}", "--sync-interval", "200ms"], log_path)
+    try:
+        wait_for(log_path, "] replicating", proc, count=2)
+        time.sleep(1.0)   # a few scans: nothing else is taken
+        assert sorted(os.listdir(r)) == ["a.db", "b.db"]
+
+        # A database that appears is replicated within about a second.
+        t0 = time.monotonic()
+        create_ticket_db(d / "c.db", rows=2)
+        found = wait_for(log_path, f"db.path={d}/c.db [WalshipAgent] database found", proc, timeout=30)
+        assert found - t0 < 2.0, f"c.db was picked up after {found - t0:.1f} s"
+        wait_for(log_path, "] replicating", proc, count=3)
+        add_rows(d / "c.db", 5, "c")
+        add_rows(d / "a.db", 5, "a")
+
+        # A database that goes is retired; what it had shipped stays restorable.
+        add_rows(d / "b.db", 4, "b")
+        time.sleep(1.5)   # several sync intervals: shipped
+        b_before = table_contents(d / "b.db")
+        for suffix in ("", "-wal", "-shm"):
+            if (d / ("b.db" + suffix)).exists():
+                (d / ("b.db" + suffix)).unlink()
+        wait_for(log_path, "retiring its agent", proc, timeout=30)
+        assert proc.poll() is None, "retiring one database stopped the process"
+        add_rows(d / "a.db", 1, "late")
+        time.sleep(1.0)
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+    log = log_path.read_text(errors="replace")
+    for name in ("notes.txt", ".hidden.db", "empty.db", "link.db", "other.sqlite"):
+        assert f"{d}/{name}" not in log, f"{name} was taken for a database:\n{log[-2000:]}"
+    assert f"db.path={d}/alias.db same.as={d}/a.db" in log and log.count(f"{d}/alias.db") == 1, log[-2000:]
+    assert sorted(os.listdir(r)) == ["a.db", "b.db", "c.db"]
+    assert restore(f"file://{r}/a.db", tmp_path / "a.out") == table_contents(d / "a.db")
+    assert restore(f"file://{r}/c.db", tmp_path / "c.out") == table_contents(d / "c.db")
+    assert restore(f"file://{r}/b.db", tmp_path / "b.out") == b_before
+
+
+def test_a_name_cannot_steer_its_replica_url(tmp_path):
+    """A file name goes into the replica URL percent-encoded: a name holding '?', '&', '#' or
+    '%' stays inside the replica's own directory."""
+    d = tmp_path / "tenants"
+    d.mkdir()
+    r = tmp_path / "replicas"
+    r.mkdir()
+    name = "x?endpoint=http:%2F%2Fevil&y#z.db"
+    create_ticket_db(d / name, rows=2)
+    log_path = tmp_path / "agent.log"
+    proc = start(["--dir", d, "--replica-template", f"file://{r}/t-{{name}}", "--sync-interval", "200ms"], log_path)
+    try:
+        wait_for(log_path, "] replicating", proc)
+    finally:
+        stop(proc)
+    assert os.listdir(r) == ["t-" + name]
+    # (Read without a URI: the name holds '?' and '#'.)
+    con = sqlite3.connect(str(d / name))
+    rows = con.execute("SELECT * FROM usuarios ORDER BY id").fetchall()
+    con.close()
+    assert restore(f"{r}/t-{name}", tmp_path / "x.out")["usuarios"] == rows
+
+
+def test_config_directories_with_a_listed_database_beside_them(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    create_ticket_db(d / "main.db", rows=2)          # listed under databases:
+    create_ticket_db(d / "t1.sqlite", rows=3)        # found by the pattern
+    cfg = tmp_path / "walship.yml"
+    cfg.write_text(
+        "defaults:\n  sync-interval: 200ms\n"
+        f"databases:\n  - path: {d}/main.db\n    replicas:\n      - url: file://{tmp_path}/main-replica\n"
+        f"directories:\n  - path: {d}\n    pattern: '*.sqlite'\n    replicas:\n      - url: file://{tmp_path}/dir-replicas/{{name}}\n")
+    log_path = tmp_path / "agent.log"
+    proc = start(["--config", cfg], log_path)
+    try:
+        wait_for(log_path, "] replicating", proc, count=2)
+        add_rows(d / "t1.sqlite", 3, "t")
+        add_rows(d / "main.db", 3, "m")
+        time.sleep(1.0)
+        # The listed database does not match the pattern, and is never retired for it.
+        assert "retiring" not in log_path.read_text(errors="replace")
+        st = run_walship("status", "--config", cfg, "--json")
+        assert st.returncode == 0, st.stdout + st.stderr
+        assert f"{d}/t1.sqlite" in st.stdout and f"{d}/main.db" in st.stdout
+    finally:
+        stop(proc)
+    # restore --config finds a directory's database by its path.
+    p = run_walship("restore", d / "t1.sqlite", "--config", cfg, "-o", tmp_path / "t1.out")
+    assert p.returncode == 0, p.stderr
+    assert table_contents(tmp_path / "t1.out") == table_contents(d / "t1.sqlite")
+    assert restore(f"file://{tmp_path}/main-replica", tmp_path / "m.out") == table_contents(d / "main.db")
+
+
+def test_directory_mode_refuses_what_would_go_wrong(tmp_path):
+    d = tmp_path / "tenants"
+    d.mkdir()
+    cases = [
+        (["--dir", d, "--replica-template", f"file://{tmp_path}/r"], "put {name} where"),
+        (["--pattern", "*.db", str(d / "a.db")], "--pattern and --replica-template go with --dir"),
+        (["--dir", tmp_path / "missing"], "does not exist"),
+        (["--dir", d, "--spool-dir", tmp_path / "s"], "--spool-dir names one database"),
+        (["--dir", d, "--pattern", "a/*.db"], "no '/'"),
+        (["--dir", d, str(d / "a.db")], "with --dir, give no database path"),
+        (["--dir", d, "--replica-template", "gs://b/{name}"], "no backend for gs://"),
+    ]
+    for args, expected in cases:
+        p = run_walship("replicate", *args, timeout=30)
+        assert p.returncode != 0, args
+        assert expected in p.stderr, (args, p.stderr)
+    bad = tmp_path / "bad.yml"
+    bad.write_text(f"directories:\n  - path: {d}\n    replicas:\n      - url: file://{tmp_path}/same\n")
+    p = run_walship("replicate", "--config", bad, timeout=30)
+    assert p.returncode != 0 and "directories[0].replicas[0].url: a directory's replica URL needs {name}" in p.stderr, p.stderr
