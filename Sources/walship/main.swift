@@ -253,21 +253,6 @@ func oneDecimal(_ v: Double) -> String {
 /// Lives as long as the process.
 nonisolated(unsafe) var metricsServer: MetricsServer?
 
-/// A plain thread for a long-running agent loop.
-final class WorkerThread {
-    private var thread = pthread_t()
-    private let body: () -> Void
-    init(_ body: @escaping () -> Void) {
-        self.body = body
-        let box = Unmanaged.passRetained(self).toOpaque()
-        pthread_create(&thread, nil, { raw in
-            let me = Unmanaged<WorkerThread>.fromOpaque(raw!).takeRetainedValue()
-            me.body()
-            return nil
-        }, box)
-    }
-    func join() { pthread_join(thread, nil) }
-}
 
 struct Restore: ParsableCommand {
     static let configuration = CommandConfiguration(
