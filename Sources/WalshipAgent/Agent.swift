@@ -176,7 +176,24 @@ public final class Agent {
         // here, and one that is gets its connections only once the replicas are checked.
         // (Through the descriptor the agent keeps for its life: closing any descriptor of the
         // file would drop the POSIX locks SQLite holds on it in this process.)
-        dbFile = try RawFile(path: dbPath, flags: O_RDONLY | O_CLOEXEC)
+        if options.foundInDirectory {
+            var st = stat()
+            guard lstat(options.databasePath, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
+                throw AgentError.notADatabase(options.databasePath + " (a database found in a directory must be a regular file, not a symbolic link)")
+            }
+        }
+        dbFile = try RawFile(path: dbPath, flags: O_RDONLY | O_CLOEXEC | (options.foundInDirectory ? O_NOFOLLOW : 0))
+        if options.foundInDirectory {
+            // Swapped since the directory's listing vetted it: the file may be a database (or
+            // a -shm) that an agent of this process replicates, and closing this descriptor
+            // would drop that agent's locks. It is kept open, and the name is refused.
+            var st = stat()
+            guard fstat(dbFile.fd, &st) == 0 else { throw SystemError.last("stat \(dbPath)") }
+            if let expected = options.expectedIdentity, expected != FileIdentity(st) {
+                dbFile.keepOpenForLife()
+                throw AgentError.notADatabase(dbPath + " (it changed since it was found; found again at the next listing)")
+            }
+        }
         let head = try dbFile.read(at: 0, count: 16)
         if head.count == 16 && head != Array("SQLite format 3\0".utf8) || (1..<16).contains(head.count) {
             throw AgentError.notADatabase(dbPath)
@@ -191,6 +208,21 @@ public final class Agent {
         }
         try spool.prepare()
         if let pid = try spool.lock() { throw AgentError.alreadyRunning(dbPath, pid) }
+        // One agent per database, whatever its spool: an flock on the database file itself
+        // (flock and SQLite's POSIX record locks do not interact on local filesystems; this
+        // descriptor stays open for the agent's life). Taken before any SQLite connection or
+        // replica is touched.
+        if flock(dbFile.fd, LOCK_EX | LOCK_NB) != 0 {
+            let err = Glibc.errno
+            if err == EWOULDBLOCK {
+                let holder = flockHolder(of: dbFile)
+                // Another agent of this very process: closing this descriptor would drop the
+                // POSIX locks SQLite holds for it (its pin among them). Kept open instead.
+                if holder == getpid() { dbFile.keepOpenForLife() }
+                throw AgentError.databaseLocked(dbPath, holder)
+            }
+            throw SystemError(errno: err, context: "lock \(dbPath) (flock; the database must be on a local filesystem)")
+        }
         // A run with other replicas than the last leaves out replicas that then miss objects
         // (each is checked, and given a new generation, before the next object it takes). A
         // one-off snapshot must not do that to the configured replicas behind their back.
@@ -223,14 +255,6 @@ public final class Agent {
                                             settleUs: options.syncIntervalUs + 1_000_000, key: options.encryptionKey)
         }
         try spool.clearWork()
-        // One agent per database, whatever its spool: an flock on the database file itself
-        // (flock and SQLite's POSIX record locks do not interact on local filesystems; this
-        // descriptor stays open for the agent's life).
-        if flock(dbFile.fd, LOCK_EX | LOCK_NB) != 0 {
-            let err = Glibc.errno
-            if err == EWOULDBLOCK { throw AgentError.databaseLocked(dbPath, flockHolder(of: dbFile)) }
-            throw SystemError(errno: err, context: "lock \(dbPath) (flock; the database must be on a local filesystem)")
-        }
         // Every check of what the tailer reads goes through the wal-index: without it the agent
         // could not tell a rolled-back spill from a commit, so it does not start.
         guard let shm = try RawFile.openIfExists(dbPath + "-shm") else { throw AgentError.noWalIndex(dbPath) }

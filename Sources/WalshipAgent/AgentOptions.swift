@@ -26,6 +26,10 @@ public struct AgentOptions {
     public var oneShotSnapshot = false
     /// Encrypt every object with this key (AES-256-GCM); nil stores them in the clear.
     public var encryptionKey: EncryptionKey?
+    /// A database found in a shared directory: its path must name the file itself (no symbolic
+    /// link) and, when given, be this very file (device and inode as the listing saw them).
+    public var foundInDirectory = false
+    public var expectedIdentity: FileIdentity?
     /// The database id to record in every object (`database-id`); nil keeps the spool's, or
     /// draws a random one on a first run.
     public var databaseID: UInt64?

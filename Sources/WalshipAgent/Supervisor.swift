@@ -59,29 +59,56 @@ public final class Supervisor: @unchecked Sendable {
             guard entries[path] == nil else { return }
             entries[path] = entry
             started.append(path)
-            entry.thread = try JoinableThread { [self] in runAgent(entry, onFailure: onFailure) }
+            do {
+                entry.thread = try JoinableThread { [self] in runAgent(entry, onFailure: onFailure) }
+            } catch {
+                entries[path] = nil
+                started.removeLast()
+                throw error
+            }
         }
+    }
+
+    /// Marks an entry's agent as ended (its thread returns right after).
+    private func finish(_ entry: Entry, failed: Bool = false) {
+        mutex.locked {
+            if failed { entry.failedAtUs = monotonicMicroseconds() }
+            entry.finished = true
+            entry.agent = nil
+        }
+    }
+
+    /// Whether a directory's database may be started (again): its name still names a regular
+    /// file (a symbolic link put in its place is never followed).
+    private static func stillThere(_ path: String) -> Bool {
+        var st = stat()
+        return lstat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG
     }
 
     private func runAgent(_ entry: Entry, onFailure: OnFailure) {
         let path = entry.options.databasePath
+        let meta: Logger.Metadata = ["db.path": "\(path)"]
+        var directory = false
+        if case .retry = onFailure { directory = true }
         while true {
             let agent = Agent(options: entry.options, logger: logger)
+            // Retired before it began (or a stop request came): nothing is started.
             let retiring: Bool = mutex.locked { entry.agent = agent; return entry.retiring }
-            if retiring { agent.stop() }
+            if retiring || ChangeHub.shared.stopping { finish(entry); return }
             do {
                 try agent.start()
                 try agent.run()
-                mutex.locked { entry.finished = true; entry.agent = nil }
+                finish(entry)
                 return
             } catch is AgentRestart {
                 // The database file was replaced: a new agent takes the new file. A directory's
-                // database that is gone (or being retired) ends here instead; one named in the
-                // command or the file fails at the new start, as it always did.
+                // database that is gone, or is now a symbolic link (or being retired), ends here
+                // instead; one named in the command or the file fails at the new start, as it
+                // always did.
                 let retiring = mutex.locked { entry.retiring }
-                if case .retry = onFailure, retiring || !FS.exists(path) {
-                    if !retiring { logger.notice("database is gone; its agent is retired", metadata: ["db.path": "\(path)"]) }
-                    mutex.locked { entry.finished = true; entry.agent = nil }
+                if directory && (retiring || !Self.stillThere(path)) {
+                    if !retiring { logger.notice("database is gone (or is no longer a regular file); its agent is retired", metadata: meta) }
+                    finish(entry)
                     return
                 }
                 continue
@@ -89,14 +116,17 @@ public final class Supervisor: @unchecked Sendable {
                 switch onFailure {
                 case .stopProcess(let fail): fail(error)
                 case .retry:
-                    let gone = !FS.exists(path)
-                    if gone || mutex.locked({ entry.retiring }) {
-                        if gone { logger.notice("database is gone; its agent is retired", metadata: ["db.path": "\(path)"]) }
-                        mutex.locked { entry.finished = true; entry.agent = nil }
+                    let gone = !Self.stillThere(path)
+                    let retiring = mutex.locked { entry.retiring }
+                    // Logged in every case: the error may have left commits unshipped.
+                    if gone || retiring {
+                        logger.error("replication of a retired database ended with an error; what its replica lacks stays in its spool",
+                                     metadata: meta.merging(["error": "\(error)"]) { a, _ in a })
+                        finish(entry)
                     } else {
                         logger.error("replication of this database failed; trying again in \(Self.retryAfterUs / 1_000_000) s",
-                                     metadata: ["db.path": "\(path)", "error": "\(error)"])
-                        mutex.locked { entry.failedAtUs = monotonicMicroseconds(); entry.finished = true; entry.agent = nil }
+                                     metadata: meta.merging(["error": "\(error)"]) { a, _ in a })
+                        finish(entry, failed: true)
                     }
                     return
                 }
@@ -134,7 +164,7 @@ public final class Supervisor: @unchecked Sendable {
             }
             return (done, retry)
         }
-        for e in done { e.thread?.join() }
+        for e in done { e.thread?.join(); e.thread = nil }
         return retry
     }
 
@@ -147,6 +177,7 @@ public final class Supervisor: @unchecked Sendable {
             }
             guard let e = next else { return }
             e.thread?.join()
+            e.thread = nil
         }
     }
 }
@@ -168,7 +199,7 @@ public final class DirectoryWatcher: @unchecked Sendable {
     private var owned: Set<String> = []
     /// The identity of every database replicated in this process, by path: a file with one of
     /// them under another name (a hard link) is the same database, and is never opened.
-    private var identities: [String: FileIdentity] = [:]
+    private var identities: [String: Set<FileIdentity>] = [:]
 
     public static let scanEveryUs: Int64 = 500_000
 
@@ -196,14 +227,19 @@ public final class DirectoryWatcher: @unchecked Sendable {
     public func scan() {
         let retry = Set(supervisor.reap())
         var present: Set<String> = []
-        let running = supervisor.paths
-        for p in running where identities[p] == nil { identities[p] = FileIdentity.of(p) }
+        // Every file a running agent may hold: the one it started with, and whatever its name
+        // names now (a replaced database, before its agent restarts), with its -wal and -shm.
+        for p in supervisor.paths {
+            for f in [p, p + "-wal", p + "-shm"] {
+                if let id = FileIdentity.of(f) { identities[p, default: []].insert(id) }
+            }
+        }
         for p in identities.keys where !supervisor.has(p) { identities[p] = nil }
-        let taken = Set(identities.values)
         for (i, dir) in directories.enumerated() {
             let names: [String]
             do {
                 let known = Set(identities.keys.filter { FS.dirname($0) == dir.path }.map(FS.basename))
+                let taken = identities.values.reduce(into: Set<FileIdentity>()) { $0.formUnion($1) }
                 names = try dir.databasesPresent(known: known, taken: taken)
                 warned.remove(dir.path)
             } catch {
@@ -221,15 +257,17 @@ public final class DirectoryWatcher: @unchecked Sendable {
                 if supervisor.has(path) && !retry.contains(path) { continue }
                 // One agent per file: another name for a file replicated here is skipped.
                 guard let id = FileIdentity.of(path) else { continue }
-                if let other = identities.first(where: { $0.value == id && $0.key != path })?.key {
+                if let other = identities.first(where: { $0.value.contains(id) && $0.key != path })?.key {
                     if warned.insert(path).inserted {
                         logger.warning("not replicated: the same file as another database (a hard link)", metadata: ["db.path": "\(path)", "same.as": "\(other)"])
                     }
                     continue
                 }
-                let options = AgentOptions(dir.database(named: name), encryptionKey: keys[i])
+                var options = AgentOptions(dir.database(named: name), encryptionKey: keys[i])
+                options.foundInDirectory = true
+                options.expectedIdentity = id
                 do {
-                    identities[path] = id
+                    identities[path, default: []].insert(id)
                     try supervisor.start(options, onFailure: .retry)
                     owned.insert(path)
                     logger.info("database found; replicating it", metadata: ["db.path": "\(path)"])

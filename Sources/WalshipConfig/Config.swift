@@ -207,8 +207,8 @@ public enum ConfigLoader {
                     }
                 }
                 guard let u = url, !u.isEmpty else { throw fail(rl, "'url' is required (file:///path or s3://bucket/prefix)") }
-                if nameTemplate && !u.contains(DirectoryConfig.namePlaceholder) {
-                    throw fail("\(rl).url", "a directory's replica URL needs {name} (the database's file name), so that each database has a replica of its own")
+                if nameTemplate, let problem = DirectoryConfig.templateProblem(u) {
+                    throw fail("\(rl).url", "a directory's replica URL: \(problem)")
                 }
                 let backend: ReplicaBackend
                 do { backend = try ReplicaBackends.backend(for: u) } catch { throw fail(rl, "\(error)") }
@@ -345,6 +345,20 @@ public struct DirectoryConfig: Sendable {
         self.settings = settings
     }
 
+    /// Why a replica URL template would not give each database a place of its own, or nil:
+    /// `{name}` must be in its path (before any `?`), not in the query (an endpoint or a
+    /// region chosen by a file name would send the credentials, or every database, elsewhere).
+    public static func templateProblem(_ template: String) -> String? {
+        let path = template.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? ""
+        if path.firstRange(of: namePlaceholder) == nil {
+            return "put {name} where the database's file name goes, in the URL's path (not its query), so that each database has a replica of its own"
+        }
+        if let q = template.firstIndex(of: "?"), template[q...].firstRange(of: namePlaceholder) != nil {
+            return "{name} may appear only in the URL's path, not in its query"
+        }
+        return nil
+    }
+
     /// A replica URL template with `{name}` replaced by a file name. In a URL the name is
     /// percent-encoded (the URL's path is decoded when it is read), so that no file name can
     /// add a query, a fragment or another directory to it; in a plain path it goes as is.
@@ -381,9 +395,18 @@ public struct DirectoryConfig: Sendable {
             var st = stat()
             guard lstat(path + "/" + name, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { continue }
             if known.contains(name) { out.append(name); continue }
+            // A file with another name (a hard link) of a database replicated here, or of its
+            // -wal or -shm, is in `taken`: never opened.
             guard st.st_size >= 100, !taken.contains(FileIdentity(st)) else { continue }
-            guard let f = try? RawFile.openIfExists(path + "/" + name, flags: O_RDONLY | O_NOFOLLOW | O_NONBLOCK),
-                  let head = try? f.read(at: 0, count: 16), head == Array("SQLite format 3\0".utf8) else { continue }
+            guard let f = try? RawFile.openIfExists(path + "/" + name, flags: O_RDONLY | O_NOFOLLOW | O_NONBLOCK) else { continue }
+            // Swapped between the look and the open: the file opened is not the one looked
+            // at, and may be one whose locks this process holds; its descriptor stays open.
+            var opened = stat()
+            guard fstat(f.fd, &opened) == 0, FileIdentity(opened) == FileIdentity(st) else {
+                f.keepOpenForLife()
+                continue
+            }
+            guard let head = try? f.read(at: 0, count: 16), head == Array("SQLite format 3\0".utf8) else { continue }
             out.append(name)
         }
         return out
@@ -395,7 +418,9 @@ public struct DirectoryConfig: Sendable {
         d.path = path + "/" + name
         d.replicas = settings.replicas.map { ReplicaConfig(url: Self.fill($0.url, name: name), environment: $0.environment) }
         if d.replicas.isEmpty {
-            d.replicas = [ReplicaConfig(url: DatabaseConfig.defaultReplicaURL(forDatabase: d.path), environment: nil)]
+            // A plain path, which is never percent-decoded: a name like `a%2F..%2Fb.db` stays
+            // one name (as a file:// URL it would climb out of the directory).
+            d.replicas = [ReplicaConfig(url: d.path + "-replica", environment: nil)]
         }
         return d
     }

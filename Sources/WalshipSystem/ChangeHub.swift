@@ -89,6 +89,9 @@ public final class ChangeHub: @unchecked Sendable {
 
     private init() {}
 
+    /// A stop request (SIGTERM, SIGINT) came: nothing new should start.
+    public var stopping: Bool { SignalPipe.signalled != 0 || mutex.locked { stopAll } }
+
     /// Registers `wakeup` for changes to `names` in `directory`. Returns false when changes
     /// cannot be watched there (no inotify, or the limit on watches is reached): the caller
     /// then relies on its timeout alone. Stop requests reach it either way.
@@ -100,6 +103,8 @@ public final class ChangeHub: @unchecked Sendable {
             everyone[ObjectIdentifier(wakeup)] = wakeup
             if stopAll { wakeup.stop() }
             guard inotifyFD >= 0 else { return false }
+            // No names: stop requests only, no watch.
+            if names.isEmpty { return true }
             var key = directory
             if watches[directory] == nil {
                 let mask = UInt32(IN_MODIFY | IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_CLOSE_WRITE | IN_MOVED_FROM)

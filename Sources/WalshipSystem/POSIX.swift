@@ -156,6 +156,16 @@ public final class RawFile {
     }
 }
 
+extension RawFile {
+    private static let keptMutex = Mutex()
+    nonisolated(unsafe) private static var kept: [RawFile] = []
+
+    /// Keeps this descriptor open for the life of the process. For a file whose POSIX locks
+    /// another part of this process may hold (a database an agent replicates): closing any
+    /// descriptor of a file drops every such lock the process holds on it.
+    package func keepOpenForLife() { RawFile.keptMutex.locked { RawFile.kept.append(self) } }
+}
+
 /// Whether another process holds a POSIX record lock on one byte of an open file (F_GETLK:
 /// asks without taking anything, and never reports this process's own locks).
 public func byteLockedByAnotherProcess(_ fd: Int32, at offset: Int) -> Bool {
