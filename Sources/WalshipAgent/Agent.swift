@@ -1547,6 +1547,7 @@ public final class Agent {
         }
         status.update {
             $0.updatedUnix = Double(nowUs) / 1e6
+            $0.alertLagSeconds = Double(options.alertLagUs) / 1e6
             $0.generation = state.generation
             $0.databaseID = state.databaseID.map(DatabaseID.text)
             $0.txid = lastTxid

@@ -56,6 +56,14 @@ public struct StatusReport: Codable, Sendable, Equatable {
     public var errors: [String: UInt64] = [:]
     public var newGenerations: UInt64 = 0
     public var replicas: [ReplicaStatus] = []
+    /// The lag past which this database counts as lagging (its `alert-lag`); absent in the
+    /// files of older agents.
+    public var alertLagSeconds: Double?
+
+    /// Uploads to some replica fail (and none succeeded since).
+    public var failing: Bool { replicas.contains { $0.failingSinceUnix != nil } }
+    /// Some replica is further behind than the database's `alert-lag`.
+    public var lagging: Bool { replicas.contains { $0.lagSeconds > (alertLagSeconds ?? 300) } }
 }
 
 public final class AgentStatus: @unchecked Sendable {
@@ -88,8 +96,32 @@ public enum StatusBoard {
 
 /// Prometheus text exposition (version 0.0.4) of the reports.
 public enum PrometheusText {
-    public static func render(_ reports: [StatusReport]) -> String {
+    /// Up to this many databases, every database has its own series. Past it (a directory of
+    /// thousands), only the databases that lag or fail have theirs, at most this many, worst
+    /// first; the process's totals (`walship_databases`, `walship_all_*`) cover the rest. A
+    /// scrape then stays a few hundred KiB, and the series do not grow with the fleet.
+    public static let perDatabaseLimit = 100
+
+    public static func render(_ all: [StatusReport]) -> String {
         var out = ""
+        // The process's totals, for every database.
+        let failing = all.filter(\.failing)
+        let lagging = all.filter { $0.lagging && !$0.failing }
+        out += "# HELP walship_databases Databases replicated by this process, by state (failing: uploads to a replica fail; lagging: a replica is further behind than alert-lag).\n"
+        out += "# TYPE walship_databases gauge\n"
+        out += "walship_databases{state=\"ok\"} \(all.count - failing.count - lagging.count)\n"
+        out += "walship_databases{state=\"lagging\"} \(lagging.count)\n"
+        out += "walship_databases{state=\"failing\"} \(failing.count)\n"
+        let maxLag = all.flatMap { $0.replicas.map(\.lagSeconds) }.max() ?? 0
+        out += "# HELP walship_all_replication_lag_seconds_max The largest replication lag of any database and replica.\n"
+        out += "# TYPE walship_all_replication_lag_seconds_max gauge\nwalship_all_replication_lag_seconds_max \(number(maxLag))\n"
+        let bytes = all.reduce(0.0) { t, r in t + r.replicas.reduce(0.0) { $0 + Double($1.shippedBytes) } }
+        out += "# HELP walship_all_shipped_bytes_total Bytes uploaded to every replica of every database.\n"
+        out += "# TYPE walship_all_shipped_bytes_total counter\nwalship_all_shipped_bytes_total \(number(bytes))\n"
+        let errors = all.reduce(0.0) { t, r in t + Double(r.errors.values.reduce(0, +)) + r.replicas.reduce(0.0) { $0 + Double($1.errors.values.reduce(0, +)) } }
+        out += "# HELP walship_all_errors_total Errors of every kind, of every database.\n"
+        out += "# TYPE walship_all_errors_total counter\nwalship_all_errors_total \(number(errors))\n"
+        let reports = shown(all)
         func family(_ name: String, _ type: String, _ help: String, _ samples: [(String, Double)]) {
             out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
             for (labels, v) in samples { out += "\(name)\(labels.isEmpty ? "" : "{\(labels)}") \(number(v))\n" }
@@ -124,6 +156,15 @@ public enum PrometheusText {
         family("walship_retention_deleted_objects_total", "counter", "Objects deleted by retention and compaction.", perReplica { Double($0.deletedObjects) })
         family("walship_compacted_objects_total", "counter", "Segments merged into larger ones.", perReplica { Double($0.compactedObjects) })
         return out
+    }
+
+    /// The databases that get series of their own (see `perDatabaseLimit`).
+    static func shown(_ all: [StatusReport]) -> [StatusReport] {
+        if all.count <= perDatabaseLimit { return all }
+        func worst(_ r: StatusReport) -> Double { r.replicas.map(\.lagSeconds).max() ?? 0 }
+        let trouble = all.filter { $0.failing || $0.lagging }
+            .sorted { ($0.failing ? 1 : 0, worst($0)) > ($1.failing ? 1 : 0, worst($1)) }
+        return Array(trouble.prefix(perDatabaseLimit)).sorted { $0.database < $1.database }
     }
 
     static func escape(_ s: String) -> String {

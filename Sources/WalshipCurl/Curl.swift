@@ -162,7 +162,7 @@ public final class HTTPClient {
             }
             return count
         }, "CURLOPT_HEADERFUNCTION", url)
-        var allHeaders = headers
+        let allHeaders = headers
         switch method {
         case "GET": break
         case "HEAD": try check(walship_curl_setopt_long(handle, CURLOPT_NOBODY, 1), "CURLOPT_NOBODY", url)

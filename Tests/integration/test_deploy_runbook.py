@@ -91,7 +91,8 @@ PLANNED_METRICS = {
     "walship_shipped_bytes_total", "walship_shipped_objects_total", "walship_requests_total",
     "walship_errors_total", "walship_checkpoint_duration_seconds", "walship_wal_bytes",
     "walship_spool_bytes", "walship_snapshot_age_seconds", "walship_verify_last_success",
-    "walship_verify_last_timestamp_seconds",
+    "walship_verify_last_timestamp_seconds", "walship_databases", "walship_all_replication_lag_seconds_max",
+    "walship_all_shipped_bytes_total", "walship_all_errors_total",
 }
 
 
