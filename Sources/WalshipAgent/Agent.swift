@@ -1495,7 +1495,7 @@ public final class Agent {
             var report = status.current
             report.updatedUnix = 0
             let same = report == lastStatusWritten
-            if !same || mono - lastStatusFileUs >= 10_000_000 {
+            if options.statusInSpool && (!same || mono - lastStatusFileUs >= 10_000_000) {
                 lastStatusFileUs = mono
                 lastStatusWritten = report
                 StatusFile.write(status.current, spool: spool.dir)
@@ -1711,6 +1711,9 @@ public final class Agent {
     }
 
     public func stop() { wakeup.stop() }
+
+    /// The database file's path with symbolic links resolved (the key of its status).
+    public var resolvedPath: String { dbPath }
 
     // MARK: waking up
 

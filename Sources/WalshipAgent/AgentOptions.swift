@@ -29,6 +29,8 @@ public struct AgentOptions {
     /// A database found in a shared directory: its path must name the file itself (no symbolic
     /// link) and, when given, be this very file (device and inode as the listing saw them).
     public var foundInDirectory = false
+    /// Keep `status.json` in the spool (false when the process keeps one status file for all).
+    public var statusInSpool = true
     public var expectedIdentity: FileIdentity?
     /// The database id to record in every object (`database-id`); nil keeps the spool's, or
     /// draws a random one on a first run.

@@ -6,6 +6,7 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
+import Logging
 import WalshipFormat
 import WalshipConfig
 import WalshipRestore
@@ -91,6 +92,8 @@ public enum StatusBoard {
     private static let mutex = Mutex()
     nonisolated(unsafe) private static var agents: [String: AgentStatus] = [:]
     static func register(_ s: AgentStatus, for db: String) { mutex.locked { agents[db] = s } }
+    /// A retired database leaves the metrics and the process's status.
+    static func unregister(database db: String) { mutex.locked { agents[db] = nil } }
     public static var reports: [StatusReport] { mutex.locked { agents.values.map(\.current) }.sorted { $0.database < $1.database } }
 }
 
@@ -202,5 +205,82 @@ public enum StatusFile {
         let p = path(spool: spool)
         guard FS.exists(p) else { return nil }
         return try JSONDecoder().decode(StatusReport.self, from: Data(try FS.readAll(p)))
+    }
+}
+
+/// One status for the whole process (`replicate --status-file`, a config's `status-file:`, and
+/// by default `<dir>/.walship-status.json` for `--dir`): every database's report in one file,
+/// so that `walship status` reads one file, not one per database.
+public struct ProcessStatus: Codable, Sendable, Equatable {
+    public var formatVersion = 1
+    public var pid: Int32 = getpid()
+    public var updatedUnix: Double = 0
+    public var databases: [StatusReport] = []
+
+    /// Whether the process that wrote it still runs and wrote it lately (it rewrites the file
+    /// at least every 10 s).
+    public var fresh: Bool {
+        let alive = kill(pid, 0) == 0 || errno == EPERM
+        return alive && Double(nowMicroseconds()) / 1e6 - updatedUnix < 30
+    }
+}
+
+public enum ProcessStatusFile {
+    public static let defaultName = ".walship-status.json"
+    public static func defaultPath(forDirectory dir: String) -> String { dir + "/" + defaultName }
+
+    /// Written atomically (a scratch file made with O_EXCL|O_NOFOLLOW, then renamed): the
+    /// directory may be shared.
+    static func write(_ s: ProcessStatus, to path: String) throws {
+        let enc = JSONEncoder()
+        enc.keyEncodingStrategy = .convertToSnakeCase
+        try FS.writeAtomically(path, Array(try enc.encode(s)), mode: 0o644)
+    }
+
+    public static func read(_ path: String) throws -> ProcessStatus? {
+        guard FS.exists(path) else { return nil }
+        let dec = JSONDecoder()
+        dec.keyDecodingStrategy = .convertFromSnakeCase
+        do { return try dec.decode(ProcessStatus.self, from: Data(try FS.readAll(path))) } catch let e as DecodingError {
+            throw ValidationFailure("\(path) is not a walship status file (\(e))")
+        }
+    }
+}
+
+/// An input that is not what it claims to be.
+public struct ValidationFailure: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ d: String) { description = d }
+}
+
+/// Writes the process's status file: within a second of a change, and every 10 s regardless.
+final class ProcessStatusWriter {
+    private let path: String
+    private var last = ProcessStatus()
+    private var lastWriteUs: Int64 = 0
+    private var lastLookUs: Int64 = 0
+    private var warned = false
+    private let logger: Logger
+
+    init(path: String, logger: Logger) { self.path = path; self.logger = logger }
+
+    func tick(force: Bool = false) {
+        let now = monotonicMicroseconds()
+        if !force && now - lastLookUs < 1_000_000 { return }
+        lastLookUs = now
+        var s = ProcessStatus()
+        s.databases = StatusBoard.reports.map { var r = $0; r.updatedUnix = 0; return r }
+        if !force && s.databases == last.databases && now - lastWriteUs < 10_000_000 { return }
+        last = s
+        lastWriteUs = now
+        s.updatedUnix = Double(nowMicroseconds()) / 1e6
+        s.databases = StatusBoard.reports
+        do {
+            try ProcessStatusFile.write(s, to: path)
+            warned = false
+        } catch {
+            if !warned { logger.error("cannot write the process's status file", metadata: ["status.file": "\(path)", "error": "\(error)"]) }
+            warned = true
+        }
     }
 }

@@ -98,6 +98,7 @@ public final class Supervisor: @unchecked Sendable {
             do {
                 try agent.start()
                 try agent.run()
+                if directory && mutex.locked({ entry.retiring }) { StatusBoard.unregister(database: agent.resolvedPath) }
                 finish(entry)
                 return
             } catch is AgentRestart {
@@ -108,6 +109,7 @@ public final class Supervisor: @unchecked Sendable {
                 let retiring = mutex.locked { entry.retiring }
                 if directory && (retiring || !Self.stillThere(path)) {
                     if !retiring { logger.notice("database is gone (or is no longer a regular file); its agent is retired", metadata: meta) }
+                    StatusBoard.unregister(database: agent.resolvedPath)
                     finish(entry)
                     return
                 }
@@ -122,6 +124,7 @@ public final class Supervisor: @unchecked Sendable {
                     if gone || retiring {
                         logger.error("replication of a retired database ended with an error; what its replica lacks stays in its spool",
                                      metadata: meta.merging(["error": "\(error)"]) { a, _ in a })
+                        StatusBoard.unregister(database: agent.resolvedPath)
                         finish(entry)
                     } else {
                         logger.error("replication of this database failed; trying again in \(Self.retryAfterUs / 1_000_000) s",
@@ -203,28 +206,40 @@ public final class DirectoryWatcher: @unchecked Sendable {
 
     public static let scanEveryUs: Int64 = 500_000
 
-    public init(directories: [DirectoryConfig], encryptionKeys: [EncryptionKey?], supervisor: Supervisor, logger: Logger) {
+    private let statusWriter: ProcessStatusWriter?
+
+    /// `statusFile`: the process's one status file, written from this loop (it then runs even
+    /// with no directory to watch). A directory's databases then keep no status file of their
+    /// own in their spools: one file for the process, not one write per database.
+    public init(directories: [DirectoryConfig], encryptionKeys: [EncryptionKey?], supervisor: Supervisor,
+                statusFile: String? = nil, logger: Logger) {
         self.directories = directories
         self.keys = encryptionKeys
         self.supervisor = supervisor
         self.logger = logger
+        self.statusWriter = statusFile.map { ProcessStatusWriter(path: $0, logger: logger) }
     }
 
-    /// Scans until SIGTERM or SIGINT (or `stop()`).
+    /// Scans (and writes the status file) until SIGTERM or SIGINT (or `stop()`).
     public func run() {
         // Subscribed for the stop requests only (no names: no change wakes it).
         ChangeHub.shared.subscribe(wakeup, directory: directories.first?.path ?? "/", names: [])
         defer { ChangeHub.shared.unsubscribe(wakeup) }
         while !wakeup.stopped {
             scan()
+            statusWriter?.tick()
             _ = wakeup.wait(timeoutUs: Self.scanEveryUs)
         }
     }
+
+    /// A last status once every agent has stopped.
+    public func writeFinalStatus() { statusWriter?.tick(force: true) }
 
     public func stop() { wakeup.stop() }
 
     /// One pass: start what appeared (or waited out its pause), retire what vanished.
     public func scan() {
+        if directories.isEmpty { return }
         let retry = Set(supervisor.reap())
         var present: Set<String> = []
         // Every file a running agent may hold: the one it started with, and whatever its name
@@ -265,6 +280,7 @@ public final class DirectoryWatcher: @unchecked Sendable {
                 }
                 var options = AgentOptions(dir.database(named: name), encryptionKey: keys[i])
                 options.foundInDirectory = true
+                options.statusInSpool = statusWriter == nil
                 options.expectedIdentity = id
                 do {
                     identities[path, default: []].insert(id)

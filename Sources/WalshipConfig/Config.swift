@@ -19,6 +19,7 @@ import WalshipSystem
 ///             access-key-id: ${AWS_ACCESS_KEY_ID}
 ///             secret-access-key: ${AWS_SECRET_ACCESS_KEY}
 ///           - url: file:///var/backups/app
+///     status-file: /run/walship/status.json   # optional: one status file for the process
 ///     directories:                 # optional: every database found in a directory
 ///       - path: /var/lib/tenants
 ///         pattern: "*.db"          # the default
@@ -30,6 +31,8 @@ public struct WalshipConfig {
     public var directories: [DirectoryConfig] = []
     /// `metrics-addr: HOST:PORT`, one endpoint for the whole process.
     public var metricsAddress: String?
+    /// `status-file: PATH`: one status file for the whole process, read by `walship status`.
+    public var statusFile: String?
 }
 
 extension WalshipConfig {
@@ -83,7 +86,7 @@ public struct ConfigError: Error, CustomStringConvertible {
 }
 
 public enum ConfigLoader {
-    static let topKeys: Set<String> = ["defaults", "databases", "directories", "metrics-addr"]
+    static let topKeys: Set<String> = ["defaults", "databases", "directories", "metrics-addr", "status-file"]
     /// Keys allowed under `defaults:` and per database: the shared options, and `encryption`.
     static let intervalKeys: Set<String> = Set(DatabaseOptions.all.map(\.key)).union(["encryption"])
     static let databaseKeys: Set<String> = intervalKeys.union(["path", "spool-dir", "replicas", "database-id"])
@@ -96,7 +99,7 @@ public enum ConfigLoader {
     public enum Purpose: Sendable { case replicate, read }
 
     /// Keys the commands other than `replicate` use.
-    static let readKeys: Set<String> = ["path", "spool-dir", "replicas", "encryption", "database-id"]
+    static let readKeys: Set<String> = ["path", "spool-dir", "replicas", "encryption", "database-id", "status-file"]
 
     public static func load(path: String, purpose: Purpose = .replicate,
                             environment env: [String: String] = ProcessEnvironment.all()) throws -> WalshipConfig {
@@ -122,6 +125,7 @@ public enum ConfigLoader {
         let baseDir = FS.dirname(FS.absolute(file))
         func resolved(_ p: String) -> String { FS.absolute(p.hasPrefix("/") ? p : baseDir + "/" + p) }
         var metricsAddress: String?
+        var statusFile: String?
         let root: YAMLNode
         do { root = try MiniYAML.parse(text) } catch {
             throw fail("", "not valid YAML: \(error)")
@@ -229,6 +233,7 @@ public enum ConfigLoader {
         for (k, v) in try mapping(root, "", allowed: topKeys) {
             if k == "databases" { databasesNode = v; continue }
             if k == "directories" { directoriesNode = v; continue }
+            if k == "status-file" { try unlessUnneeded(k) { statusFile = resolved(try scalar(v, k)) }; continue }
             if k == "metrics-addr" { try unlessUnneeded(k) { metricsAddress = try scalar(v, k) }; continue }
             for (dk, dv) in try mapping(v, "defaults", allowed: intervalKeys) {
                 try unlessUnneeded(dk) { try applyCommon(dk, dv, "defaults.\(dk)", &template) }
@@ -308,7 +313,7 @@ public enum ConfigLoader {
             }
             directories.append(DirectoryConfig(path: dir, pattern: pattern, settings: cfg))
         }
-        return WalshipConfig(databases: out, directories: directories, metricsAddress: metricsAddress)
+        return WalshipConfig(databases: out, directories: directories, metricsAddress: metricsAddress, statusFile: statusFile)
     }
 }
 

@@ -38,6 +38,8 @@ struct Replicate: ParsableCommand {
     var pattern: String = DirectoryConfig.defaultPattern
     @Option(help: ArgumentHelp("With --dir: a replica URL with {name} where the database's file name goes; repeat for more replicas (default: file://<dir>/<name>-replica beside each database).", valueName: "url"))
     var replicaTemplate: [String] = []
+    @Option(help: ArgumentHelp("Keep one status file for the whole process here, read by `walship status --status-file` (default with --dir: <dir>/.walship-status.json; a directory's databases then keep none in their spools).", valueName: "path"))
+    var statusFile: String?
     // The options a config file also takes: DatabaseOptions holds their rules, defaults and help.
     @Option(help: shared("sync-interval")) var syncInterval: String?
     @Option(help: shared("snapshot-interval")) var snapshotInterval: String?
@@ -119,6 +121,7 @@ struct Replicate: ParsableCommand {
         var all: [AgentOptions] = []
         var directories: [DirectoryConfig] = []
         var directoryKeys: [EncryptionKey?] = []
+        var processStatusFile: String?
         do {
             var metricsAddress = metricsAddr
             if let file = config {
@@ -129,11 +132,13 @@ struct Replicate: ParsableCommand {
                 }
                 directories = cfg.directories
                 directoryKeys = try directories.map { try loadKey($0.settings.encryptionKeyFile) }
+                processStatusFile = statusFile.map(FS.absolute) ?? cfg.statusFile
             } else if let d = dir {
                 var settings = try settings(path: "")
                 settings.replicas = replicaTemplate.map { ReplicaConfig(url: $0, environment: nil) }
                 directories = [DirectoryConfig(path: FS.absolute(d), pattern: pattern, settings: settings)]
                 directoryKeys = [try loadKey(encryptionKeyFile)]
+                processStatusFile = statusFile.map(FS.absolute) ?? ProcessStatusFile.defaultPath(forDirectory: FS.absolute(d))
             } else {
                 let db = FS.absolute(database!)
                 var d = try settings(path: db)
@@ -141,6 +146,7 @@ struct Replicate: ParsableCommand {
                 d.spoolDirectory = spoolDir.map(FS.absolute)
                 d.databaseID = try databaseId.map(DatabaseID.parse)
                 all.append(AgentOptions(d, encryptionKey: try loadKey(encryptionKeyFile)))
+                processStatusFile = statusFile.map(FS.absolute)
             }
             for d in directories where !FS.isDirectory(d.path) {
                 throw ValidationError("directory \(d.path) does not exist (or is not a directory)")
@@ -159,13 +165,18 @@ struct Replicate: ParsableCommand {
         do {
             for opts in all { try supervisor.start(opts, onFailure: .stopProcess({ fail($0) })) }
         } catch { fail(error) }
-        if !directories.isEmpty {
-            for d in directories {
-                logger.info("watching a directory for databases", metadata: ["dir.path": "\(d.path)", "dir.pattern": "\(d.pattern)"])
-            }
-            DirectoryWatcher(directories: directories, encryptionKeys: directoryKeys, supervisor: supervisor, logger: logger).run()
+        for d in directories {
+            logger.info("watching a directory for databases", metadata: ["dir.path": "\(d.path)", "dir.pattern": "\(d.pattern)"])
+        }
+        var watcher: DirectoryWatcher?
+        if !directories.isEmpty || processStatusFile != nil {
+            let w = DirectoryWatcher(directories: directories, encryptionKeys: directoryKeys, supervisor: supervisor,
+                                     statusFile: processStatusFile, logger: logger)
+            watcher = w
+            w.run()
         }
         supervisor.waitForAll()
+        watcher?.writeFinalStatus()
     }
 }
 

@@ -19,14 +19,37 @@ import Foundation
 struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Show a running agent's replication status (lag, last sync, shipped, errors, drills).",
-        discussion: "Reads the status the agent keeps in its spool (rewritten when it changes, and every 10 s while the agent runs). Exits 0 when an agent is running for every database, 3 otherwise.")
-    @Argument(help: "Path of the SQLite database (omit with --config).") var database: String?
+        discussion: """
+        Reads the status the agent keeps in its spool (rewritten when it changes, and every 10 s \
+        while the agent runs), or the one status file of a whole process: --dir DIR reads \
+        DIR/.walship-status.json, which `replicate --dir DIR` keeps; --status-file PATH, or a config \
+        file with status-file:, reads that file. Exits 0 when an agent is running for every \
+        database, 3 otherwise.
+        """)
+    @Argument(help: "Path of the SQLite database (omit with --config, --dir or --status-file).") var database: String?
     @Option(help: "YAML config file: show every database in it.") var config: String?
+    @Option(help: ArgumentHelp("Show every database of `replicate --dir DIR` (from its status file).", valueName: "dir")) var dir: String?
+    @Option(help: ArgumentHelp("Show every database of the process that keeps this status file (`replicate --status-file`).", valueName: "path")) var statusFile: String?
     @Option(help: "Spool directory (default: .<name>-walship beside the database).") var spoolDir: String?
     @Flag(help: "Print JSON.") var json = false
 
     func validate() throws {
-        if (config == nil) == (database == nil) { throw ValidationError("give a database path, or --config FILE") }
+        let given = [database != nil, config != nil, dir != nil, statusFile != nil].filter { $0 }.count
+        if given != 1 { throw ValidationError("give one of: a database path, --config FILE, --dir DIR, --status-file PATH") }
+    }
+
+    /// The entries from a process's status file: every database in it, or those of `only`.
+    func fromProcessFile(_ path: String, only: [String]? = nil) throws -> [Entry] {
+        guard let ps = try ProcessStatusFile.read(path) else {
+            throw ValidationError("no status file at \(path): no `walship replicate` keeps one there (is it running, with --dir or --status-file?)")
+        }
+        let running = ps.fresh
+        let byPath = Dictionary(ps.databases.map { ($0.database, $0) }, uniquingKeysWith: { a, _ in a })
+        let names = only ?? ps.databases.map(\.database)
+        return names.map { db in
+            let r = byPath[db] ?? byPath[FS.resolved(db)]
+            return Entry(database: db, running: running && r != nil, pid: running && r != nil ? ps.pid : nil, status: r)
+        }
     }
 
     struct Entry: Encodable {
@@ -40,7 +63,11 @@ struct Status: ParsableCommand {
         var entries: [Entry] = []
         do {
             var dbs: [(String, String?)] = []
-            if let file = config {
+            if let d = dir {
+                entries = try fromProcessFile(ProcessStatusFile.defaultPath(forDirectory: FS.absolute(d)))
+            } else if let f = statusFile {
+                entries = try fromProcessFile(FS.absolute(f))
+            } else if let file = config {
                 let cfg = try ConfigLoader.load(path: file, purpose: .read)
                 dbs = cfg.databases.map { ($0.path, $0.spoolDirectory) }
                 // A directory's databases: those in it now.
@@ -49,11 +76,15 @@ struct Status: ParsableCommand {
                         dbs.append((d.path + "/" + name, nil))
                     }
                 }
+                if let f = cfg.statusFile {
+                    entries = try fromProcessFile(f, only: dbs.map(\.0))
+                    dbs = []
+                }
             } else {
                 dbs = [(FS.absolute(database!), spoolDir.map(FS.absolute))]
             }
             for (db, spool) in dbs {
-                if config == nil && !FS.exists(db) { throw AgentError.databaseMissing(db) }
+                if database != nil && !FS.exists(db) { throw AgentError.databaseMissing(db) }
                 let pid = SnapshotRequest.runningAgent(database: db, spoolDirectory: spool)
                 let report = try StatusFile.read(spool: StatusFile.spoolDirectory(forDatabase: db, configured: spool))
                 entries.append(Entry(database: db, running: pid != nil, pid: pid, status: report))

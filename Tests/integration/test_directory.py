@@ -1,5 +1,6 @@
 """Directory mode: `walship replicate --dir DIR` (and a config file's `directories:`) replicates
 every database found in a directory, picks up new ones while it runs, and retires those that go."""
+import json
 import os
 import signal
 import sqlite3
@@ -97,9 +98,23 @@ def test_databases_are_picked_up_as_they_appear_and_retired_when_they_go(tmp_pat
         assert proc.poll() is None, "retiring one database stopped the process"
         add_rows(d / "a.db", 1, "late")
         time.sleep(1.0)
+        # One status file for the process, in the directory; none in the databases' spools.
+        deadline = time.monotonic() + 30
+        while True:
+            st = run_walship("status", "--dir", d, "--json")
+            shown = {e["database"]: e for e in json.loads(st.stdout)["databases"]} if st.stdout.strip() else {}
+            if sorted(shown) == [f"{d}/a.db", f"{d}/c.db"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert st.returncode == 0, st.stdout + st.stderr
+        assert sorted(shown) == [f"{d}/a.db", f"{d}/c.db"], shown.keys()   # b.db retired: gone from it
+        assert all(e["running"] and e["status"]["txid"] > 0 for e in shown.values()), shown
+        assert not (d / ".a.db-walship" / "status.json").exists()
     finally:
         if proc.poll() is None:
             stop(proc)
+    st = run_walship("status", "--dir", d)
+    assert st.returncode == 3, st.stdout + st.stderr   # the process is gone
     log = log_path.read_text(errors="replace")
     for name in ("notes.txt", ".hidden.db", "empty.db", "link.db", "other.sqlite"):
         assert f"{d}/{name}" not in log, f"{name} was taken for a database:\n{log[-2000:]}"
@@ -141,7 +156,7 @@ def test_config_directories_with_a_listed_database_beside_them(tmp_path):
     create_ticket_db(d / "t1.sqlite", rows=3)        # found by the pattern
     cfg = tmp_path / "walship.yml"
     cfg.write_text(
-        "defaults:\n  sync-interval: 200ms\n"
+        f"defaults:\n  sync-interval: 200ms\nstatus-file: {tmp_path}/status.json\n"
         f"databases:\n  - path: {d}/main.db\n    replicas:\n      - url: file://{tmp_path}/main-replica\n"
         f"directories:\n  - path: {d}\n    pattern: '*'\n    replicas:\n      - url: file://{tmp_path}/dir-replicas/{{name}}\n")
     log_path = tmp_path / "agent.log"
@@ -156,9 +171,17 @@ def test_config_directories_with_a_listed_database_beside_them(tmp_path):
         log = log_path.read_text(errors="replace")
         assert "retiring" not in log and f"db.path={d}/main.db [WalshipAgent] database found" not in log, log[-2000:]
         assert not (tmp_path / "dir-replicas" / "main.db").exists()
-        st = run_walship("status", "--config", cfg, "--json")
+        deadline = time.monotonic() + 30
+        while True:   # (the status file is rewritten within a couple of seconds of a change)
+            st = run_walship("status", "--config", cfg, "--json")
+            if st.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert st.returncode == 0, st.stdout + st.stderr
         assert f"{d}/t1.sqlite" in st.stdout and f"{d}/main.db" in st.stdout
+        # From the process's one status file (status-file:), which holds both.
+        ps = json.loads((tmp_path / "status.json").read_text())
+        assert sorted(r["database"] for r in ps["databases"]) == [f"{d}/main.db", f"{d}/t1.sqlite"]
     finally:
         stop(proc)
     # restore --config finds a directory's database by its path.
