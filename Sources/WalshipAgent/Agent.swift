@@ -156,7 +156,11 @@ public final class Agent {
         }
     }
 
+    /// See `HeldFiles`: released when the agent goes.
+    private var heldIdentities: [FileIdentity] = []
+
     deinit {
+        for id in heldIdentities { HeldFiles.release(id) }
         visibility?.stop()
         ChangeHub.shared.unsubscribe(wakeup)
     }
@@ -190,7 +194,7 @@ public final class Agent {
             var st = stat()
             guard fstat(dbFile.fd, &st) == 0 else { throw SystemError.last("stat \(dbPath)") }
             if let expected = options.expectedIdentity, expected != FileIdentity(st) {
-                dbFile.keepOpenForLife()
+                dbFile.keepOpenIfHeld()
                 throw AgentError.notADatabase(dbPath + " (it changed since it was found; found again at the next listing)")
             }
         }
@@ -259,6 +263,10 @@ public final class Agent {
         // could not tell a rolled-back spill from a commit, so it does not start.
         guard let shm = try RawFile.openIfExists(dbPath + "-shm") else { throw AgentError.noWalIndex(dbPath) }
         shmFile = shm
+        // The files whose locks this agent now holds, for whoever opens files nearby.
+        heldIdentities = [try dbFile.identity(), try shm.identity()]
+        if let wal = FileIdentity.of(walPath) { heldIdentities.append(wal) }
+        for id in heldIdentities { HeldFiles.hold(id) }
         // The sampling thread reads the -shm file itself, never through the agent: it holds
         // no reference that could outlive (or end) the agent.
         let log = VisibilityLog(everyUs: sampleEveryUs) { Agent.readWalIndex(shm) }

@@ -121,7 +121,7 @@ public final class MetricsServer {
         let (status, type, body): (String, String, String)
         switch (method, path) {
         case ("GET", "/metrics"), ("HEAD", "/metrics"):
-            (status, type, body) = ("200 OK", "text/plain; version=0.0.4; charset=utf-8", PrometheusText.render(StatusBoard.reports))
+            (status, type, body) = ("200 OK", "text/plain; version=0.0.4; charset=utf-8", PrometheusText.render(StatusBoard.reports, carried: StatusBoard.carried))
         case ("GET", "/healthz"), ("HEAD", "/healthz"):
             (status, type, body) = ("200 OK", "text/plain; charset=utf-8", "ok\n")
         case ("GET", _), ("HEAD", _):

@@ -91,9 +91,34 @@ public final class AgentStatus: @unchecked Sendable {
 public enum StatusBoard {
     private static let mutex = Mutex()
     nonisolated(unsafe) private static var agents: [String: AgentStatus] = [:]
-    static func register(_ s: AgentStatus, for db: String) { mutex.locked { agents[db] = s } }
+    /// The counters of agents replaced (a restart) or retired, so that the process's totals
+    /// never go down (Prometheus would read a fall as a counter reset).
+    nonisolated(unsafe) private static var carriedTotals = Totals()
+
+    public struct Totals: Sendable {
+        public var shippedBytes = 0.0
+        public var errors = 0.0
+        public init() {}
+        init(_ r: StatusReport) {
+            shippedBytes = r.replicas.reduce(0.0) { $0 + Double($1.shippedBytes) }
+            errors = Double(r.errors.values.reduce(0, +)) + r.replicas.reduce(0.0) { $0 + Double($1.errors.values.reduce(0, +)) }
+        }
+        mutating func add(_ o: Totals) { shippedBytes += o.shippedBytes; errors += o.errors }
+    }
+
+    static func register(_ s: AgentStatus, for db: String) {
+        mutex.locked {
+            if let old = agents[db], old !== s { carriedTotals.add(Totals(old.current)) }
+            agents[db] = s
+        }
+    }
     /// A retired database leaves the metrics and the process's status.
-    static func unregister(database db: String) { mutex.locked { agents[db] = nil } }
+    static func unregister(database db: String) {
+        mutex.locked {
+            if let old = agents.removeValue(forKey: db) { carriedTotals.add(Totals(old.current)) }
+        }
+    }
+    public static var carried: Totals { mutex.locked { carriedTotals } }
     public static var reports: [StatusReport] { mutex.locked { agents.values.map(\.current) }.sorted { $0.database < $1.database } }
 }
 
@@ -105,7 +130,7 @@ public enum PrometheusText {
     /// scrape then stays a few hundred KiB, and the series do not grow with the fleet.
     public static let perDatabaseLimit = 100
 
-    public static func render(_ all: [StatusReport]) -> String {
+    public static func render(_ all: [StatusReport], carried: StatusBoard.Totals = .init()) -> String {
         var out = ""
         // The process's totals, for every database.
         let failing = all.filter(\.failing)
@@ -118,10 +143,12 @@ public enum PrometheusText {
         let maxLag = all.flatMap { $0.replicas.map(\.lagSeconds) }.max() ?? 0
         out += "# HELP walship_all_replication_lag_seconds_max The largest replication lag of any database and replica.\n"
         out += "# TYPE walship_all_replication_lag_seconds_max gauge\nwalship_all_replication_lag_seconds_max \(number(maxLag))\n"
-        let bytes = all.reduce(0.0) { t, r in t + r.replicas.reduce(0.0) { $0 + Double($1.shippedBytes) } }
+        var totals = carried
+        for r in all { totals.add(StatusBoard.Totals(r)) }
+        let bytes = totals.shippedBytes
         out += "# HELP walship_all_shipped_bytes_total Bytes uploaded to every replica of every database.\n"
         out += "# TYPE walship_all_shipped_bytes_total counter\nwalship_all_shipped_bytes_total \(number(bytes))\n"
-        let errors = all.reduce(0.0) { t, r in t + Double(r.errors.values.reduce(0, +)) + r.replicas.reduce(0.0) { $0 + Double($1.errors.values.reduce(0, +)) } }
+        let errors = totals.errors
         out += "# HELP walship_all_errors_total Errors of every kind, of every database.\n"
         out += "# TYPE walship_all_errors_total counter\nwalship_all_errors_total \(number(errors))\n"
         let reports = shown(all)

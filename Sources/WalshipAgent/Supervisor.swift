@@ -103,12 +103,14 @@ public final class Supervisor: @unchecked Sendable {
                 return
             } catch is AgentRestart {
                 // The database file was replaced: a new agent takes the new file. A directory's
-                // database that is gone, or is now a symbolic link (or being retired), ends here
-                // instead; one named in the command or the file fails at the new start, as it
-                // always did.
-                let retiring = mutex.locked { entry.retiring }
-                if directory && (retiring || !Self.stillThere(path)) {
-                    if !retiring { logger.notice("database is gone (or is no longer a regular file); its agent is retired", metadata: meta) }
+                // agent ends here instead, and the next listing (within half a second) starts one
+                // for the file now under that name, vetted like any new one (a symbolic link, or
+                // nothing, is not). One named in the command or the file starts again at once.
+                if directory {
+                    let retiring = mutex.locked { entry.retiring }
+                    if !retiring && !Self.stillThere(path) {
+                        logger.notice("database is gone (or is no longer a regular file); its agent is retired", metadata: meta)
+                    }
                     StatusBoard.unregister(database: agent.resolvedPath)
                     finish(entry)
                     return
@@ -242,20 +244,19 @@ public final class DirectoryWatcher: @unchecked Sendable {
         if directories.isEmpty { return }
         let retry = Set(supervisor.reap())
         var present: Set<String> = []
-        // Every file a running agent may hold: the one it started with, and whatever its name
-        // names now (a replaced database, before its agent restarts), with its -wal and -shm.
-        for p in supervisor.paths {
-            for f in [p, p + "-wal", p + "-shm"] {
-                if let id = FileIdentity.of(f) { identities[p, default: []].insert(id) }
-            }
-        }
+        // The files agents hold (HeldFiles: each agent's database, -wal and -shm, from the
+        // descriptors it opened), and the file each agent was started on, before it holds it.
         for p in identities.keys where !supervisor.has(p) { identities[p] = nil }
         for (i, dir) in directories.enumerated() {
             let names: [String]
             do {
                 let known = Set(identities.keys.filter { FS.dirname($0) == dir.path }.map(FS.basename))
-                let taken = identities.values.reduce(into: Set<FileIdentity>()) { $0.formUnion($1) }
-                names = try dir.databasesPresent(known: known, taken: taken)
+                let taken = identities.values.reduce(into: HeldFiles.all) { $0.formUnion($1) }
+                names = try dir.databasesPresent(known: known, taken: taken) { name, why in
+                    if warned.insert(dir.path + "/" + name).inserted {
+                        logger.warning("not replicated: \(why)", metadata: ["db.path": "\(dir.path)/\(name)"])
+                    }
+                }
                 warned.remove(dir.path)
             } catch {
                 if warned.insert(dir.path).inserted {
@@ -283,7 +284,7 @@ public final class DirectoryWatcher: @unchecked Sendable {
                 options.statusInSpool = statusWriter == nil
                 options.expectedIdentity = id
                 do {
-                    identities[path, default: []].insert(id)
+                    identities[path] = [id]
                     try supervisor.start(options, onFailure: .retry)
                     owned.insert(path)
                     logger.info("database found; replicating it", metadata: ["db.path": "\(path)"])

@@ -328,8 +328,9 @@ public enum OperationsDefaults {
 
 extension DatabaseConfig {
     /// The replica of a database given none: a directory beside it, `<db>-replica`.
+    /// A plain path, never percent-decoded (a `file://` URL would decode `%2F` in a name).
     public static func defaultReplicaURL(forDatabase db: String) -> String {
-        "file://" + FS.dirname(db) + "/" + FS.basename(db) + "-replica"
+        FS.dirname(db) + "/" + FS.basename(db) + "-replica"
     }
 }
 
@@ -360,6 +361,15 @@ public struct DirectoryConfig: Sendable {
         }
         if let q = template.firstIndex(of: "?"), template[q...].firstRange(of: namePlaceholder) != nil {
             return "{name} may appear only in the URL's path, not in its query"
+        }
+        // In scheme://host-or-bucket/path, the name goes in the path: a bucket (or host)
+        // chosen by a file name would send every database, and the credentials, elsewhere.
+        if let r = template.firstRange(of: "://") {
+            let rest = template[r.upperBound...]
+            let authority = rest.prefix { $0 != "/" }
+            if authority.firstRange(of: namePlaceholder) != nil {
+                return "{name} may appear only in the URL's path, not in its bucket or host"
+            }
         }
         return nil
     }
@@ -394,21 +404,26 @@ public struct DirectoryConfig: Sendable {
     /// POSIX lock this process holds on it (SQLite's among them): so a name in `known` (its
     /// agent runs in this process) is only looked up, never opened, and neither is a file whose
     /// identity (device, inode) is in `taken` (a hard link to a database replicated here).
-    public func databasesPresent(known: Set<String> = [], taken: Set<FileIdentity> = []) throws -> [String] {
+    public func databasesPresent(known: Set<String> = [], taken: Set<FileIdentity> = [],
+                                 skipped: (String, String) -> Void = { _, _ in }) throws -> [String] {
         var out: [String] = []
         for name in try FS.list(path).sorted() where matches(name: name) {
             var st = stat()
             guard lstat(path + "/" + name, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { continue }
             if known.contains(name) { out.append(name); continue }
-            // A file with another name (a hard link) of a database replicated here, or of its
-            // -wal or -shm, is in `taken`: never opened.
+            // A file with another name (a hard link) may be a database replicated here, or its
+            // -wal or -shm: never opened, and not replicated (said once through `skipped`).
             guard st.st_size >= 100, !taken.contains(FileIdentity(st)) else { continue }
+            if st.st_nlink > 1 {
+                skipped(name, "it has \(st.st_nlink) names (hard links): a database is replicated under one name only, so give it one")
+                continue
+            }
             guard let f = try? RawFile.openIfExists(path + "/" + name, flags: O_RDONLY | O_NOFOLLOW | O_NONBLOCK) else { continue }
             // Swapped between the look and the open: the file opened is not the one looked
             // at, and may be one whose locks this process holds; its descriptor stays open.
             var opened = stat()
-            guard fstat(f.fd, &opened) == 0, FileIdentity(opened) == FileIdentity(st) else {
-                f.keepOpenForLife()
+            guard fstat(f.fd, &opened) == 0, FileIdentity(opened) == FileIdentity(st), opened.st_nlink == 1 else {
+                f.keepOpenIfHeld()
                 continue
             }
             guard let head = try? f.read(at: 0, count: 16), head == Array("SQLite format 3\0".utf8) else { continue }
@@ -428,18 +443,5 @@ public struct DirectoryConfig: Sendable {
             d.replicas = [ReplicaConfig(url: d.path + "-replica", environment: nil)]
         }
         return d
-    }
-}
-
-/// A file's identity: its device and inode.
-public struct FileIdentity: Hashable, Sendable {
-    public var device: UInt64
-    public var inode: UInt64
-    public init(_ st: stat) { device = UInt64(st.st_dev); inode = UInt64(st.st_ino) }
-
-    /// The identity of the file at `path` (a symbolic link is followed), nil when it is gone.
-    public static func of(_ path: String) -> FileIdentity? {
-        var st = stat()
-        return stat(path, &st) == 0 ? FileIdentity(st) : nil
     }
 }

@@ -379,3 +379,51 @@ public enum FS {
         try syncDirectory(dirname(dst))
     }
 }
+
+/// A file's identity: its device and inode.
+public struct FileIdentity: Hashable, Sendable {
+    public var device: UInt64
+    public var inode: UInt64
+    public init(_ st: stat) { device = UInt64(st.st_dev); inode = UInt64(st.st_ino) }
+
+    /// The identity of the file at `path` (a symbolic link is followed), nil when it is gone.
+    public static func of(_ path: String) -> FileIdentity? {
+        var st = stat()
+        return stat(path, &st) == 0 ? FileIdentity(st) : nil
+    }
+}
+
+/// The files whose POSIX locks some agent of this process holds (a database, its -wal and its
+/// -shm), counted by holder. Closing any descriptor of one of them would drop those locks:
+/// code that opens files in a shared directory checks here before it closes one.
+public enum HeldFiles {
+    private static let mutex = Mutex()
+    nonisolated(unsafe) private static var counts: [FileIdentity: Int] = [:]
+
+    public static func hold(_ id: FileIdentity) { mutex.locked { counts[id, default: 0] += 1 } }
+    public static func release(_ id: FileIdentity) {
+        mutex.locked {
+            guard let n = counts[id] else { return }
+            counts[id] = n > 1 ? n - 1 : nil
+        }
+    }
+    public static func contains(_ id: FileIdentity) -> Bool { mutex.locked { counts[id] != nil } }
+    public static var all: Set<FileIdentity> { mutex.locked { Set(counts.keys) } }
+}
+
+extension RawFile {
+    /// The identity of the open file.
+    package func identity() throws -> FileIdentity {
+        var st = stat()
+        _ = try valueOrErrno("stat \(path)") { fstat(fd, &st) }
+        return FileIdentity(st)
+    }
+
+    /// For a descriptor opened in a shared directory that turned out to name another file than
+    /// expected: kept open for the process's life when that file is one whose locks an agent
+    /// holds (closing it would drop them), closed otherwise. So the kept descriptors stay as
+    /// few as the races won against live databases.
+    package func keepOpenIfHeld() {
+        if let id = try? identity(), HeldFiles.contains(id) { keepOpenForLife() }
+    }
+}

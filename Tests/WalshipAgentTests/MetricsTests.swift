@@ -47,6 +47,31 @@ final class MetricsTests: XCTestCase {
         XCTAssertLessThan(text.utf8.count, 64 * 1024, "a scrape of 5,000 healthy databases grew with them")
     }
 
+    func testTotalsNeverGoDownWhenAnAgentRestartsOrRetires() {
+        let a = AgentStatus(database: "/x/a.db"), b = AgentStatus(database: "/x/b.db")
+        a.update { var rep = ReplicaStatus(url: "r"); rep.shippedBytes = 700; $0.replicas = [rep]; $0.errors = ["upload": 2] }
+        b.update { var rep = ReplicaStatus(url: "r"); rep.shippedBytes = 300; $0.replicas = [rep] }
+        StatusBoard.register(a, for: "/x/a.db")
+        StatusBoard.register(b, for: "/x/b.db")
+        defer { StatusBoard.unregister(database: "/x/a.db"); StatusBoard.unregister(database: "/x/b.db") }
+        func totals() -> (String, String) {
+            let text = PrometheusText.render(StatusBoard.reports.filter { $0.database.hasPrefix("/x/") }, carried: StatusBoard.carried)
+            let line = { (n: String) in text.split(separator: "\n").first { $0.hasPrefix(n + " ") }.map(String.init) ?? "" }
+            return (line("walship_all_shipped_bytes_total"), line("walship_all_errors_total"))
+        }
+        let before = StatusBoard.carried
+        func expect(_ bytes: Double, _ errors: Double, _ why: String) {
+            let (b, e) = totals()
+            XCTAssertEqual(b, "walship_all_shipped_bytes_total \(PrometheusText.number(bytes + before.shippedBytes))", why)
+            XCTAssertEqual(e, "walship_all_errors_total \(PrometheusText.number(errors + before.errors))", why)
+        }
+        expect(1000, 2, "both running")
+        StatusBoard.register(AgentStatus(database: "/x/a.db"), for: "/x/a.db")   // a restarts from zero
+        expect(1000, 2, "after a restart")
+        StatusBoard.unregister(database: "/x/b.db")                              // b retires
+        expect(1000, 2, "after a retirement")
+    }
+
     func testTroubleBeyondTheLimitShowsTheWorstFirst() {
         var reports = (0..<1_000).map { report($0, lag: Double($0)) }   // 939 of them past 60 s
         reports[3] = report(3, failing: true)

@@ -59,8 +59,9 @@ def test_databases_are_picked_up_as_they_appear_and_retired_when_they_go(tmp_pat
     elsewhere = tmp_path / "elsewhere.db"
     create_ticket_db(elsewhere, rows=1)
     os.symlink(elsewhere, d / "link.db")
-    # Another name for a.db (a hard link): the same database, replicated once.
-    os.link(d / "a.db", d / "alias.db")
+    # A database with two names (a hard link): under neither, said in the log.
+    create_ticket_db(d / "h.db", rows=1)
+    os.link(d / "h.db", d / "h2.db")
     create_ticket_db(d / "b.db", rows=3)
     create_ticket_db(d / "other.sqlite", rows=1)
     log_path = tmp_path / "agent.log"
@@ -118,7 +119,10 @@ def test_databases_are_picked_up_as_they_appear_and_retired_when_they_go(tmp_pat
     log = log_path.read_text(errors="replace")
     for name in ("notes.txt", ".hidden.db", "empty.db", "link.db", "other.sqlite"):
         assert f"{d}/{name}" not in log, f"{name} was taken for a database:\n{log[-2000:]}"
-    assert f"db.path={d}/alias.db same.as={d}/a.db" in log and log.count(f"{d}/alias.db") == 1, log[-2000:]
+    for name in ("h.db", "h2.db"):
+        assert f"db.path={d}/{name} [WalshipAgent] not replicated: it has 2 names (hard links)" in log, log[-3000:]
+        assert f"db.path={d}/{name} [WalshipAgent] database found" not in log
+    # The -shm link is a file of a database replicated here: not even looked at twice.
     assert f"{d}/shm-alias.db" not in log, log[-2000:]
     assert sorted(os.listdir(r)) == ["a.db", "b.db", "c.db"]
     assert restore(f"file://{r}/a.db", tmp_path / "a.out") == table_contents(d / "a.db")
@@ -231,3 +235,33 @@ def test_a_name_cannot_move_the_default_replica(tmp_path):
         stop(proc)
     assert (d / (name + "-replica")).is_dir()
     assert os.listdir(tmp_path / "other") == []
+
+
+def test_a_database_replaced_in_the_directory_is_replicated_from_its_new_file(tmp_path):
+    """A restore or a VACUUM INTO moved over the database: the agent of the old file ends, and the
+    next listing starts one for the new file (a new generation), within a second or so."""
+    d = tmp_path / "tenants"
+    d.mkdir()
+    r = tmp_path / "replicas"
+    r.mkdir()
+    create_ticket_db(d / "a.db", rows=2)
+    log_path = tmp_path / "agent.log"
+    proc = start(["--dir", d, "--replica-template", f"file://{r}/{{name}}", "--sync-interval", "200ms"], log_path)
+    try:
+        wait_for(log_path, "] replicating", proc)
+        new = tmp_path / "new.db"
+        create_ticket_db(new, rows=7)
+        con = sqlite3.connect(str(new))
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        con.close()
+        os.rename(new, d / "a.db")
+        for suffix in ("-wal", "-shm"):
+            if (d / ("a.db" + suffix)).exists():
+                (d / ("a.db" + suffix)).unlink()
+        wait_for(log_path, "] replicating", proc, count=2, timeout=30)
+        add_rows(d / "a.db", 3, "after")
+        time.sleep(1.0)
+        assert "changed since it was found" not in log_path.read_text(errors="replace")
+    finally:
+        stop(proc)
+    assert restore(f"file://{r}/a.db", tmp_path / "a.out") == table_contents(d / "a.db")
