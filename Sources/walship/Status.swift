@@ -103,7 +103,8 @@ struct Status: ParsableCommand {
                     print("\(e.database): \(e.running ? "agent running (pid \(e.pid!)), no status yet" : "no agent running, and no status recorded")\(note)")
                     continue
                 }
-                let head = e.running ? "agent running (pid \(e.pid!))" : "NO AGENT RUNNING (last status \(ago(r.updatedUnix)))"
+                var head = e.running ? "agent running (pid \(e.pid!))" : "NO AGENT RUNNING (last status \(ago(r.updatedUnix)))"
+                if r.failing { head += ", FAILING" } else if r.lagging { head += ", LAGGING" }
                 print("\(e.database): \(head), generation \(r.generation), database id \(r.databaseID ?? "-"), txid \(r.txid), last commit \(ago(r.lastCommitUnix))")
                 let cps = r.checkpoints.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
                 print("  WAL \(ByteSize.format(Int64(r.walBytes))), spool \(ByteSize.format(Int64(r.spoolBytes))), last snapshot \(ago(r.lastSnapshotUnix)), checkpoints: \(cps.isEmpty ? "none yet" : cps)")
