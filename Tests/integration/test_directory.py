@@ -208,6 +208,7 @@ def test_directory_mode_refuses_what_would_go_wrong(tmp_path):
         (["--dir", d, "--replica-template", "gs://b/{name}"], "no backend for gs://"),
         (["--dir", d, "--replica-template", "s3://b/p?endpoint=http://{name}"], "not its query"),
         (["--dir", d, "--replica-template", f"file://{tmp_path}/r/{{name}}?x={{name}}"], "only in the URL's path"),
+        (["--dir", d, "--replica-template", "s3://{name}/tenants?endpoint=http://127.0.0.1:1"], "not in its bucket or host"),
     ]
     for args, expected in cases:
         p = run_walship("replicate", *args, timeout=30)
