@@ -198,6 +198,9 @@ public final class Agent {
                 throw AgentError.notADatabase(dbPath + " (it changed since it was found; found again at the next listing)")
             }
         }
+        // Held from now on (see HeldFiles): nothing else in the process opens it meanwhile.
+        heldIdentities = [try dbFile.identity()]
+        HeldFiles.hold(heldIdentities[0])
         let head = try dbFile.read(at: 0, count: 16)
         if head.count == 16 && head != Array("SQLite format 3\0".utf8) || (1..<16).contains(head.count) {
             throw AgentError.notADatabase(dbPath)
@@ -264,9 +267,10 @@ public final class Agent {
         guard let shm = try RawFile.openIfExists(dbPath + "-shm") else { throw AgentError.noWalIndex(dbPath) }
         shmFile = shm
         // The files whose locks this agent now holds, for whoever opens files nearby.
-        heldIdentities = [try dbFile.identity(), try shm.identity()]
-        if let wal = FileIdentity.of(walPath) { heldIdentities.append(wal) }
-        for id in heldIdentities { HeldFiles.hold(id) }
+        var more = [try shm.identity()]
+        if let wal = FileIdentity.of(walPath) { more.append(wal) }
+        for id in more { HeldFiles.hold(id) }
+        heldIdentities += more
         // The sampling thread reads the -shm file itself, never through the agent: it holds
         // no reference that could outlive (or end) the agent.
         let log = VisibilityLog(everyUs: sampleEveryUs) { Agent.readWalIndex(shm) }

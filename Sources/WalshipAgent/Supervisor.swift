@@ -250,7 +250,9 @@ public final class DirectoryWatcher: @unchecked Sendable {
         for (i, dir) in directories.enumerated() {
             let names: [String]
             do {
-                let known = Set(identities.keys.filter { FS.dirname($0) == dir.path }.map(FS.basename))
+                // Every database with an agent here (this watcher's, or one listed in the config
+                // that the pattern matches too) is only looked up, never opened.
+                let known = Set((Array(identities.keys) + supervisor.paths).filter { FS.dirname($0) == dir.path }.map(FS.basename))
                 let taken = identities.values.reduce(into: HeldFiles.all) { $0.formUnion($1) }
                 names = try dir.databasesPresent(known: known, taken: taken) { name, why in
                     if warned.insert(dir.path + "/" + name).inserted {
