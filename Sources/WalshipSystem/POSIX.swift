@@ -424,6 +424,8 @@ extension RawFile {
     /// holds (closing it would drop them), closed otherwise. So the kept descriptors stay as
     /// few as the races won against live databases.
     package func keepOpenIfHeld() {
-        if let id = try? identity(), HeldFiles.contains(id) { keepOpenForLife() }
+        // A file that cannot even be identified may be a held one: kept, never closed.
+        guard let id = try? identity() else { keepOpenForLife(); return }
+        if HeldFiles.contains(id) { keepOpenForLife() }
     }
 }
