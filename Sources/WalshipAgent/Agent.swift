@@ -118,7 +118,7 @@ public final class Agent {
     private let wakeup = Wakeup()
     private var stopRequested: Bool { wakeup.stopped }
     /// When the last change to the database or its WAL was seen (idle back-off).
-    private var lastChangeUs = monotonicMicroseconds()
+    private var lastChangeUs: Int64
     /// Whether changes wake the agent (false: it polls on its timeouts alone).
     private var watching = false
     private var bytesSinceRoomCheck = 0
@@ -141,9 +141,14 @@ public final class Agent {
     /// Payload bytes per second of the last segment cut: picks the next one's LZ4 level.
     private var segmentPayloadRate = 0.0
 
-    public init(options: AgentOptions, logger: Logger) {
+    /// What the loop schedules by (a test's clock moves only when the test moves it).
+    private let clock: LoopClock
+
+    public init(options: AgentOptions, logger: Logger, clock: LoopClock = SystemClock()) {
         self.options = options
         self.logger = logger
+        self.clock = clock
+        self.lastChangeUs = clock.monotonicUs()
         // SQLite names the WAL after the real file: follow symlinks before watching anything.
         self.dbPath = FS.resolved(options.databasePath)
         self.walPath = dbPath + "-wal"
@@ -181,8 +186,7 @@ public final class Agent {
         // (Through the descriptor the agent keeps for its life: closing any descriptor of the
         // file would drop the POSIX locks SQLite holds on it in this process.)
         if options.foundInDirectory {
-            var st = stat()
-            guard lstat(options.databasePath, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
+            guard FS.isRegularFileNotLink(options.databasePath) else {
                 throw AgentError.notADatabase(options.databasePath + " (a database found in a directory must be a regular file, not a symbolic link)")
             }
         }
@@ -651,7 +655,7 @@ public final class Agent {
     /// write wakes the agent at once (ChangeHub); only one with nothing left to copy waits
     /// for the slower look, a second at most.
     private var checkpointerCheckUs: Int64 {
-        let now = monotonicMicroseconds()
+        let now = clock.monotonicUs()
         if let last = lastCourtesy, now - last.atUs < 500_000 { return 2_000 }
         return now - lastChangeUs >= 2_000_000 ? 1_000_000 : 20_000
     }
@@ -671,7 +675,7 @@ public final class Agent {
     /// is all copied back, a new pin reads the database file only, which holds back nothing.
     private func makeWayForCheckpoint() throws {
         guard let index = readWalIndex() else { return }
-        let now = monotonicMicroseconds()
+        let now = clock.monotonicUs()
         // Once per state of the log: the first move puts the pin at the end, the second (when
         // everything is copied back) lets a RESTART or TRUNCATE go.
         let key = (index.salt1, index.mxFrame, index.nBackfill >= index.mxFrame)
@@ -1233,7 +1237,7 @@ public final class Agent {
             }
             try spool.enqueue(file: builder.path, key: snap.key, sequence: state.nextSequence)
             state.nextSequence += 1
-            state.lastSnapshotTimeUs = nowMicroseconds()
+            state.lastSnapshotTimeUs = clock.wallUs()
             state.lastSnapshotTxid = lastTxid
             logger.info("snapshot written", metadata: ["snapshot.key": "\(snap.key)", "snapshot.pages": "\(pages)",
                                                        "snapshot.ms": "\((monotonicMicroseconds() - start) / 1000)"])
@@ -1344,152 +1348,219 @@ public final class Agent {
     // MARK: main loop
 
     /// Runs until SIGTERM/SIGINT (or `stop()`), then ships what is committed and returns.
+    /// On a thread of its own: the same turns as on a `WorkerPool` (see `AgentJob`).
     public func run() throws {
-        try setUpWakeups()
         if options.oneShotSnapshot {
-            if state.lastSnapshotTxid != lastTxid || segment != nil {
-                try snapshotNow()
-                oneShotTookSnapshot = true
-            }
-            // A replica found without the base of the generation (emptied, or left out of a
-            // run) drops it and needs a new one: the one-off run gives it one, as the loop would.
-            try cutSegment()
-            kickShippers()
-            let deadline = monotonicMicroseconds() + 30_000_000
-            for s in shippers { _ = s.waitUntilShipped(limit: shippableSequence, deadlineUs: deadline) }
-            if let s = shippers.first(where: { $0.droppedGeneration == state.generation && $0.reachableAgain }) {
-                try movePinToEnd(patient: true)
-                try cutSegment()
-                try startGeneration(reason: "replica \(s.replica.displayURL): \(s.dropReason ?? "its backlog was dropped")", previous: state)
-                startedGeneration = true
-            }
-            var pending = try shutdown()
-            for s in shippers where s.droppedGeneration != nil {
-                pending.append("\(s.replica.displayURL): its copy of generation \(s.droppedGeneration!) lacks the base; `walship replicate` (or this command again) starts a new generation for it")
-            }
-            if !pending.isEmpty { throw AgentError.notShipped(pending) }
+            try runOnce()
             return
         }
-        var nextCutUs = monotonicMicroseconds() + options.syncIntervalUs
-        var lastSnapshotCheckUs = monotonicMicroseconds()
+        var next = try beginRun()
+        while true {
+            let left = next.atUs - clock.monotonicUs()
+            var changed = false
+            if next.wakeOnChange { changed = wakeup.wait(timeoutUs: left) } else { wakeup.sleep(timeoutUs: left) }
+            guard let n = try turn(changed: changed) else { break }
+            next = n
+        }
+        try endRun()
+    }
+
+    /// The one-off run of `walship snapshot`: a snapshot when the newest is not current, the
+    /// open segment cut, everything shipped.
+    private func runOnce() throws {
+        try setUpWakeups()
+        if state.lastSnapshotTxid != lastTxid || segment != nil {
+            try snapshotNow()
+            oneShotTookSnapshot = true
+        }
+        // A replica found without the base of the generation (emptied, or left out of a
+        // run) drops it and needs a new one: the one-off run gives it one, as the loop would.
+        try cutSegment()
+        kickShippers()
+        let deadline = monotonicMicroseconds() + 30_000_000
+        for s in shippers { _ = s.waitUntilShipped(limit: shippableSequence, deadlineUs: deadline) }
+        if let s = shippers.first(where: { $0.droppedGeneration == state.generation && $0.reachableAgain }) {
+            try movePinToEnd(patient: true)
+            try cutSegment()
+            try startGeneration(reason: "replica \(s.replica.displayURL): \(s.dropReason ?? "its backlog was dropped")", previous: state)
+            startedGeneration = true
+        }
+        var pending = try shutdown()
+        for s in shippers where s.droppedGeneration != nil {
+            pending.append("\(s.replica.displayURL): its copy of generation \(s.droppedGeneration!) lacks the base; `walship replicate` (or this command again) starts a new generation for it")
+        }
+        if !pending.isEmpty { throw AgentError.notShipped(pending) }
+    }
+
+    /// The wake-up that ends this agent's waits: a `WorkerPool` parks the agent on it.
+    package var wakeupForScheduling: Wakeup { wakeup }
+
+    // The loop's state between turns.
+    private var nextCutUs: Int64 = 0
+    private var lastSnapshotCheckUs: Int64 = 0
+    private var lastWatchdogUs: Int64 = 0
+    /// Whether the database was idle when the last wait began.
+    private var idleBeforeWait = false
+    /// Set while a burst of commits is let land before the WAL is read (see `turn`).
+    private var debounceUntilUs: Int64?
+
+    /// After `start()`: watches the files, and says when the first turn is due.
+    public func beginRun() throws -> WorkerPool.Next {
+        try setUpWakeups()
+        let now = clock.monotonicUs()
+        nextCutUs = now + options.syncIntervalUs
+        lastSnapshotCheckUs = now
+        lastWatchdogUs = now
         logger.info("replicating", metadata: meta.merging(["replicas": "\(replicas.map(\.displayURL).joined(separator: ", "))",
                                                            "sqlite.version": "\(SQLiteConnection.libraryVersion)",
                                                            "sync.interval": "\(DurationText.format(microseconds: options.syncIntervalUs))"]) { a, _ in a })
-        var lastWatchdogUs = monotonicMicroseconds()
-        while !stopRequested {
-            let now = monotonicMicroseconds()
-            // Idle: nothing to cut and no change for two seconds. An idle database is looked
-            // at once a second, and its cut times pass without a wake-up (they stay on the
-            // same grid): a commit wakes it through ChangeHub. Without inotify it polls as before.
-            var idle = watching && !wakeup.unwatched && segment == nil && now - lastChangeUs >= 2_000_000
-            if idle && nextCutUs <= now {
-                let every = max(1, options.syncIntervalUs)
-                nextCutUs += ((now - nextCutUs) / every + 1) * every
+        return nextWait()
+    }
+
+    /// When the next turn is due, from now: the cut, the watchdog, the look for an application
+    /// checkpoint; or a change, whichever comes first.
+    private func nextWait() -> WorkerPool.Next {
+        let now = clock.monotonicUs()
+        // Idle: nothing to cut and no change for two seconds. An idle database is looked
+        // at once a second, and its cut times pass without a wake-up (they stay on the
+        // same grid): a commit wakes it through ChangeHub. Without inotify it polls as before.
+        let idle = watching && !wakeup.unwatched && segment == nil && now - lastChangeUs >= 2_000_000
+        if idle && nextCutUs <= now {
+            let every = max(1, options.syncIntervalUs)
+            nextCutUs += ((now - nextCutUs) / every + 1) * every
+        }
+        var timeout = min(watchdogUs(idle: idle) - (now - lastWatchdogUs), checkpointerCheckUs)
+        if !idle { timeout = min(timeout, nextCutUs - now) }
+        idleBeforeWait = idle
+        // While the agent waits, a change wakes it at once and it samples commit times
+        // itself; everywhere else the visibility log's thread samples for it.
+        visibility?.setBusy(false)
+        return WorkerPool.Next(atUs: now + max(0, timeout), wakeOnChange: true)
+    }
+
+    private func watchdogUs(idle: Bool) -> Int64 { idle ? max(options.pollIntervalUs, 1_000_000) : options.pollIntervalUs }
+
+    /// One pass of the loop, after a wait: `changed` says whether a change ended it. Returns
+    /// when the next is due, or nil when the loop ends (a stop, or a replaced database): then
+    /// `endRun()`.
+    public func turn(changed: Bool) throws -> WorkerPool.Next? {
+        let idle: Bool
+        if let until = debounceUntilUs {
+            // Letting a burst of commits land, then reading them in one pass: far fewer WAL
+            // reads. Meanwhile the wal-index is sampled every few milliseconds, so each commit
+            // is still stamped with when it became visible. Never past the next cut.
+            let now = clock.monotonicUs()
+            if !stopRequested && now < until {
+                visibility?.sample()
+                if blockingCheckpointRunning() { try makeWayForCheckpoint() }
+                let step = max(500, min(checkpointerCheckUs, sampleEveryUs, until - now))
+                return WorkerPool.Next(atUs: min(until, clock.monotonicUs() + step), wakeOnChange: false)
             }
-            let watchdogUs = idle ? max(options.pollIntervalUs, 1_000_000) : options.pollIntervalUs
-            var timeout = min(watchdogUs - (now - lastWatchdogUs), checkpointerCheckUs)
-            if !idle { timeout = min(timeout, nextCutUs - now) }
-            timeout = max(0, timeout)
-            // While the loop waits, a change wakes it at once and it samples commit times
-            // itself; everywhere else the visibility log's thread samples for it.
-            visibility?.setBusy(false)
-            let changed = waitForChange(timeoutUs: timeout)
-            if !changed && !stopRequested {
+            debounceUntilUs = nil
+            idle = false
+        } else {
+            if stopRequested { return nil }
+            if changed { lastChangeUs = clock.monotonicUs() }
+            if !changed {
                 // Nothing new: the moment to notice an application checkpoint waiting for the pin.
                 if blockingCheckpointRunning() { try makeWayForCheckpoint() }
-                let t = monotonicMicroseconds()
-                if (idle || t < nextCutUs) && t - lastWatchdogUs < watchdogUs { continue }
+                let t = clock.monotonicUs()
+                if (idleBeforeWait || t < nextCutUs) && t - lastWatchdogUs < watchdogUs(idle: idleBeforeWait) { return nextWait() }
             }
-            if changed { idle = false }
+            idle = idleBeforeWait && !changed
             // An idle pass that only looks around (no change, no upkeep due) is short, and a
             // commit made meanwhile wakes the next wait at once, which samples it: the
             // sampling thread stays asleep, one thread switch less per idle database and second.
-            if !idle || monotonicMicroseconds() - lastUpkeepUs >= 5_000_000 {
+            if !idle || clock.monotonicUs() - lastUpkeepUs >= 5_000_000 {
                 visibility?.setBusy(true)   // (an idle look above leaves the sampling thread asleep)
             }
-            lastWatchdogUs = monotonicMicroseconds()
+            lastWatchdogUs = clock.monotonicUs()
             if changed && debounceUs > 0 {
-                // Let a burst of commits land, then read them in one pass: far fewer WAL reads.
-                // Meanwhile the wal-index is sampled every few milliseconds, so each commit is
-                // still stamped with when it became visible. Never past the next cut.
-                let until = min(monotonicMicroseconds() + debounceUs, nextCutUs)
+                let now = clock.monotonicUs()
+                let until = min(now + debounceUs, nextCutUs)
                 visibility?.sample()
-                while !stopRequested && monotonicMicroseconds() < until {
-                    usleep(UInt32(max(500, min(checkpointerCheckUs, sampleEveryUs, until - monotonicMicroseconds()))))
-                    visibility?.sample()
-                    if blockingCheckpointRunning() { try makeWayForCheckpoint() }
-                }
-            }
-            if stopRequested { break }
-            try pollAndAppend()
-            if blockingCheckpointRunning() { try makeWayForCheckpoint() }
-            let t = monotonicMicroseconds()
-            if t >= nextCutUs {
-                if segment != nil {
-                    try cutSegment()
-                    try compactLocally(force: false)
-                    kickShippers()
-                    try collectOutbox()
-                    // Keep the pin recent so application checkpoints are not held back long.
-                    try movePinToEnd()
-                }
-                // A fixed rate: the time spent cutting does not stretch the interval.
-                nextCutUs += options.syncIntervalUs
-                if nextCutUs <= t { nextCutUs = t + options.syncIntervalUs }
-            }
-            if tailer.framesInLog >= options.checkpointFrames && t - lastCheckpointTryUs >= 1_000_000 {
-                lastCheckpointTryUs = t
-                visibility?.setBusy(true)   // (an idle pass may have left it asleep)
-                try checkpointCycle()
-            }
-            if t - lastSnapshotCheckUs >= (idle ? 1_000_000 : 250_000) {
-                lastSnapshotCheckUs = t
-                let requested = FS.exists(spool.snapshotRequestPath)
-                // A scheduled snapshot of an unchanged database would only duplicate the last one.
-                let changed = state.lastSnapshotTxid != lastTxid || segment != nil
-                if requested || (changed && nowMicroseconds() - state.lastSnapshotTimeUs >= options.snapshotIntervalUs
-                                 && t >= snapshotRetryAtUs) {
-                    let generationBefore = state.generation
-                    visibility?.setBusy(true)   // (an idle pass may have left it asleep)
-                    do {
-                        try snapshotNow()
-                        if requested { try? FS.remove(spool.snapshotRequestPath) }
-                    } catch let e as SnapshotNoRoom where state.generation == generationBefore {
-                        // The generation has its base already: a later snapshot only shortens
-                        // restores, so a disk too full for one must not stop replication.
-                        snapshotRetryAtUs = monotonicMicroseconds() + 600_000_000
-                        logger.error("snapshot failed: no room for it in the spool; replication goes on, next try in 10 minutes",
-                                     metadata: meta.merging(["error": "\(e)"]) { a, _ in a })
-                        status.countError("snapshot")
-                        if requested { try? FS.rename(spool.snapshotRequestPath, spool.snapshotRequestFailedPath) }
-                    }
-                }
-                if databaseWasReplaced() { restartRequested = true; break }
-                // A tailer stuck behind what SQLite committed cuts nothing, so the self-check
-                // at the cut would never run: when the wal-index runs ahead of the tailer
-                // (read without locks, a hint), check it under the write lock now.
-                // Only when it made no progress for a whole tick: under load the index is often
-                // a commit or two ahead for a moment.
-                if let index = readWalIndex(), let h = tailer.header, index.describes(h), Int(index.mxFrame) > tailer.framesInLog {
-                    if stuckAt == tailer.framesInLog { try movePinToEnd() }
-                    stuckAt = tailer.framesInLog
-                } else {
-                    stuckAt = nil
-                }
-                // The spool's upkeep and the status: on every tick while busy, every 5 s when
-                // idle (each costs directory listings, and idle databases may be thousands).
-                if !idle || t - lastUpkeepUs >= 5_000_000 {
-                    lastUpkeepUs = t
-                    try enforceSpoolLimit()
-                    if segment == nil && persistedTableTxid < state.tableTxid {
-                        try saveState()   // records the flushed table, so the last segment can leave the spool
-                    }
-                    try compactLocally(force: false)   // windows that closed while idle
-                    try collectOutbox()
-                    try operationsTick()
+                if now < until {
+                    debounceUntilUs = until
+                    let step = max(500, min(checkpointerCheckUs, sampleEveryUs, until - now))
+                    return WorkerPool.Next(atUs: min(until, now + step), wakeOnChange: false)
                 }
             }
         }
+        if stopRequested { return nil }
+        try pollAndAppend()
+        if blockingCheckpointRunning() { try makeWayForCheckpoint() }
+        let t = clock.monotonicUs()
+        if t >= nextCutUs {
+            if segment != nil {
+                try cutSegment()
+                try compactLocally(force: false)
+                kickShippers()
+                try collectOutbox()
+                // Keep the pin recent so application checkpoints are not held back long.
+                try movePinToEnd()
+            }
+            // A fixed rate: the time spent cutting does not stretch the interval.
+            nextCutUs += options.syncIntervalUs
+            if nextCutUs <= t { nextCutUs = t + options.syncIntervalUs }
+        }
+        if tailer.framesInLog >= options.checkpointFrames && t - lastCheckpointTryUs >= 1_000_000 {
+            lastCheckpointTryUs = t
+            visibility?.setBusy(true)   // (an idle pass may have left it asleep)
+            try checkpointCycle()
+        }
+        if t - lastSnapshotCheckUs >= (idle ? 1_000_000 : 250_000) {
+            lastSnapshotCheckUs = t
+            let requested = FS.exists(spool.snapshotRequestPath)
+            // A scheduled snapshot of an unchanged database would only duplicate the last one.
+            let changed = state.lastSnapshotTxid != lastTxid || segment != nil
+            if requested || (changed && clock.wallUs() - state.lastSnapshotTimeUs >= options.snapshotIntervalUs
+                             && t >= snapshotRetryAtUs) {
+                let generationBefore = state.generation
+                visibility?.setBusy(true)   // (an idle pass may have left it asleep)
+                do {
+                    try snapshotNow()
+                    if requested { try? FS.remove(spool.snapshotRequestPath) }
+                } catch let e as SnapshotNoRoom where state.generation == generationBefore {
+                    // The generation has its base already: a later snapshot only shortens
+                    // restores, so a disk too full for one must not stop replication.
+                    snapshotRetryAtUs = clock.monotonicUs() + 600_000_000
+                    logger.error("snapshot failed: no room for it in the spool; replication goes on, next try in 10 minutes",
+                                 metadata: meta.merging(["error": "\(e)"]) { a, _ in a })
+                    status.countError("snapshot")
+                    if requested { try? FS.rename(spool.snapshotRequestPath, spool.snapshotRequestFailedPath) }
+                }
+            }
+            if databaseWasReplaced() { restartRequested = true; return nil }
+            // A tailer stuck behind what SQLite committed cuts nothing, so the self-check
+            // at the cut would never run: when the wal-index runs ahead of the tailer
+            // (read without locks, a hint), check it under the write lock now.
+            // Only when it made no progress for a whole tick: under load the index is often
+            // a commit or two ahead for a moment.
+            if let index = readWalIndex(), let h = tailer.header, index.describes(h), Int(index.mxFrame) > tailer.framesInLog {
+                if stuckAt == tailer.framesInLog { try movePinToEnd() }
+                stuckAt = tailer.framesInLog
+            } else {
+                stuckAt = nil
+            }
+            // The spool's upkeep and the status: on every tick while busy, every 5 s when
+            // idle (each costs directory listings, and idle databases may be thousands).
+            if !idle || t - lastUpkeepUs >= 5_000_000 {
+                lastUpkeepUs = t
+                try enforceSpoolLimit()
+                if segment == nil && persistedTableTxid < state.tableTxid {
+                    try saveState()   // records the flushed table, so the last segment can leave the spool
+                }
+                try compactLocally(force: false)   // windows that closed while idle
+                try collectOutbox()
+                try operationsTick()
+            }
+        }
+        return nextWait()
+    }
+
+    /// After the last turn: ships what is committed and stops; throws `AgentRestart` when the
+    /// database was replaced.
+    public func endRun() throws {
         try shutdown()
         if restartRequested { throw AgentRestart() }
     }
@@ -1500,7 +1571,7 @@ public final class Agent {
     private func operationsTick() throws {
         let now = nowMicroseconds()
         try refreshStatus(nowUs: now)
-        let mono = monotonicMicroseconds()
+        let mono = clock.monotonicUs()
         if mono - lastStatusFileUs >= 1_000_000 {
             // Written when something in it changed, and every 10 s regardless (its time says
             // the agent is alive): an idle database costs no file write a second.
@@ -1737,7 +1808,7 @@ public final class Agent {
         if !watching { logger.warning("inotify unavailable; polling instead", metadata: meta) }
         // A commit made after start() read the log and before the watch existed raised no
         // event: the first wait returns at once, and the agent is busy for its first seconds.
-        lastChangeUs = monotonicMicroseconds()
+        lastChangeUs = clock.monotonicUs()
         wakeup.notifyChange()
     }
 
@@ -1745,14 +1816,6 @@ public final class Agent {
 
     /// Pause after a wake-up before reading the WAL: --read-delay, at most a tenth of the sync interval.
     private var debounceUs: Int64 { min(options.readDelayUs, options.syncIntervalUs / 10) }
-
-    /// Waits for a change to the database or its WAL, the timeout, or a stop; true on a change.
-    @discardableResult
-    private func waitForChange(timeoutUs: Int64) -> Bool {
-        let changed = wakeup.wait(timeoutUs: timeoutUs)
-        if changed { lastChangeUs = monotonicMicroseconds() }
-        return changed
-    }
 
     // MARK: status for tools
 

@@ -8,10 +8,12 @@ import WalshipRestore
 import WalshipStorage
 import WalshipSystem
 
-/// Runs one agent per database, each on its own thread, for `walship replicate`.
+/// Runs one agent per database for `walship replicate`, all on one `WorkerPool`: a few
+/// threads per core, however many databases there are. Each agent's loop runs as turns (see
+/// `Agent.turn`), parked between them until its next timer, a change to its files, or a stop.
 ///
 /// SIGTERM and SIGINT reach every agent through the `ChangeHub`; each ships what is committed
-/// and returns, and `waitForAll()` joins them, the last started first.
+/// and ends, on the pool's threads side by side, and `waitForAll()` returns once all have.
 ///
 /// What a failed agent does depends on how its database was named:
 /// - named in the command or the config file (`.stopProcess`): its error stops the process,
@@ -26,123 +28,155 @@ public final class Supervisor: @unchecked Sendable {
 
     private final class Entry {
         let options: AgentOptions
+        let onFailure: OnFailure
         var agent: Agent?
-        var thread: JoinableThread?
         var retiring = false
         var finished = false
         /// When it failed (monotonic), for a directory's database.
         var failedAtUs: Int64?
-        init(options: AgentOptions) { self.options = options }
+        init(options: AgentOptions, onFailure: OnFailure) {
+            self.options = options
+            self.onFailure = onFailure
+        }
+        var directory: Bool { if case .retry = onFailure { return true }; return false }
     }
 
     /// The pause before a directory's failed database is tried again.
     public static let retryAfterUs: Int64 = 30_000_000
 
     private let logger: Logger
-    private let mutex = Mutex()
+    private let cond = MonotonicCondition()
     private var entries: [String: Entry] = [:]   // by database path
-    private var started: [String] = []            // paths, in order of start
+    private let pool: WorkerPool
 
-    public init(logger: Logger) { self.logger = logger }
+    /// `threads`: the pool's size (default: `WorkerPool.defaultThreads` for this machine).
+    public init(logger: Logger, threads: Int? = nil) {
+        self.logger = logger
+        let cores = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
+        self.pool = WorkerPool(threads: threads ?? WorkerPool.defaultThreads(cores: max(1, cores)))
+    }
+
+    /// Threads the agents run on so far.
+    public var threadCount: Int { pool.threadCount }
 
     /// Whether an agent runs (or is shutting down, or failed and waits for its retry) for `path`.
-    public func has(_ path: String) -> Bool { mutex.locked { entries[path] != nil } }
+    public func has(_ path: String) -> Bool { cond.locked { entries[path] != nil } }
 
     /// The databases with an agent that has not been retired.
-    public var paths: [String] { mutex.locked { entries.filter { !$0.value.retiring }.map(\.key) } }
+    public var paths: [String] { cond.locked { entries.filter { !$0.value.retiring }.map(\.key) } }
 
-    /// Starts an agent for `options.databasePath` on a thread of its own.
+    /// Starts an agent for `options.databasePath` on the pool.
     public func start(_ options: AgentOptions, onFailure: OnFailure) throws {
         let path = options.databasePath
-        let entry = Entry(options: options)
-        try mutex.locked {
-            guard entries[path] == nil else { return }
+        let entry = Entry(options: options, onFailure: onFailure)
+        let added: Bool = cond.locked {
+            guard entries[path] == nil else { return false }
             entries[path] = entry
-            started.append(path)
-            do {
-                entry.thread = try JoinableThread { [self] in runAgent(entry, onFailure: onFailure) }
-            } catch {
-                entries[path] = nil
-                started.removeLast()
-                throw error
+            return true
+        }
+        guard added else { return }
+        do {
+            try startAgent(entry)
+        } catch {
+            cond.locked { entries[path] = nil }
+            throw error
+        }
+    }
+
+    /// A new agent for the entry, as a job of the pool: its first step starts it.
+    private func startAgent(_ entry: Entry) throws {
+        let agent = Agent(options: entry.options, logger: logger)
+        // Retired before it began (or a stop request came): nothing is started.
+        let retiring: Bool = cond.locked { entry.agent = agent; return entry.retiring }
+        if retiring || ChangeHub.shared.stopping { finish(entry); return }
+        var next: WorkerPool.Next?
+        try pool.add(wakeup: agent.wakeupForScheduling) { [self] in
+            step(entry, agent, &next)
+        }
+    }
+
+    /// One step of an agent's job: its start and first wait, a turn, or its end.
+    private func step(_ entry: Entry, _ agent: Agent, _ next: inout WorkerPool.Next?) -> WorkerPool.Step {
+        do {
+            guard let last = next else {
+                try agent.start()
+                let n = try agent.beginRun()
+                next = n
+                return .again(n)
+            }
+            // A turn that only let commits land (no wake on change) leaves the change for later.
+            let changed = last.wakeOnChange ? agent.wakeupForScheduling.takeChange() : false
+            if let n = try agent.turn(changed: changed) {
+                next = n
+                return .again(n)
+            }
+            try agent.endRun()
+            if entry.directory && cond.locked({ entry.retiring }) { StatusBoard.unregister(database: agent.resolvedPath) }
+            finish(entry)
+            return .done
+        } catch is AgentRestart {
+            restarted(entry, agent)
+            return .done
+        } catch {
+            failed(entry, agent, error)
+            return .done
+        }
+    }
+
+    /// The database file was replaced: a new agent takes the new file. A directory's agent
+    /// ends here instead, and the next listing (within half a second) starts one for the file
+    /// now under that name, vetted like any new one (a symbolic link, or nothing, is not). One
+    /// named in the command or the file starts again at once.
+    private func restarted(_ entry: Entry, _ agent: Agent) {
+        let path = entry.options.databasePath
+        if entry.directory {
+            let retiring = cond.locked { entry.retiring }
+            if !retiring && !FS.isRegularFileNotLink(path) {
+                logger.notice("database is gone (or is no longer a regular file); its agent is retired", metadata: ["db.path": "\(path)"])
+            }
+            StatusBoard.unregister(database: agent.resolvedPath)
+            finish(entry)
+            return
+        }
+        do { try startAgent(entry) } catch { failed(entry, agent, error) }
+    }
+
+    private func failed(_ entry: Entry, _ agent: Agent, _ error: Error) {
+        let path = entry.options.databasePath
+        let meta: Logger.Metadata = ["db.path": "\(path)"]
+        switch entry.onFailure {
+        case .stopProcess(let fail): fail(error)
+        case .retry:
+            let gone = !FS.isRegularFileNotLink(path)
+            let retiring = cond.locked { entry.retiring }
+            // Logged in every case: the error may have left commits unshipped.
+            if gone || retiring {
+                logger.error("replication of a retired database ended with an error; what its replica lacks stays in its spool",
+                             metadata: meta.merging(["error": "\(error)"]) { a, _ in a })
+                StatusBoard.unregister(database: agent.resolvedPath)
+                finish(entry)
+            } else {
+                logger.error("replication of this database failed; trying again in \(Self.retryAfterUs / 1_000_000) s",
+                             metadata: meta.merging(["error": "\(error)"]) { a, _ in a })
+                finish(entry, failed: true)
             }
         }
     }
 
-    /// Marks an entry's agent as ended (its thread returns right after).
+    /// Marks an entry's agent as ended.
     private func finish(_ entry: Entry, failed: Bool = false) {
-        mutex.locked {
+        cond.locked {
             if failed { entry.failedAtUs = monotonicMicroseconds() }
             entry.finished = true
             entry.agent = nil
+            cond.signal()
         }
     }
 
-    /// Whether a directory's database may be started (again): its name still names a regular
-    /// file (a symbolic link put in its place is never followed).
-    private static func stillThere(_ path: String) -> Bool {
-        var st = stat()
-        return lstat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG
-    }
-
-    private func runAgent(_ entry: Entry, onFailure: OnFailure) {
-        let path = entry.options.databasePath
-        let meta: Logger.Metadata = ["db.path": "\(path)"]
-        var directory = false
-        if case .retry = onFailure { directory = true }
-        while true {
-            let agent = Agent(options: entry.options, logger: logger)
-            // Retired before it began (or a stop request came): nothing is started.
-            let retiring: Bool = mutex.locked { entry.agent = agent; return entry.retiring }
-            if retiring || ChangeHub.shared.stopping { finish(entry); return }
-            do {
-                try agent.start()
-                try agent.run()
-                if directory && mutex.locked({ entry.retiring }) { StatusBoard.unregister(database: agent.resolvedPath) }
-                finish(entry)
-                return
-            } catch is AgentRestart {
-                // The database file was replaced: a new agent takes the new file. A directory's
-                // agent ends here instead, and the next listing (within half a second) starts one
-                // for the file now under that name, vetted like any new one (a symbolic link, or
-                // nothing, is not). One named in the command or the file starts again at once.
-                if directory {
-                    let retiring = mutex.locked { entry.retiring }
-                    if !retiring && !Self.stillThere(path) {
-                        logger.notice("database is gone (or is no longer a regular file); its agent is retired", metadata: meta)
-                    }
-                    StatusBoard.unregister(database: agent.resolvedPath)
-                    finish(entry)
-                    return
-                }
-                continue
-            } catch {
-                switch onFailure {
-                case .stopProcess(let fail): fail(error)
-                case .retry:
-                    let gone = !Self.stillThere(path)
-                    let retiring = mutex.locked { entry.retiring }
-                    // Logged in every case: the error may have left commits unshipped.
-                    if gone || retiring {
-                        logger.error("replication of a retired database ended with an error; what its replica lacks stays in its spool",
-                                     metadata: meta.merging(["error": "\(error)"]) { a, _ in a })
-                        StatusBoard.unregister(database: agent.resolvedPath)
-                        finish(entry)
-                    } else {
-                        logger.error("replication of this database failed; trying again in \(Self.retryAfterUs / 1_000_000) s",
-                                     metadata: meta.merging(["error": "\(error)"]) { a, _ in a })
-                        finish(entry, failed: true)
-                    }
-                    return
-                }
-            }
-        }
-    }
-
-    /// Stops the agent of `path` (it ships what is committed first). Its thread ends on its own;
+    /// Stops the agent of `path` (it ships what is committed first). It ends on its own;
     /// `reap()` forgets it then.
     public func retire(_ path: String) {
-        let agent: Agent? = mutex.locked {
+        let agent: Agent? = cond.locked {
             guard let e = entries[path] else { return nil }
             e.retiring = true
             return e.agent
@@ -150,39 +184,29 @@ public final class Supervisor: @unchecked Sendable {
         agent?.stop()
     }
 
-    /// Joins the threads of agents that ended. Returns the paths of databases that failed and
-    /// whose pause is over: the caller may start them again.
+    /// Forgets agents that ended. Returns the paths of databases that failed and whose pause
+    /// is over: the caller may start them again.
     @discardableResult
     public func reap() -> [String] {
         let now = monotonicMicroseconds()
-        let (done, retry): ([Entry], [String]) = mutex.locked {
-            var done: [Entry] = []
+        return cond.locked {
             var retry: [String] = []
             for (path, e) in entries where e.finished {
                 if let t = e.failedAtUs, !e.retiring {
                     if now - t < Self.retryAfterUs { continue }
                     retry.append(path)
                 }
-                done.append(e)
                 entries[path] = nil
-                started.removeAll { $0 == path }
             }
-            return (done, retry)
+            return retry
         }
-        for e in done { e.thread?.join(); e.thread = nil }
-        return retry
     }
 
-    /// Waits for every agent to end (after a stop request), the last started first.
+    /// Waits for every agent to end (after a stop request).
     public func waitForAll() {
-        while true {
-            let next: Entry? = mutex.locked {
-                guard let path = started.popLast() else { return nil }
-                return entries.removeValue(forKey: path)
-            }
-            guard let e = next else { return }
-            e.thread?.join()
-            e.thread = nil
+        cond.locked {
+            while entries.values.contains(where: { !$0.finished }) { cond.wait(timeoutUs: 1_000_000) }
+            entries = [:]
         }
     }
 }

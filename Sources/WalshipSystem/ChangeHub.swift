@@ -12,22 +12,36 @@ public final class Wakeup: @unchecked Sendable {
     private var lost = false
     /// The hub it is subscribed to (its waits are counted there: see `ChangeHub.rest`).
     private var hub: ChangeHub?
+    /// Told after each change, stop or lost watch, outside this lock (a `WorkerPool` that
+    /// runs the agent on its threads instead of one of its own).
+    private var listener: (@Sendable () -> Void)?
 
     public init() {}
 
     func setHub(_ h: ChangeHub?) { cond.locked { hub = h } }
 
-    public var stopped: Bool { cond.locked { stopFlag } }
+    package func setListener(_ l: (@Sendable () -> Void)?) { cond.locked { listener = l } }
+
+    /// A stop was asked (or SIGTERM/SIGINT came, even before the hub's thread passed it on).
+    public var stopped: Bool { SignalPipe.signalled != 0 || cond.locked { stopFlag } }
 
     /// Its watch is gone (the directory was removed or unmounted, or the hub's reader failed):
     /// changes no longer wake it, and the agent polls on its timeouts.
     public var unwatched: Bool { cond.locked { lost } }
 
-    func loseWatch() { cond.locked { lost = true; changed = true; cond.signal() } }
+    /// Whether a change came that no wait has taken yet.
+    package var hasChange: Bool { cond.locked { changed } }
 
-    public func stop() { cond.locked { stopFlag = true; cond.signal() } }
+    func loseWatch() { tell(cond.locked { lost = true; changed = true; cond.signal(); return listener }) }
 
-    package func notifyChange() { cond.locked { changed = true; cond.signal() } }
+    public func stop() { tell(cond.locked { stopFlag = true; cond.signal(); return listener }) }
+
+    package func notifyChange() { tell(cond.locked { changed = true; cond.signal(); return listener }) }
+
+    private func tell(_ l: (@Sendable () -> Void)?) { l?() }
+
+    /// Takes the pending change without waiting: whether one came since the last take or wait.
+    public func takeChange() -> Bool { cond.locked { defer { changed = false }; return changed } }
 
     /// Waits at most `timeoutUs` for a change or a stop. Returns whether a change came (and
     /// clears it); a stop returns at once, with whatever change was pending.
@@ -50,6 +64,18 @@ public final class Wakeup: @unchecked Sendable {
             if SignalPipe.signalled != 0 { stopFlag = true }
             defer { changed = false }
             return changed
+        }
+    }
+
+    /// Sleeps `timeoutUs`, or until a stop; a change neither ends it nor is taken by it.
+    public func sleep(timeoutUs: Int64) {
+        cond.locked {
+            let deadline = monotonicMicroseconds() + timeoutUs
+            while !stopFlag && SignalPipe.signalled == 0 {
+                let left = deadline - monotonicMicroseconds()
+                if left <= 0 { break }
+                cond.wait(timeoutUs: left)
+            }
         }
     }
 }

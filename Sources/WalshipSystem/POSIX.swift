@@ -58,6 +58,21 @@ public func monotonicMicroseconds() -> Int64 {
     return Int64(ts.tv_sec) * 1_000_000 + Int64(ts.tv_nsec) / 1000
 }
 
+/// The time an agent's loop schedules by: the system's clocks, or a test's own, which moves
+/// only when the test moves it (see `Agent.turn`).
+public protocol LoopClock: Sendable {
+    /// Microseconds on a clock that never steps (`CLOCK_MONOTONIC`): intervals and timers.
+    func monotonicUs() -> Int64
+    /// Microseconds since the epoch (`CLOCK_REALTIME`, which may step): what is due by date.
+    func wallUs() -> Int64
+}
+
+public struct SystemClock: LoopClock {
+    public init() {}
+    public func monotonicUs() -> Int64 { monotonicMicroseconds() }
+    public func wallUs() -> Int64 { nowMicroseconds() }
+}
+
 /// An open file descriptor with positioned I/O; closed on release.
 public final class RawFile {
     public let fd: Int32
@@ -191,6 +206,12 @@ public enum FS {
     public static func isRegularFile(_ path: String) -> Bool {
         var st = stat()
         return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG
+    }
+
+    /// Whether `path` itself is a regular file: a symbolic link is not followed, and is not one.
+    public static func isRegularFileNotLink(_ path: String) -> Bool {
+        var st = stat()
+        return lstat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG
     }
 
     public static func fileSize(_ path: String) -> Int? {

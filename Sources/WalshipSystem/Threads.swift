@@ -67,6 +67,9 @@ package final class MonotonicCondition {
     }
 
     package func signal() { pthread_cond_broadcast(&c) }
+
+    /// Wakes one waiter (any): for waiters that are all alike, where waking all is a herd.
+    package func signalOne() { pthread_cond_signal(&c) }
 }
 
 /// A plain mutex (pthread), for small state shared between threads.

@@ -1,0 +1,218 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A few threads that run many jobs, one step at a time: `walship replicate` runs every
+/// database's agent on it, so the number of threads follows the cores, not the databases.
+///
+/// A job is a step function and the `Wakeup` of what it serves. Each step says when the job
+/// wants its next one: at a time (monotonic), and also at once on a change when it asks for
+/// that. Between steps the job is parked in a timer heap; a change or a stop on its wake-up
+/// makes it ready at once. A job never runs on two threads at a time, and its steps follow
+/// each other in order. A job that is ready waits for a free thread in the order it became
+/// ready.
+///
+/// Threads start as they are needed (one job uses one thread) up to the limit, and live as
+/// long as the process.
+public final class WorkerPool: @unchecked Sendable {
+    /// When a parked job runs again.
+    public struct Next: Sendable, Equatable {
+        /// Monotonic microseconds.
+        public var atUs: Int64
+        /// Whether a change before then runs it at once (a stop always does).
+        public var wakeOnChange: Bool
+        public init(atUs: Int64, wakeOnChange: Bool) {
+            self.atUs = atUs
+            self.wakeOnChange = wakeOnChange
+        }
+    }
+
+    public enum Step: Sendable {
+        case again(Next)
+        case done
+    }
+
+    private final class Job: @unchecked Sendable {
+        enum State { case ready, running, parked, done }
+        let wakeup: Wakeup
+        let body: () -> Step
+        var state = State.ready
+        var next = Next(atUs: 0, wakeOnChange: false)
+        /// Bumped at each park: a heap entry of an earlier park is stale.
+        var serial = 0
+        init(wakeup: Wakeup, body: @escaping () -> Step) {
+            self.wakeup = wakeup
+            self.body = body
+        }
+    }
+
+    private struct Timer {
+        var atUs: Int64
+        var serial: Int
+        var job: Job
+    }
+
+    /// The default size: four threads per core (a step may block on a disk or a lock for a
+    /// while), at least 4 and at most 64.
+    public static func defaultThreads(cores: Int) -> Int { min(64, max(4, 4 * cores)) }
+
+    private let cond = MonotonicCondition()
+    private var ready: [Job] = []
+    private var readyHead = 0
+    private var heap: [Timer] = []
+    private var threads: [JoinableThread] = []
+    private var idleThreads = 0
+    private let limit: Int
+    private var live = 0
+    private let hub: ChangeHub?
+    private var countedByHub = false
+
+    /// `hub`: the hub whose subscribers these jobs are. The pool counts as one subscriber that
+    /// waits for news while it has jobs, so the hub only takes its short rests (see
+    /// `ChangeHub.rest`): some job of the pool is nearly always parked for news.
+    public init(threads: Int, hub: ChangeHub? = .shared) {
+        self.limit = max(1, threads)
+        self.hub = hub
+    }
+
+    /// Threads started so far.
+    public var threadCount: Int { cond.locked { threads.count } }
+
+    /// Jobs not done yet.
+    public var jobCount: Int { cond.locked { live } }
+
+    /// Adds a job whose first step runs as soon as a thread is free. Throws only when no
+    /// thread could be started at all.
+    public func add(wakeup: Wakeup, _ body: @escaping () -> Step) throws {
+        let job = Job(wakeup: wakeup, body: body)
+        // Before the job can park: a change that comes after its park must find the listener.
+        // (Until its first step is over, a call finds it ready or running and does nothing.)
+        wakeup.setListener { [weak self, weak job] in
+            guard let self, let job else { return }
+            self.wake(job)
+        }
+        let countNow: Bool = try cond.locked {
+            live += 1
+            makeReady(job)
+            do { try startThreadIfNeeded() } catch {
+                live -= 1
+                ready.removeLast()
+                wakeup.setListener(nil)
+                throw error
+            }
+            defer { countedByHub = true }
+            return !countedByHub
+        }
+        if countNow { hub?.waiterArrives() }
+    }
+
+    /// Called under the lock.
+    private func makeReady(_ job: Job) {
+        job.state = .ready
+        ready.append(job)
+        cond.signalOne()
+    }
+
+    /// Called under the lock. A thread more when every thread is busy and a job waits.
+    private func startThreadIfNeeded() throws {
+        guard idleThreads == 0, threads.count < limit, readyHead < ready.count else { return }
+        do {
+            threads.append(try JoinableThread { [self] in work() })
+        } catch {
+            // The others take the job in turn; with none at all, the caller hears of it.
+            if threads.isEmpty { throw error }
+        }
+    }
+
+    /// A change, stop or lost watch on the job's wake-up.
+    private func wake(_ job: Job) {
+        cond.locked {
+            guard job.state == .parked else { return }   // running: it looks after its step
+            if job.wakeup.stopped || (job.next.wakeOnChange && job.wakeup.hasChange) {
+                makeReady(job)
+                try? startThreadIfNeeded()   // (a thread that cannot start: the others go on)
+            }
+        }
+    }
+
+    private func work() {
+        while true {
+            let job: Job = cond.locked {
+                while true {
+                    if readyHead < ready.count {
+                        let j = ready[readyHead]
+                        readyHead += 1
+                        if readyHead > 1024 && readyHead * 2 > ready.count {
+                            ready.removeFirst(readyHead)
+                            readyHead = 0
+                        }
+                        j.state = .running
+                        return j
+                    }
+                    let now = monotonicMicroseconds()
+                    if let top = heap.first, top.atUs <= now {
+                        popTimer()
+                        if top.job.state == .parked && top.job.serial == top.serial { makeReady(top.job) }
+                        continue
+                    }
+                    idleThreads += 1
+                    cond.wait(timeoutUs: heap.first.map { $0.atUs - now })
+                    idleThreads -= 1
+                }
+            }
+            let step = job.body()
+            cond.locked { after(job, step) }
+        }
+    }
+
+    /// Called under the lock, after a step.
+    private func after(_ job: Job, _ step: Step) {
+        switch step {
+        case .done:
+            job.state = .done
+            job.wakeup.setListener(nil)
+            live -= 1
+        case .again(let next):
+            job.next = next
+            if job.wakeup.stopped || (next.wakeOnChange && job.wakeup.hasChange) || next.atUs <= monotonicMicroseconds() {
+                makeReady(job)
+                return
+            }
+            job.state = .parked
+            job.serial += 1
+            let earliest = heap.first.map { next.atUs < $0.atUs } ?? true
+            pushTimer(Timer(atUs: next.atUs, serial: job.serial, job: job))
+            // A thread asleep until a later timer must look again.
+            if earliest { cond.signalOne() }
+        }
+    }
+
+    // A binary min-heap on `atUs`.
+
+    private func pushTimer(_ t: Timer) {
+        heap.append(t)
+        var i = heap.count - 1
+        while i > 0 {
+            let parent = (i - 1) / 2
+            if heap[parent].atUs <= heap[i].atUs { break }
+            heap.swapAt(parent, i)
+            i = parent
+        }
+    }
+
+    private func popTimer() {
+        let last = heap.removeLast()
+        guard !heap.isEmpty else { return }
+        heap[0] = last
+        var i = 0
+        while true {
+            let l = 2 * i + 1, r = l + 1
+            var m = i
+            if l < heap.count && heap[l].atUs < heap[m].atUs { m = l }
+            if r < heap.count && heap[r].atUs < heap[m].atUs { m = r }
+            if m == i { break }
+            heap.swapAt(i, m)
+            i = m
+        }
+    }
+}

@@ -1,0 +1,107 @@
+import XCTest
+#if canImport(Glibc)
+import Glibc
+#endif
+@testable import WalshipSystem
+
+/// The pool that runs every agent: threads bounded by its size, steps in order, one at a time
+/// per job, and parked jobs woken by their timer, a change they asked for, or a stop.
+final class WorkerPoolTests: XCTestCase {
+    /// A job's counters, shared with the test thread.
+    private final class Counter: @unchecked Sendable {
+        let m = Mutex()
+        var steps = 0
+        var inside = 0
+        var overlaps = 0
+        var stepTimes: [Int64] = []
+        var done = false
+    }
+
+    private func waitUntil(_ what: String, timeoutUs: Int64 = 10_000_000, _ cond: () -> Bool) {
+        let deadline = monotonicMicroseconds() + timeoutUs
+        while !cond() {
+            if monotonicMicroseconds() > deadline { XCTFail("timed out waiting for: \(what)"); return }
+            usleep(1_000)
+        }
+    }
+
+    func testManyJobsRunOnAFewThreadsOneStepAtATimeEach() throws {
+        let pool = WorkerPool(threads: 3, hub: nil)
+        var counters: [Counter] = []
+        for _ in 0..<300 {
+            let c = Counter()
+            counters.append(c)
+            try pool.add(wakeup: Wakeup()) {
+                c.m.locked { c.inside += 1; if c.inside > 1 { c.overlaps += 1 } }
+                usleep(100)
+                return c.m.locked {
+                    c.inside -= 1
+                    c.steps += 1
+                    if c.steps == 5 { c.done = true; return .done }
+                    return .again(WorkerPool.Next(atUs: monotonicMicroseconds() + 2_000, wakeOnChange: true))
+                }
+            }
+        }
+        waitUntil("every job's five steps") { counters.allSatisfy { c in c.m.locked { c.done } } }
+        XCTAssertLessThanOrEqual(pool.threadCount, 3, "300 jobs took more threads than the pool's size")
+        XCTAssertEqual(counters.map { c in c.m.locked { c.overlaps } }.reduce(0, +), 0, "a job ran on two threads at once")
+        XCTAssertEqual(counters.map { c in c.m.locked { c.steps } }, Array(repeating: 5, count: 300))
+        waitUntil("jobs counted done") { pool.jobCount == 0 }
+    }
+
+    func testOneJobTakesOneThread() throws {
+        let pool = WorkerPool(threads: 8, hub: nil)
+        let c = Counter()
+        try pool.add(wakeup: Wakeup()) {
+            c.m.locked { c.steps += 1; if c.steps == 20 { c.done = true } }
+            return c.m.locked { c.done } ? .done : .again(WorkerPool.Next(atUs: monotonicMicroseconds() + 1_000, wakeOnChange: true))
+        }
+        waitUntil("twenty steps") { c.m.locked { c.done } }
+        XCTAssertEqual(pool.threadCount, 1)
+    }
+
+    func testAParkedJobWakesOnAChangeItAskedForAndOnAStopAlways() throws {
+        let pool = WorkerPool(threads: 2, hub: nil)
+        let w = Wakeup()
+        let c = Counter()
+        try pool.add(wakeup: w) {
+            let n: Int = c.m.locked { c.steps += 1; c.stepTimes.append(monotonicMicroseconds()); return c.steps }
+            if w.stopped { c.m.locked { c.done = true }; return .done }
+            _ = w.takeChange()
+            // Step 1 parks for news; step 2 parks deaf to changes; both for a minute.
+            return .again(WorkerPool.Next(atUs: monotonicMicroseconds() + 60_000_000, wakeOnChange: n == 1))
+        }
+        waitUntil("the first step") { c.m.locked { c.steps } == 1 }
+        usleep(20_000)
+        w.notifyChange()
+        waitUntil("a step on the change") { c.m.locked { c.steps } == 2 }
+        usleep(20_000)
+        w.notifyChange()
+        usleep(100_000)
+        XCTAssertEqual(c.m.locked { c.steps }, 2, "a change woke a job parked without wake-on-change")
+        XCTAssertTrue(w.hasChange, "the change must stay for the job's next step")
+        w.stop()
+        waitUntil("the step on the stop") { c.m.locked { c.done } }
+    }
+
+    func testTimersFireInOrderOfTheirTimes() throws {
+        let pool = WorkerPool(threads: 1, hub: nil)
+        let order = Counter()
+        var seen: [Int] = []
+        let start = monotonicMicroseconds()
+        for i in (0..<10).reversed() {
+            var first = true
+            try pool.add(wakeup: Wakeup()) {
+                if first {
+                    first = false
+                    return .again(WorkerPool.Next(atUs: start + 50_000 + Int64(i) * 10_000, wakeOnChange: false))
+                }
+                order.m.locked { seen.append(i) }
+                return .done
+            }
+        }
+        waitUntil("ten timers") { order.m.locked { seen.count } == 10 }
+        XCTAssertEqual(order.m.locked { seen }, Array(0..<10))
+        XCTAssertGreaterThanOrEqual(monotonicMicroseconds() - start, 140_000, "a timer fired before its time")
+    }
+}
