@@ -1435,8 +1435,12 @@ public final class Agent {
         // While the agent waits, a change wakes it at once and it samples commit times
         // itself; everywhere else the visibility log's thread samples for it.
         visibility?.setBusy(false)
-        return WorkerPool.Next(atUs: now + max(0, timeout), wakeOnChange: true)
+        // An idle database's look around may come up to 50 ms late: on a pool, the idle
+        // databases' looks then share wake-ups instead of one each.
+        return WorkerPool.Next(atUs: now + max(0, timeout), wakeOnChange: true, toleranceUs: idle ? Self.idleToleranceUs : 0)
     }
+
+    static let idleToleranceUs: Int64 = 50_000
 
     private func watchdogUs(idle: Bool) -> Int64 { idle ? max(options.pollIntervalUs, 1_000_000) : options.pollIntervalUs }
 

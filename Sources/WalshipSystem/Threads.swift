@@ -29,11 +29,14 @@ package final class JoinableThread {
     }
 }
 
-/// A mutex with a condition whose timed waits run on the monotonic clock, so a wall-clock
-/// step neither stretches nor cuts them short.
+/// A mutex with two conditions whose timed waits run on the monotonic clock, so a wall-clock
+/// step neither stretches nor cuts them short. Most users need one (`.first`); the second lets
+/// one waiter be woken apart from the others (the `WorkerPool`'s timer keeper).
 package final class MonotonicCondition {
+    package enum Waiters { case first, second }
     private var m = pthread_mutex_t()
     private var c = pthread_cond_t()
+    private var c2 = pthread_cond_t()
 
     package init() {
         pthread_mutex_init(&m, nil)
@@ -41,11 +44,13 @@ package final class MonotonicCondition {
         pthread_condattr_init(&attr)
         pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
         pthread_cond_init(&c, &attr)
+        pthread_cond_init(&c2, &attr)
         pthread_condattr_destroy(&attr)
     }
 
     deinit {
         pthread_cond_destroy(&c)
+        pthread_cond_destroy(&c2)
         pthread_mutex_destroy(&m)
     }
 
@@ -56,20 +61,29 @@ package final class MonotonicCondition {
 
     /// Waits (the mutex held by the caller, inside `locked`) until signalled, or for at most
     /// `timeoutUs` microseconds when it is given. Spurious wake-ups happen: callers re-check.
-    package func wait(timeoutUs: Int64? = nil) {
-        guard let t = timeoutUs else { pthread_cond_wait(&c, &m); return }
+    package func wait(timeoutUs: Int64? = nil, _ waiters: Waiters = .first) {
+        guard let t = timeoutUs else {
+            if waiters == .first { pthread_cond_wait(&c, &m) } else { pthread_cond_wait(&c2, &m) }
+            return
+        }
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)
         let ns = Int64(ts.tv_nsec) + max(0, t) * 1000
         ts.tv_sec += Int(ns / 1_000_000_000)
         ts.tv_nsec = Int(ns % 1_000_000_000)
-        pthread_cond_timedwait(&c, &m, &ts)
+        if waiters == .first { pthread_cond_timedwait(&c, &m, &ts) } else { pthread_cond_timedwait(&c2, &m, &ts) }
     }
 
-    package func signal() { pthread_cond_broadcast(&c) }
+    /// Wakes every waiter of `waiters`.
+    package func signal(_ waiters: Waiters = .first) {
+        if waiters == .first { pthread_cond_broadcast(&c) } else { pthread_cond_broadcast(&c2) }
+    }
 
-    /// Wakes one waiter (any): for waiters that are all alike, where waking all is a herd.
-    package func signalOne() { pthread_cond_signal(&c) }
+    /// Wakes one waiter (any) of `waiters`: for waiters that are all alike, where waking all
+    /// is a herd.
+    package func signalOne(_ waiters: Waiters = .first) {
+        if waiters == .first { pthread_cond_signal(&c) } else { pthread_cond_signal(&c2) }
+    }
 }
 
 /// A plain mutex (pthread), for small state shared between threads.

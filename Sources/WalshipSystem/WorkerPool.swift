@@ -12,6 +12,10 @@ import Glibc
 /// each other in order. A job that is ready waits for a free thread in the order it became
 /// ready.
 ///
+/// One idle thread at a time keeps the timers (it sleeps until the earliest); the other idle
+/// threads sleep until there is work, so a timer wakes one thread, not all of them. Jobs whose
+/// timers tolerate a delay share wake-ups (see `Next.toleranceUs`).
+///
 /// Threads start as they are needed (one job uses one thread) up to the limit, and live as
 /// long as the process.
 public final class WorkerPool: @unchecked Sendable {
@@ -21,9 +25,20 @@ public final class WorkerPool: @unchecked Sendable {
         public var atUs: Int64
         /// Whether a change before then runs it at once (a stop always does).
         public var wakeOnChange: Bool
-        public init(atUs: Int64, wakeOnChange: Bool) {
+        /// How much later than `atUs` it may run: the pool rounds the time up to a multiple of
+        /// it, so that jobs that do not mind share one wake-up of a thread.
+        public var toleranceUs: Int64
+        public init(atUs: Int64, wakeOnChange: Bool, toleranceUs: Int64 = 0) {
             self.atUs = atUs
             self.wakeOnChange = wakeOnChange
+            self.toleranceUs = toleranceUs
+        }
+
+        /// `atUs` rounded up to a multiple of the tolerance.
+        var dueUs: Int64 {
+            guard toleranceUs > 1 else { return atUs }
+            let r = atUs % toleranceUs
+            return r == 0 ? atUs : atUs + (toleranceUs - (r < 0 ? r + toleranceUs : r))
         }
     }
 
@@ -61,7 +76,9 @@ public final class WorkerPool: @unchecked Sendable {
     private var readyHead = 0
     private var heap: [Timer] = []
     private var threads: [JoinableThread] = []
-    private var idleThreads = 0
+    /// Idle threads waiting for work (`.first`), and whether one keeps the timers (`.second`).
+    private var followers = 0
+    private var keeperWaiting = false
     private let limit: Int
     private var live = 0
     private let hub: ChangeHub?
@@ -106,16 +123,17 @@ public final class WorkerPool: @unchecked Sendable {
         if countNow { hub?.waiterArrives() }
     }
 
-    /// Called under the lock.
+    /// Called under the lock: the job waits for a thread, and an idle one is woken.
     private func makeReady(_ job: Job) {
         job.state = .ready
         ready.append(job)
-        cond.signalOne()
+        if followers > 0 { cond.signalOne(.first) } else if keeperWaiting { cond.signal(.second) }
     }
 
-    /// Called under the lock. A thread more when every thread is busy and a job waits.
+    /// Called under the lock. A thread more when every thread is busy and a job waits, or a
+    /// timer has nobody to keep it.
     private func startThreadIfNeeded() throws {
-        guard idleThreads == 0, threads.count < limit, readyHead < ready.count else { return }
+        guard followers == 0, !keeperWaiting, threads.count < limit, readyHead < ready.count || !heap.isEmpty else { return }
         do {
             threads.append(try JoinableThread { [self] in work() })
         } catch {
@@ -147,17 +165,33 @@ public final class WorkerPool: @unchecked Sendable {
                             readyHead = 0
                         }
                         j.state = .running
+                        // While this thread runs the step, another keeps the timers, and one
+                        // more helps when jobs are still waiting.
+                        if !keeperWaiting && !heap.isEmpty || readyHead < ready.count {
+                            if followers > 0 { cond.signalOne(.first) } else { try? startThreadIfNeeded() }
+                        }
                         return j
                     }
                     let now = monotonicMicroseconds()
-                    if let top = heap.first, top.atUs <= now {
+                    var moved = false
+                    while let top = heap.first, top.atUs <= now {
                         popTimer()
-                        if top.job.state == .parked && top.job.serial == top.serial { makeReady(top.job) }
-                        continue
+                        if top.job.state == .parked && top.job.serial == top.serial {
+                            top.job.state = .ready
+                            ready.append(top.job)
+                            moved = true
+                        }
                     }
-                    idleThreads += 1
-                    cond.wait(timeoutUs: heap.first.map { $0.atUs - now })
-                    idleThreads -= 1
+                    if moved { continue }
+                    if !keeperWaiting {
+                        keeperWaiting = true
+                        cond.wait(timeoutUs: heap.first.map { $0.atUs - now }, .second)
+                        keeperWaiting = false
+                    } else {
+                        followers += 1
+                        cond.wait(.first)
+                        followers -= 1
+                    }
                 }
             }
             let step = job.body()
@@ -174,16 +208,22 @@ public final class WorkerPool: @unchecked Sendable {
             live -= 1
         case .again(let next):
             job.next = next
-            if job.wakeup.stopped || (next.wakeOnChange && job.wakeup.hasChange) || next.atUs <= monotonicMicroseconds() {
-                makeReady(job)
+            let due = next.dueUs
+            if job.wakeup.stopped || (next.wakeOnChange && job.wakeup.hasChange) || due <= monotonicMicroseconds() {
+                // (This thread takes it next, unless another is idle.)
+                job.state = .ready
+                ready.append(job)
                 return
             }
             job.state = .parked
             job.serial += 1
-            let earliest = heap.first.map { next.atUs < $0.atUs } ?? true
-            pushTimer(Timer(atUs: next.atUs, serial: job.serial, job: job))
-            // A thread asleep until a later timer must look again.
-            if earliest { cond.signalOne() }
+            let earliest = heap.first.map { due < $0.atUs } ?? true
+            pushTimer(Timer(atUs: due, serial: job.serial, job: job))
+            // The keeper, asleep until a later timer, must look again; with no keeper, an
+            // idle thread becomes it.
+            if earliest {
+                if keeperWaiting { cond.signal(.second) } else if followers > 0 { cond.signalOne(.first) }
+            }
         }
     }
 

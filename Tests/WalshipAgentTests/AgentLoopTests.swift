@@ -119,10 +119,12 @@ final class AgentLoopTests: XCTestCase {
         let now = clock.monotonicUs()
         XCTAssertEqual(next.atUs - now, 1_000_000, "an idle database woke more often than once a second")
         XCTAssertTrue(next.wakeOnChange, "an idle database must still wake on a commit")
+        XCTAssertEqual(next.toleranceUs, 50_000, "an idle database's look may share a wake-up with others")
         // A commit ends the idle state: the next wait is bounded by the 100 ms grid again.
         try db.execute("INSERT INTO t VALUES (1)")
         next = try XCTUnwrap(a.turn(changed: true))
         XCTAssertLessThanOrEqual(next.atUs - clock.monotonicUs(), 100_000)
+        XCTAssertEqual(next.toleranceUs, 0, "a busy database's cut must not be late")
     }
 
     func testAWallClockStepForwardTakesTheDueSnapshotAndOneBackTakesNone() throws {

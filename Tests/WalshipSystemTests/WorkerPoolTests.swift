@@ -104,4 +104,31 @@ final class WorkerPoolTests: XCTestCase {
         XCTAssertEqual(order.m.locked { seen }, Array(0..<10))
         XCTAssertGreaterThanOrEqual(monotonicMicroseconds() - start, 140_000, "a timer fired before its time")
     }
+
+    func testTimesAreRoundedUpToTheirToleranceSoJobsShareWakeUps() {
+        XCTAssertEqual(WorkerPool.Next(atUs: 1_000_001, wakeOnChange: true, toleranceUs: 50_000).dueUs, 1_050_000)
+        XCTAssertEqual(WorkerPool.Next(atUs: 1_050_000, wakeOnChange: true, toleranceUs: 50_000).dueUs, 1_050_000)
+        XCTAssertEqual(WorkerPool.Next(atUs: 1_000_001, wakeOnChange: true).dueUs, 1_000_001)
+    }
+
+    func testWhileOneJobBlocksTheOthersTimersStillFire() throws {
+        let pool = WorkerPool(threads: 4, hub: nil)
+        let gate = Counter()   // `done`: the test lets the blocked step end
+        let blocked = Counter()
+        try pool.add(wakeup: Wakeup()) {
+            // A step that blocks (a snapshot, a checkpoint waiting for the application).
+            while !gate.m.locked({ gate.done }) { usleep(1_000) }
+            blocked.m.locked { blocked.done = true }
+            return .done
+        }
+        let c = Counter()
+        try pool.add(wakeup: Wakeup()) {
+            let n: Int = c.m.locked { c.steps += 1; return c.steps }
+            return n >= 10 ? .done : .again(WorkerPool.Next(atUs: monotonicMicroseconds() + 10_000, wakeOnChange: false))
+        }
+        waitUntil("ten timed steps of another job while one step blocks") { c.m.locked { c.steps } >= 10 }
+        XCTAssertFalse(blocked.m.locked { blocked.done })
+        gate.m.locked { gate.done = true }
+        waitUntil("the blocked step's end") { blocked.m.locked { blocked.done } }
+    }
 }
