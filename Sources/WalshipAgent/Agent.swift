@@ -164,10 +164,26 @@ public final class Agent {
     /// See `HeldFiles`: released when the agent goes.
     private var heldIdentities: [FileIdentity] = []
 
-    deinit {
-        for id in heldIdentities { HeldFiles.release(id) }
+    deinit { close() }
+
+    /// Sets SQLite up, once and before any connection, for a process that may hold thousands
+    /// of idle connections: no page-cache memory allocated ahead of need. Returns whether it
+    /// took (it cannot once SQLite is in use; the agent works either way, with more memory).
+    @discardableResult
+    public static func prepareSQLiteForManyConnections() -> Bool { SQLiteConnection.allocatePagesOnDemand() }
+
+    /// Releases what the agent holds in this process, at once rather than whenever the object
+    /// goes: its place in `HeldFiles`, its locks on the spool and the database file, its
+    /// subscription, its sampling. Called when it ended, after an error too, so that a new agent
+    /// for the same database (a restart, a directory's retry) finds them free. Its descriptors
+    /// and SQLite connections go with the object (see `RawFile.keepOpenIfHeld`).
+    public func close() {
         visibility?.stop()
+        if let f = dbFile { flock(f.fd, LOCK_UN) }
+        spool.unlock()
         ChangeHub.shared.unsubscribe(wakeup)
+        for id in heldIdentities { HeldFiles.release(id) }
+        heldIdentities = []
     }
 
     var meta: Logger.Metadata { ["db.path": "\(dbPath)"] }
@@ -375,6 +391,7 @@ public final class Agent {
                 throw e
             }
             try c.disableCheckpointOnClose()
+            try c.dropLookaside()
             c.setBusyTimeout(milliseconds: 5000)
             return c
         }
@@ -1348,7 +1365,7 @@ public final class Agent {
     // MARK: main loop
 
     /// Runs until SIGTERM/SIGINT (or `stop()`), then ships what is committed and returns.
-    /// On a thread of its own: the same turns as on a `WorkerPool` (see `AgentJob`).
+    /// On a thread of its own: the same turns that `Supervisor` runs on its `WorkerPool`.
     public func run() throws {
         if options.oneShotSnapshot {
             try runOnce()
@@ -1460,6 +1477,8 @@ public final class Agent {
                 let step = max(500, min(checkpointerCheckUs, sampleEveryUs, until - now))
                 return WorkerPool.Next(atUs: min(until, clock.monotonicUs() + step), wakeOnChange: false)
             }
+            visibility?.sample()
+            if blockingCheckpointRunning() { try makeWayForCheckpoint() }
             debounceUntilUs = nil
             idle = false
         } else {
@@ -1564,8 +1583,8 @@ public final class Agent {
 
     /// After the last turn: ships what is committed and stops; throws `AgentRestart` when the
     /// database was replaced.
-    public func endRun() throws {
-        try shutdown()
+    public func endRun(deadlineUs: Int64? = nil) throws {
+        try shutdown(deadlineUs: deadlineUs)
         if restartRequested { throw AgentRestart() }
     }
 
@@ -1763,15 +1782,19 @@ public final class Agent {
         return false
     }
 
+    /// How long shutdown waits for the replicas to acknowledge what is committed.
+    static let shutdownWaitUs: Int64 = 30_000_000
+
     /// Ships what is committed and stops; returns the replicas that still lack something
-    /// (kept in the spool for the next start).
+    /// (kept in the spool for the next start). `deadlineUs`: when to stop waiting for the replicas (default: 30 s from now); a restore
+    /// drill under way gets 30 s more.
     @discardableResult
-    private func shutdown() throws -> [String] {
+    private func shutdown(deadlineUs: Int64? = nil) throws -> [String] {
         try pollAndAppend()
         try cutSegment()
         visibility?.stop()
         kickShippers()
-        let deadline = monotonicMicroseconds() + 30_000_000
+        let deadline = deadlineUs ?? monotonicMicroseconds() + Self.shutdownWaitUs
         var pending: [String] = []
         for s in shippers where !s.waitUntilShipped(limit: shippableSequence, deadlineUs: deadline) {
             pending.append(s.replica.displayURL + (s.lastError.map { ": \($0)" } ?? ""))
@@ -1785,7 +1808,8 @@ public final class Agent {
         let drill = DispatchGroup()
         drill.enter()
         verifyQueue.async { drill.leave() }
-        if drill.wait(timeout: .now() + 60) == .timedOut {
+        let drillWaitUs = max(0, deadline + Self.shutdownWaitUs - monotonicMicroseconds())
+        if drill.wait(timeout: .now() + .microseconds(Int(drillWaitUs))) == .timedOut {
             logger.warning("a restore drill is still running at shutdown; stopping without waiting for it", metadata: meta)
         }
         if !pin.isAutocommit { try? pin.execute("COMMIT") }

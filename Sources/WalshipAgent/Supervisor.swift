@@ -89,59 +89,109 @@ public final class Supervisor: @unchecked Sendable {
         // Retired before it began (or a stop request came): nothing is started.
         let retiring: Bool = cond.locked { entry.agent = agent; return entry.retiring }
         if retiring || ChangeHub.shared.stopping { finish(entry); return }
-        var next: WorkerPool.Next?
-        try pool.add(wakeup: agent.wakeupForScheduling) { [self] in
-            step(entry, agent, &next)
-        }
+        let job = AgentJob(agent)
+        try pool.add(wakeup: agent.wakeupForScheduling) { [self] in step(entry, job) }
     }
 
-    /// One step of an agent's job: its start and first wait, a turn, or its end.
-    private func step(_ entry: Entry, _ agent: Agent, _ next: inout WorkerPool.Next?) -> WorkerPool.Step {
+    /// An agent as a job of the pool: the agent, until it ends, and when its next turn was due.
+    private final class AgentJob {
+        var agent: Agent?
+        var next: WorkerPool.Next?
+        init(_ agent: Agent) { self.agent = agent }
+    }
+
+    private enum Outcome {
+        case next(WorkerPool.Next)
+        case ended(resolvedPath: String)
+        case restart(resolvedPath: String)
+        case failed(resolvedPath: String, Error)
+    }
+
+    /// One step of an agent's job: its start and first wait, a turn, or its end. An agent that
+    /// ended is gone (closed and released) before anything else is done about it.
+    private func step(_ entry: Entry, _ job: AgentJob) -> WorkerPool.Step {
+        switch advance(entry, job) {
+        case .next(let n):
+            return .again(n)
+        case .ended(let path):
+            if entry.directory && cond.locked({ entry.retiring }) { StatusBoard.unregister(database: path) }
+            finish(entry)
+        case .restart(let path):
+            restarted(entry, path)
+        case .failed(let path, let error):
+            failed(entry, path, error)
+        }
+        return .done
+    }
+
+    private func advance(_ entry: Entry, _ job: AgentJob) -> Outcome {
+        guard let agent = job.agent else { return .ended(resolvedPath: entry.options.databasePath) }
+        let path = agent.resolvedPath
         do {
-            guard let last = next else {
+            guard let last = job.next else {
                 try agent.start()
                 let n = try agent.beginRun()
-                next = n
-                return .again(n)
+                job.next = n
+                return .next(n)
             }
             // A turn that only let commits land (no wake on change) leaves the change for later.
             let changed = last.wakeOnChange ? agent.wakeupForScheduling.takeChange() : false
             if let n = try agent.turn(changed: changed) {
-                next = n
-                return .again(n)
+                job.next = n
+                return .next(n)
             }
-            try agent.endRun()
-            if entry.directory && cond.locked({ entry.retiring }) { StatusBoard.unregister(database: agent.resolvedPath) }
-            finish(entry)
-            return .done
+            try agent.endRun(deadlineUs: shutdownDeadline())
+            release(entry, job)
+            return .ended(resolvedPath: path)
         } catch is AgentRestart {
-            restarted(entry, agent)
-            return .done
+            release(entry, job)
+            return .restart(resolvedPath: path)
         } catch {
-            failed(entry, agent, error)
-            return .done
+            release(entry, job)
+            return .failed(resolvedPath: path, error)
         }
     }
+
+    /// Closes the agent that ended and drops the job's hold on it: what it held (its locks, its
+    /// place in `HeldFiles`, its subscription) is released before anything starts in its place.
+    private func release(_ entry: Entry, _ job: AgentJob) {
+        cond.locked { entry.agent = nil }
+        job.agent?.close()
+        job.agent = nil
+    }
+
+    /// How long agents stopping with the process wait for their replicas: one deadline for
+    /// all, 30 s after the first began to stop, however many the pool's threads stop in
+    /// turn. An agent retired alone has its own 30 s.
+    private func shutdownDeadline() -> Int64 {
+        let now = monotonicMicroseconds()
+        guard ChangeHub.shared.stopping else { return now + Agent.shutdownWaitUs }
+        return cond.locked {
+            if processDeadlineUs == nil { processDeadlineUs = now + Agent.shutdownWaitUs }
+            return processDeadlineUs!
+        }
+    }
+    private var processDeadlineUs: Int64?
 
     /// The database file was replaced: a new agent takes the new file. A directory's agent
     /// ends here instead, and the next listing (within half a second) starts one for the file
     /// now under that name, vetted like any new one (a symbolic link, or nothing, is not). One
     /// named in the command or the file starts again at once.
-    private func restarted(_ entry: Entry, _ agent: Agent) {
+    private func restarted(_ entry: Entry, _ resolvedPath: String) {
         let path = entry.options.databasePath
         if entry.directory {
             let retiring = cond.locked { entry.retiring }
             if !retiring && !FS.isRegularFileNotLink(path) {
                 logger.notice("database is gone (or is no longer a regular file); its agent is retired", metadata: ["db.path": "\(path)"])
             }
-            StatusBoard.unregister(database: agent.resolvedPath)
+            StatusBoard.unregister(database: resolvedPath)
             finish(entry)
             return
         }
-        do { try startAgent(entry) } catch { failed(entry, agent, error) }
+        do { try startAgent(entry) } catch { failed(entry, resolvedPath, error) }
     }
 
-    private func failed(_ entry: Entry, _ agent: Agent, _ error: Error) {
+    private func failed(_ entry: Entry, _ resolvedPath: String, _ error: Error) {
         let path = entry.options.databasePath
         let meta: Logger.Metadata = ["db.path": "\(path)"]
         switch entry.onFailure {
@@ -153,7 +203,7 @@ public final class Supervisor: @unchecked Sendable {
             if gone || retiring {
                 logger.error("replication of a retired database ended with an error; what its replica lacks stays in its spool",
                              metadata: meta.merging(["error": "\(error)"]) { a, _ in a })
-                StatusBoard.unregister(database: agent.resolvedPath)
+                StatusBoard.unregister(database: resolvedPath)
                 finish(entry)
             } else {
                 logger.error("replication of this database failed; trying again in \(Self.retryAfterUs / 1_000_000) s",
@@ -163,15 +213,22 @@ public final class Supervisor: @unchecked Sendable {
         }
     }
 
-    /// Marks an entry's agent as ended.
+    /// Marks an entry's agent as ended, and tells `agentEnded`.
     private func finish(_ entry: Entry, failed: Bool = false) {
-        cond.locked {
+        let tell: (@Sendable () -> Void)? = cond.locked {
             if failed { entry.failedAtUs = monotonicMicroseconds() }
             entry.finished = true
             entry.agent = nil
             cond.signal()
+            return agentEnded
         }
+        tell?()
     }
+
+    /// Called (on the thread of the agent that ended) after an agent ends: the directory
+    /// watcher lists again, for a database replaced under its name.
+    private var agentEnded: (@Sendable () -> Void)?
+    public func onAgentEnd(_ f: (@Sendable () -> Void)?) { cond.locked { agentEnded = f } }
 
     /// Stops the agent of `path` (it ships what is committed first). It ends on its own;
     /// `reap()` forgets it then.
@@ -230,9 +287,16 @@ public final class DirectoryWatcher: @unchecked Sendable {
     /// them under another name (a hard link) is the same database, and is never opened.
     private var identities: [String: Set<FileIdentity>] = [:]
 
+    /// At most two listings a second: a change to a directory's entries (or an agent that
+    /// ended) brings a listing this long after the previous one at the latest.
     public static let scanEveryUs: Int64 = 500_000
+    /// With every directory watched, a listing this often even with no change (a database
+    /// whose agent failed is retried at the first listing after its pause).
+    public static let fullScanEveryUs: Int64 = 10_000_000
 
     private let statusWriter: ProcessStatusWriter?
+    /// One per directory: its entries' changes (see `ChangeHub.subscribeToEntries`).
+    private var entryWakeups: [Wakeup] = []
 
     /// `statusFile`: the process's one status file, written from this loop (it then runs even
     /// with no directory to watch). A directory's databases then keep no status file of their
@@ -246,15 +310,49 @@ public final class DirectoryWatcher: @unchecked Sendable {
         self.statusWriter = statusFile.map { ProcessStatusWriter(path: $0, logger: logger) }
     }
 
-    /// Scans (and writes the status file) until SIGTERM or SIGINT (or `stop()`).
+    /// Lists (and writes the status file) until SIGTERM or SIGINT (or `stop()`). A directory is
+    /// listed when its entries change (a file comes, goes, or is written before it has an
+    /// agent), when an agent ends, and every 10 s regardless; a directory that cannot be
+    /// watched, twice a second. Idle directories cost no listing.
     public func run() {
-        // Subscribed for the stop requests only (no names: no change wakes it).
+        // Subscribed for the stop requests (no names: no change of a file wakes it this way).
         ChangeHub.shared.subscribe(wakeup, directory: directories.first?.path ?? "/", names: [])
-        defer { ChangeHub.shared.unsubscribe(wakeup) }
+        var everyWatched = true
+        for dir in directories {
+            let w = Wakeup()
+            w.setListener { [wakeup] in wakeup.notifyChange() }
+            // The process's own status file, written each second or so, changes nothing here.
+            let ignoring: Set<String> = [ProcessStatusFile.defaultName, ProcessStatusFile.defaultName + ".tmp"]
+            if !ChangeHub.shared.subscribeToEntries(w, directory: dir.path, ignoring: ignoring) { everyWatched = false }
+            entryWakeups.append(w)
+        }
+        supervisor.onAgentEnd { [wakeup] in wakeup.notifyChange() }
+        defer {
+            supervisor.onAgentEnd(nil)
+            for w in entryWakeups { w.setListener(nil); ChangeHub.shared.unsubscribe(w) }
+            ChangeHub.shared.unsubscribe(wakeup)
+        }
+        let fullEvery = everyWatched ? Self.fullScanEveryUs : Self.scanEveryUs
+        var lastTickUs: Int64 = 0
         while !wakeup.stopped {
+            // Changes seen until now are in this listing.
+            _ = wakeup.takeChange()
             scan()
-            statusWriter?.tick()
-            _ = wakeup.wait(timeoutUs: Self.scanEveryUs)
+            let scannedUs = monotonicMicroseconds()
+            var pending = false
+            while !wakeup.stopped {
+                let now = monotonicMicroseconds()
+                if statusWriter != nil && now - lastTickUs >= 1_000_000 {
+                    statusWriter?.tick()
+                    lastTickUs = now
+                }
+                let since = now - scannedUs
+                if since >= fullEvery || (pending && since >= Self.scanEveryUs) { break }
+                var timeout = (pending ? Self.scanEveryUs : fullEvery) - since
+                if statusWriter != nil { timeout = min(timeout, lastTickUs + 1_000_000 - now) }
+                // A change is taken here only to note it; the listing comes at most twice a second.
+                if pending { wakeup.sleep(timeoutUs: max(0, timeout)) } else if wakeup.wait(timeoutUs: max(0, timeout)) { pending = true }
+            }
         }
     }
 

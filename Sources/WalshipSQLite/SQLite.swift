@@ -78,6 +78,17 @@ public final class SQLiteConnection {
         }
     }
 
+    /// Gives up the connection's lookaside buffer (small-allocation cache): for connections that
+    /// do little, one per idle database among thousands, its memory costs more than it saves.
+    public func dropLookaside() throws {
+        let rc = walship_sqlite_no_lookaside(db)
+        guard rc == SQLITE_OK else { throw fail(rc, "drop the lookaside buffer") }
+    }
+
+    /// Asks SQLite not to allocate page-cache memory ahead of need, for every connection of the
+    /// process. Only before SQLite is first used; returns whether it took.
+    public static func allocatePagesOnDemand() -> Bool { walship_sqlite_no_pagecache_prealloc() == SQLITE_OK }
+
     public func setBusyTimeout(milliseconds: Int32) { sqlite3_busy_timeout(db, milliseconds) }
 
     /// Runs statements that return no rows of interest.

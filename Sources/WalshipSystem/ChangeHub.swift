@@ -90,6 +90,8 @@ public final class ChangeHub: @unchecked Sendable {
     private struct Watch {
         var wd: Int32
         var byName: [String: [ObjectIdentifier: Wakeup]] = [:]
+        /// Subscribers of the directory's entries, with the names each ignores.
+        var entries: [ObjectIdentifier: (wakeup: Wakeup, ignoring: Set<String>)] = [:]
         var count = 0
     }
 
@@ -124,26 +126,17 @@ public final class ChangeHub: @unchecked Sendable {
     @discardableResult
     public func subscribe(_ wakeup: Wakeup, directory: String, names: [String]) -> Bool {
         if mutex.locked({ everyone[ObjectIdentifier(wakeup)] != nil }) { unsubscribe(wakeup) }
+        var stopNow = false
+        // (Stopped outside the mutex: a wake-up's listener may take other locks.)
+        defer { if stopNow { wakeup.stop() } }
         return mutex.locked {
             startIfNeeded()
             everyone[ObjectIdentifier(wakeup)] = wakeup
-            if stopAll { wakeup.stop() }
+            stopNow = stopAll
             guard inotifyFD >= 0 else { return false }
             // No names: stop requests only, no watch.
             if names.isEmpty { return true }
-            var key = directory
-            if watches[directory] == nil {
-                let mask = UInt32(IN_MODIFY | IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_CLOSE_WRITE | IN_MOVED_FROM)
-                let wd = inotify_add_watch(inotifyFD, directory, mask)
-                if wd < 0 { return false }
-                // The same directory under another path gives the same descriptor.
-                if let other = directoryOf[wd], watches[other] != nil {
-                    key = other
-                } else {
-                    watches[directory] = Watch(wd: wd)
-                    directoryOf[wd] = directory
-                }
-            }
+            guard let key = watchKey(directory) else { return false }
             let id = ObjectIdentifier(wakeup)
             watches[key]!.count += 1
             for n in names { watches[key]!.byName[n, default: [:]][id] = wakeup }
@@ -151,6 +144,42 @@ public final class ChangeHub: @unchecked Sendable {
             wakeup.setHub(self)
             return true
         }
+    }
+
+    /// Registers `wakeup` for the entries of `directory`: a name that appears or goes, and a
+    /// change to a file that no other subscriber names (a database being created there, not yet
+    /// replicated), except the names in `ignoring`. A change to a file that agents watch wakes
+    /// only them. Returns false when the directory cannot be watched.
+    @discardableResult
+    public func subscribeToEntries(_ wakeup: Wakeup, directory: String, ignoring: Set<String> = []) -> Bool {
+        if mutex.locked({ everyone[ObjectIdentifier(wakeup)] != nil }) { unsubscribe(wakeup) }
+        var stopNow = false
+        defer { if stopNow { wakeup.stop() } }
+        return mutex.locked {
+            startIfNeeded()
+            everyone[ObjectIdentifier(wakeup)] = wakeup
+            stopNow = stopAll
+            guard inotifyFD >= 0, let key = watchKey(directory) else { return false }
+            let id = ObjectIdentifier(wakeup)
+            watches[key]!.count += 1
+            watches[key]!.entries[id] = (wakeup, ignoring)
+            directoryKey[id] = key
+            wakeup.setHub(self)
+            return true
+        }
+    }
+
+    /// The `watches` key for `directory`, its watch added when it has none (under the mutex).
+    private func watchKey(_ directory: String) -> String? {
+        if watches[directory] != nil { return directory }
+        let mask = UInt32(IN_MODIFY | IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_CLOSE_WRITE | IN_MOVED_FROM)
+        let wd = inotify_add_watch(inotifyFD, directory, mask)
+        if wd < 0 { return nil }
+        // The same directory under another path gives the same descriptor.
+        if let other = directoryOf[wd], watches[other] != nil { return other }
+        watches[directory] = Watch(wd: wd)
+        directoryOf[wd] = directory
+        return directory
     }
 
     /// Forgets `wakeup`; the directory's watch goes when its last subscriber does.
@@ -162,7 +191,7 @@ public final class ChangeHub: @unchecked Sendable {
             // A watch dropped since (IN_IGNORED), or made again for a later subscriber, no
             // longer files this one: only a watch that holds it counts it.
             guard let dir = directoryKey.removeValue(forKey: id), var w = watches[dir] else { return }
-            var had = false
+            var had = w.entries.removeValue(forKey: id) != nil
             for (n, var subs) in w.byName where subs[id] != nil {
                 subs[id] = nil
                 w.byName[n] = subs.isEmpty ? nil : subs
@@ -315,11 +344,19 @@ public final class ChangeHub: @unchecked Sendable {
                     // The watch is gone (directory removed, or unmounted): its subscribers
                     // poll from now on, and a later subscriber there gets a new watch.
                     for subs in w.byName.values { for v in subs.values { lostWatch.append(v) } }
+                    for e in w.entries.values { lostWatch.append(e.wakeup) }
                     watches[dir] = nil
                     directoryOf[wd] = nil
                     continue
                 }
-                if let subs = w.byName[name] { for (k, v) in subs { toWake[k] = v } }
+                let named = w.byName[name]
+                if let subs = named { for (k, v) in subs { toWake[k] = v } }
+                if !w.entries.isEmpty {
+                    let comesOrGoes = mask & UInt32(IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM) != 0
+                    if comesOrGoes || named == nil {
+                        for (k, e) in w.entries where !e.ignoring.contains(name) { toWake[k] = e.wakeup }
+                    }
+                }
             }
         }
         for w in toWake.values { w.notifyChange() }

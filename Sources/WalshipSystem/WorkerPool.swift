@@ -50,7 +50,10 @@ public final class WorkerPool: @unchecked Sendable {
     private final class Job: @unchecked Sendable {
         enum State { case ready, running, parked, done }
         let wakeup: Wakeup
-        let body: () -> Step
+        /// Dropped once the job is done, on its thread and outside the pool's lock: what it
+        /// holds (an agent) goes then, and never under the lock (a stale timer or queue slot
+        /// may keep the job itself a while).
+        var body: (() -> Step)?
         var state = State.ready
         var next = Next(atUs: 0, wakeOnChange: false)
         /// Bumped at each park: a heap entry of an earlier park is stale.
@@ -72,7 +75,7 @@ public final class WorkerPool: @unchecked Sendable {
     public static func defaultThreads(cores: Int) -> Int { min(64, max(4, 4 * cores)) }
 
     private let cond = MonotonicCondition()
-    private var ready: [Job] = []
+    private var ready: [Job?] = []
     private var readyHead = 0
     private var heap: [Timer] = []
     private var threads: [JoinableThread] = []
@@ -84,9 +87,9 @@ public final class WorkerPool: @unchecked Sendable {
     private let hub: ChangeHub?
     private var countedByHub = false
 
-    /// `hub`: the hub whose subscribers these jobs are. The pool counts as one subscriber that
-    /// waits for news while it has jobs, so the hub only takes its short rests (see
-    /// `ChangeHub.rest`): some job of the pool is nearly always parked for news.
+    /// `hub`: the hub whose subscribers these jobs are. From its first job on, the pool counts
+    /// as one subscriber that waits for news, for good, so the hub only takes its short rests
+    /// (see `ChangeHub.rest`): some job of the pool is nearly always parked for news.
     public init(threads: Int, hub: ChangeHub? = .shared) {
         self.limit = max(1, threads)
         self.hub = hub
@@ -158,7 +161,8 @@ public final class WorkerPool: @unchecked Sendable {
             let job: Job = cond.locked {
                 while true {
                     if readyHead < ready.count {
-                        let j = ready[readyHead]
+                        let j = ready[readyHead]!
+                        ready[readyHead] = nil
                         readyHead += 1
                         if readyHead > 1024 && readyHead * 2 > ready.count {
                             ready.removeFirst(readyHead)
@@ -194,7 +198,8 @@ public final class WorkerPool: @unchecked Sendable {
                     }
                 }
             }
-            let step = job.body()
+            let step = job.body!()
+            if case .done = step { job.body = nil }   // (only this thread touches it now)
             cond.locked { after(job, step) }
         }
     }

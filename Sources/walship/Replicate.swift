@@ -118,6 +118,9 @@ struct Replicate: ParsableCommand {
     func run() throws {
         log.bootstrap()
         let logger = Logger(label: "walship")
+        if !Agent.prepareSQLiteForManyConnections() {
+            logger.debug("SQLite was in use already: its page caches are allocated ahead of need")
+        }
         var all: [AgentOptions] = []
         var directories: [DirectoryConfig] = []
         var directoryKeys: [EncryptionKey?] = []
@@ -158,7 +161,7 @@ struct Replicate: ParsableCommand {
                 metricsServer = server
             }
         } catch { fail(error) }
-        // One agent per database, each on its own thread. A failure of a database named in the
+        // One agent per database, all on the supervisor's worker pool. A failure of a database named in the
         // command or the file stops the process with its message (a service manager restarts
         // it); a directory's database is retried on its own (see Supervisor).
         let supervisor = Supervisor(logger: logger)

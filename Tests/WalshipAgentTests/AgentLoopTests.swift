@@ -53,9 +53,10 @@ final class AgentLoopTests: XCTestCase {
         o.snapshotIntervalUs = snapshotEvery
         o.readDelayUs = 0
         let a = Agent(options: o, logger: Logger(label: "test"), clock: clock)
-        agent = a
         try a.start()
-        return (a, try a.beginRun())
+        let next = try a.beginRun()
+        agent = a   // (tearDown stops it)
+        return (a, next)
     }
 
     private func walk(_ path: String) -> [String] {
@@ -156,5 +157,20 @@ final class AgentLoopTests: XCTestCase {
         try a.endRun()
         agent = nil
         XCTAssertEqual(objects("segments", atLeast: 1).count, 1, "the commit made before the stop was not shipped at shutdown")
+    }
+
+    /// An agent that ends without its shutdown (an error in its loop) must leave nothing locked
+    /// in the process: a directory's database is retried by a new agent in the same process.
+    /// Before, the spool's lock stayed with the dead agent and every retry found it "running".
+    func testAnAgentThatEndsOnAnErrorLeavesNothingLockedForTheNextOne() throws {
+        let clock = FakeClock()
+        do {
+            let (a, next) = try makeAgent(clock)
+            _ = (a, next)
+            agent = nil   // gone as after an error: no endRun
+        }
+        let (b, _) = try makeAgent(clock)
+        try db.execute("INSERT INTO t VALUES (1)")
+        XCTAssertNotNil(try b.turn(changed: true))
     }
 }

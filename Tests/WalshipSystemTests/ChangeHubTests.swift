@@ -54,6 +54,32 @@ final class ChangeHubTests: XCTestCase {
         XCTAssertFalse(a.wait(timeoutUs: 100_000))
     }
 
+    /// The directory watcher's subscription: a file that comes or goes, or a write to one that
+    /// no agent watches (a database being created), wakes it; a write to a replicated
+    /// database's own files, or to a name it ignores (the process's status file), does not. An
+    /// idle directory then costs no listing.
+    func testADirectorysEntriesWakeItsWatcherAndTheAgentsOwnWritesDoNot() {
+        create("a.db", "a.db-wal", "status.json")
+        let agent = Wakeup(), watcher = Wakeup()
+        XCTAssertTrue(ChangeHub.shared.subscribe(agent, directory: dir, names: ["a.db", "a.db-wal"]))
+        XCTAssertTrue(ChangeHub.shared.subscribeToEntries(watcher, directory: dir, ignoring: ["status.json"]))
+        defer { ChangeHub.shared.unsubscribe(agent); ChangeHub.shared.unsubscribe(watcher) }
+        touch("a.db-wal")
+        XCTAssertTrue(agent.wait(timeoutUs: 5_000_000))
+        XCTAssertFalse(watcher.wait(timeoutUs: 300_000), "a write to a replicated database's WAL woke the watcher")
+        touch("status.json")
+        XCTAssertFalse(watcher.wait(timeoutUs: 300_000), "a write to an ignored name woke the watcher")
+        create("new.db")
+        XCTAssertTrue(watcher.wait(timeoutUs: 5_000_000), "a new file did not wake the watcher")
+        usleep(50_000)
+        _ = watcher.takeChange()
+        touch("new.db")
+        XCTAssertTrue(watcher.wait(timeoutUs: 5_000_000), "a write to a file no agent watches did not wake the watcher")
+        XCTAssertEqual(unlink(dir + "/a.db-wal"), 0)
+        XCTAssertTrue(watcher.wait(timeoutUs: 5_000_000), "a file that went did not wake the watcher")
+        XCTAssertTrue(agent.wait(timeoutUs: 5_000_000), "the WAL's agent must hear of its deletion too")
+    }
+
     /// A database written to while its agent is busy (not waiting) costs the reader one
     /// wake-up, not one per write: its events stay queued, merged by the kernel, until the
     /// agent waits again, and then that wait returns at once. (It may be news the agent has
