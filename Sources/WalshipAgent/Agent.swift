@@ -179,11 +179,22 @@ public final class Agent {
     /// and SQLite connections go with the object (see `RawFile.keepOpenIfHeld`).
     public func close() {
         visibility?.stop()
-        if let f = dbFile { flock(f.fd, LOCK_UN) }
-        spool.unlock()
         ChangeHub.shared.unsubscribe(wakeup)
         for id in heldIdentities { HeldFiles.release(id) }
         heldIdentities = []
+        // Nothing of this agent may still write to the spool once another can take it: after
+        // an error, shutdown() did not run, and uploads or housekeeping may be under way.
+        for s in shippers { s.stopAndWait() }
+        let drill = DispatchGroup()
+        drill.enter()
+        verifyQueue.async { drill.leave() }
+        if drill.wait(timeout: .now() + 60) == .timedOut {
+            // (The spool stays locked until the drill ends and the object goes.)
+            logger.warning("a restore drill is still running; the spool stays locked until it ends", metadata: meta)
+            return
+        }
+        if let f = dbFile { flock(f.fd, LOCK_UN) }
+        spool.unlock()
     }
 
     var meta: Logger.Metadata { ["db.path": "\(dbPath)"] }

@@ -241,6 +241,11 @@ public final class Supervisor: @unchecked Sendable {
         agent?.stop()
     }
 
+    /// When the first failed database's pause ends (monotonic), if one waits.
+    public var nextRetryUs: Int64? {
+        cond.locked { entries.values.compactMap { e in e.finished && !e.retiring ? e.failedAtUs.map { $0 + Self.retryAfterUs } : nil }.min() }
+    }
+
     /// Forgets agents that ended. Returns the paths of databases that failed and whose pause
     /// is over: the caller may start them again.
     @discardableResult
@@ -270,7 +275,7 @@ public final class Supervisor: @unchecked Sendable {
 
 /// Finds the databases of `replicate --dir` (or a config file's `directories:`) and keeps one
 /// agent per database: a database that appears is replicated within a second (the directory
-/// is listed twice a second), one that vanishes is retired (its agent ships what it has and
+/// is listed when its entries change), one that vanishes is retired (its agent ships what it has and
 /// stops; its spool stays until removed by hand), and one whose agent failed is tried again
 /// after a pause.
 public final class DirectoryWatcher: @unchecked Sendable {
@@ -317,24 +322,26 @@ public final class DirectoryWatcher: @unchecked Sendable {
     public func run() {
         // Subscribed for the stop requests (no names: no change of a file wakes it this way).
         ChangeHub.shared.subscribe(wakeup, directory: directories.first?.path ?? "/", names: [])
-        var everyWatched = true
-        for dir in directories {
-            let w = Wakeup()
-            w.setListener { [wakeup] in wakeup.notifyChange() }
-            // The process's own status file, written each second or so, changes nothing here.
-            let ignoring: Set<String> = [ProcessStatusFile.defaultName, ProcessStatusFile.defaultName + ".tmp"]
-            if !ChangeHub.shared.subscribeToEntries(w, directory: dir.path, ignoring: ignoring) { everyWatched = false }
-            entryWakeups.append(w)
-        }
+        for dir in directories { entryWakeups.append(watchEntries(of: dir)) }
         supervisor.onAgentEnd { [wakeup] in wakeup.notifyChange() }
         defer {
             supervisor.onAgentEnd(nil)
             for w in entryWakeups { w.setListener(nil); ChangeHub.shared.unsubscribe(w) }
             ChangeHub.shared.unsubscribe(wakeup)
         }
-        let fullEvery = everyWatched ? Self.fullScanEveryUs : Self.scanEveryUs
         var lastTickUs: Int64 = 0
         while !wakeup.stopped {
+            // A watch lost (the directory removed, or unmounted) is made again, on whatever now
+            // has the name; meanwhile, and where none can be made, the directory is listed
+            // twice a second.
+            var everyWatched = true
+            for (i, w) in entryWakeups.enumerated() where w.unwatched {
+                w.setListener(nil)
+                ChangeHub.shared.unsubscribe(w)
+                entryWakeups[i] = watchEntries(of: directories[i])
+                if entryWakeups[i].unwatched { everyWatched = false }
+            }
+            let fullEvery = everyWatched ? Self.fullScanEveryUs : Self.scanEveryUs
             // Changes seen until now are in this listing.
             _ = wakeup.takeChange()
             scan()
@@ -347,13 +354,27 @@ public final class DirectoryWatcher: @unchecked Sendable {
                     lastTickUs = now
                 }
                 let since = now - scannedUs
-                if since >= fullEvery || (pending && since >= Self.scanEveryUs) { break }
+                // A failed database is retried at the end of its pause.
+                let retryDue = supervisor.nextRetryUs.map { $0 <= now } ?? false
+                if since >= fullEvery || ((pending || retryDue) && since >= Self.scanEveryUs) { break }
                 var timeout = (pending ? Self.scanEveryUs : fullEvery) - since
+                if let r = supervisor.nextRetryUs { timeout = min(timeout, max(r - now, Self.scanEveryUs - since)) }
                 if statusWriter != nil { timeout = min(timeout, lastTickUs + 1_000_000 - now) }
                 // A change is taken here only to note it; the listing comes at most twice a second.
                 if pending { wakeup.sleep(timeoutUs: max(0, timeout)) } else if wakeup.wait(timeoutUs: max(0, timeout)) { pending = true }
             }
         }
+    }
+
+    /// A wake-up for changes to `dir`'s entries, which wakes this watcher's loop; `unwatched`
+    /// when the directory cannot be watched.
+    private func watchEntries(of dir: DirectoryConfig) -> Wakeup {
+        let w = Wakeup()
+        w.setListener { [wakeup] in wakeup.notifyChange() }
+        // Names with a dot first are never databases here (the process's status file and its
+        // temporary files, the spools): their changes wake nobody.
+        if !ChangeHub.shared.subscribeToEntries(w, directory: dir.path, ignoringHidden: true) { w.loseWatchForever() }
+        return w
     }
 
     /// A last status once every agent has stopped.

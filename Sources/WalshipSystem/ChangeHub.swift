@@ -32,6 +32,9 @@ public final class Wakeup: @unchecked Sendable {
     /// Whether a change came that no wait has taken yet.
     package var hasChange: Bool { cond.locked { changed } }
 
+    /// Marks it as without a watch from the start (its subscription failed).
+    package func loseWatchForever() { cond.locked { lost = true } }
+
     func loseWatch() { tell(cond.locked { lost = true; changed = true; cond.signal(); return listener }) }
 
     public func stop() { tell(cond.locked { stopFlag = true; cond.signal(); return listener }) }
@@ -91,7 +94,7 @@ public final class ChangeHub: @unchecked Sendable {
         var wd: Int32
         var byName: [String: [ObjectIdentifier: Wakeup]] = [:]
         /// Subscribers of the directory's entries, with the names each ignores.
-        var entries: [ObjectIdentifier: (wakeup: Wakeup, ignoring: Set<String>)] = [:]
+        var entries: [ObjectIdentifier: (wakeup: Wakeup, ignoring: Set<String>, hidden: Bool)] = [:]
         var count = 0
     }
 
@@ -133,6 +136,8 @@ public final class ChangeHub: @unchecked Sendable {
             startIfNeeded()
             everyone[ObjectIdentifier(wakeup)] = wakeup
             stopNow = stopAll
+            // Its waits count from now on (see `rest`), with names or without.
+            wakeup.setHub(self)
             guard inotifyFD >= 0 else { return false }
             // No names: stop requests only, no watch.
             if names.isEmpty { return true }
@@ -148,10 +153,11 @@ public final class ChangeHub: @unchecked Sendable {
 
     /// Registers `wakeup` for the entries of `directory`: a name that appears or goes, and a
     /// change to a file that no other subscriber names (a database being created there, not yet
-    /// replicated), except the names in `ignoring`. A change to a file that agents watch wakes
-    /// only them. Returns false when the directory cannot be watched.
+    /// replicated), except the names in `ignoring`, and names that start with a dot when
+    /// `ignoringHidden`. A change to a file that agents watch wakes only them. Returns false
+    /// when the directory cannot be watched.
     @discardableResult
-    public func subscribeToEntries(_ wakeup: Wakeup, directory: String, ignoring: Set<String> = []) -> Bool {
+    public func subscribeToEntries(_ wakeup: Wakeup, directory: String, ignoring: Set<String> = [], ignoringHidden: Bool = false) -> Bool {
         if mutex.locked({ everyone[ObjectIdentifier(wakeup)] != nil }) { unsubscribe(wakeup) }
         var stopNow = false
         defer { if stopNow { wakeup.stop() } }
@@ -162,7 +168,7 @@ public final class ChangeHub: @unchecked Sendable {
             guard inotifyFD >= 0, let key = watchKey(directory) else { return false }
             let id = ObjectIdentifier(wakeup)
             watches[key]!.count += 1
-            watches[key]!.entries[id] = (wakeup, ignoring)
+            watches[key]!.entries[id] = (wakeup, ignoring, ignoringHidden)
             directoryKey[id] = key
             wakeup.setHub(self)
             return true
@@ -354,7 +360,9 @@ public final class ChangeHub: @unchecked Sendable {
                 if !w.entries.isEmpty {
                     let comesOrGoes = mask & UInt32(IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM) != 0
                     if comesOrGoes || named == nil {
-                        for (k, e) in w.entries where !e.ignoring.contains(name) { toWake[k] = e.wakeup }
+                        for (k, e) in w.entries where !e.ignoring.contains(name) && !(e.hidden && name.hasPrefix(".")) {
+                            toWake[k] = e.wakeup
+                        }
                     }
                 }
             }

@@ -113,12 +113,12 @@ public final class WorkerPool: @unchecked Sendable {
         }
         let countNow: Bool = try cond.locked {
             live += 1
-            makeReady(job)
-            do { try startThreadIfNeeded() } catch {
+            makeReady(job)   // (starts the first thread)
+            if threads.isEmpty {
                 live -= 1
                 ready.removeLast()
                 wakeup.setListener(nil)
-                throw error
+                throw startError ?? SystemError(errno: EAGAIN, context: "start a worker thread")
             }
             defer { countedByHub = true }
             return !countedByHub
@@ -130,20 +130,41 @@ public final class WorkerPool: @unchecked Sendable {
     private func makeReady(_ job: Job) {
         job.state = .ready
         ready.append(job)
-        if followers > 0 { cond.signalOne(.first) } else if keeperWaiting { cond.signal(.second) }
+        wakeSomeone()
+    }
+
+    /// Called under the lock while a job waits: wakes an idle thread, the keeper if no other
+    /// is idle, or starts one more. (A thread signalled but not awake yet still counts as
+    /// idle, so a signal may go to a thread already woken: whoever takes a job wakes someone
+    /// again while more wait, so no job waits with a thread idle.)
+    private func wakeSomeone() {
+        if followers > 0 {
+            cond.signalOne(.first)
+        } else if keeperWaiting {
+            cond.signal(.second)
+        } else {
+            try? startThreadIfNeeded()   // (none could start: the busy ones take it in turn)
+        }
     }
 
     /// Called under the lock. A thread more when every thread is busy and a job waits, or a
     /// timer has nobody to keep it.
     private func startThreadIfNeeded() throws {
-        guard followers == 0, !keeperWaiting, threads.count < limit, readyHead < ready.count || !heap.isEmpty else { return }
+        guard followers == 0, !keeperWaiting, starting == 0, threads.count < limit, readyHead < ready.count || !heap.isEmpty else { return }
         do {
             threads.append(try JoinableThread { [self] in work() })
+            starting += 1
         } catch {
             // The others take the job in turn; with none at all, the caller hears of it.
+            startError = error
             if threads.isEmpty { throw error }
         }
     }
+
+    /// Threads started that have not looked for work yet: they will, so none more is started
+    /// for the same work meanwhile (one more starts when one of them finds more work waiting).
+    private var starting = 0
+    private var startError: Error?
 
     /// A change, stop or lost watch on the job's wake-up.
     private func wake(_ job: Job) {
@@ -157,6 +178,7 @@ public final class WorkerPool: @unchecked Sendable {
     }
 
     private func work() {
+        cond.locked { starting -= 1 }
         while true {
             let job: Job = cond.locked {
                 while true {
@@ -171,7 +193,9 @@ public final class WorkerPool: @unchecked Sendable {
                         j.state = .running
                         // While this thread runs the step, another keeps the timers, and one
                         // more helps when jobs are still waiting.
-                        if !keeperWaiting && !heap.isEmpty || readyHead < ready.count {
+                        if readyHead < ready.count {
+                            wakeSomeone()
+                        } else if !keeperWaiting && !heap.isEmpty {
                             if followers > 0 { cond.signalOne(.first) } else { try? startThreadIfNeeded() }
                         }
                         return j

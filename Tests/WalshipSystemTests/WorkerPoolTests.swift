@@ -134,4 +134,37 @@ final class WorkerPoolTests: XCTestCase {
         gate.m.locked { gate.done = true }
         waitUntil("the blocked step's end") { blocked.m.locked { blocked.done } }
     }
+
+    /// Two parked jobs woken back to back while one thread is blocked: both run while the
+    /// blocked step still runs. (A thread signalled but not awake yet still counted as idle,
+    /// so the second signal went nowhere and the second job waited for its timer, a minute.)
+    func testJobsWokenTogetherAllRunWhileAThreadIsBlocked() throws {
+        for _ in 0..<20 {
+            let pool = WorkerPool(threads: 3, hub: nil)
+            let gate = Counter()
+            try pool.add(wakeup: Wakeup()) {
+                while !gate.m.locked({ gate.done }) { usleep(1_000) }
+                return .done
+            }
+            var wakeups: [Wakeup] = []
+            var counters: [Counter] = []
+            for _ in 0..<2 {
+                let w = Wakeup(), c = Counter()
+                wakeups.append(w)
+                counters.append(c)
+                try pool.add(wakeup: w) {
+                    let n: Int = c.m.locked { c.steps += 1; return c.steps }
+                    _ = w.takeChange()
+                    if n >= 2 { return .done }
+                    c.m.locked { c.inside = 1 }   // parked from here on, for a minute
+                    return .again(WorkerPool.Next(atUs: monotonicMicroseconds() + 60_000_000, wakeOnChange: true))
+                }
+            }
+            waitUntil("both jobs parked") { counters.allSatisfy { c in c.m.locked { c.inside } == 1 } }
+            usleep(2_000)   // (the threads go idle; either way the jobs must run)
+            for w in wakeups { w.notifyChange() }
+            waitUntil("both woken jobs ran") { counters.allSatisfy { c in c.m.locked { c.steps } >= 2 } }
+            gate.m.locked { gate.done = true }
+        }
+    }
 }
