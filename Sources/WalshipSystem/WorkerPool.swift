@@ -85,11 +85,15 @@ public final class WorkerPool: @unchecked Sendable {
     private let limit: Int
     private var live = 0
     private let hub: ChangeHub?
-    private var countedByHub = false
+    /// Jobs parked that a change would wake: while there is one, the pool counts with the hub
+    /// as one subscriber that waits for news.
+    private var parkedForNews = 0
 
-    /// `hub`: the hub whose subscribers these jobs are. From its first job on, the pool counts
-    /// as one subscriber that waits for news, for good, so the hub only takes its short rests
-    /// (see `ChangeHub.rest`): some job of the pool is nearly always parked for news.
+    /// `hub`: the hub whose subscribers these jobs are. While some job is parked for news the
+    /// pool counts there as one subscriber that waits (see `ChangeHub.rest`): the hub takes its
+    /// short rests then, and its long one while every job is running or letting commits land.
+    /// (Lock order: the pool's lock, then the hub's; the hub never calls into the pool while it
+    /// holds its own.)
     public init(threads: Int, hub: ChangeHub? = .shared) {
         self.limit = max(1, threads)
         self.hub = hub
@@ -111,7 +115,7 @@ public final class WorkerPool: @unchecked Sendable {
             guard let self, let job else { return }
             self.wake(job)
         }
-        let countNow: Bool = try cond.locked {
+        try cond.locked {
             live += 1
             makeReady(job)   // (starts the first thread)
             if threads.isEmpty {
@@ -120,10 +124,7 @@ public final class WorkerPool: @unchecked Sendable {
                 wakeup.setListener(nil)
                 throw startError ?? SystemError(errno: EAGAIN, context: "start a worker thread")
             }
-            defer { countedByHub = true }
-            return !countedByHub
         }
-        if countNow { hub?.waiterArrives() }
     }
 
     /// Called under the lock: the job waits for a thread, and an idle one is woken.
@@ -171,6 +172,7 @@ public final class WorkerPool: @unchecked Sendable {
         cond.locked {
             guard job.state == .parked else { return }   // running: it looks after its step
             if job.wakeup.stopped || (job.next.wakeOnChange && job.wakeup.hasChange) {
+                unpark(job)
                 makeReady(job)
                 try? startThreadIfNeeded()   // (a thread that cannot start: the others go on)
             }
@@ -205,6 +207,7 @@ public final class WorkerPool: @unchecked Sendable {
                     while let top = heap.first, top.atUs <= now {
                         popTimer()
                         if top.job.state == .parked && top.job.serial == top.serial {
+                            unpark(top.job)
                             top.job.state = .ready
                             ready.append(top.job)
                             moved = true
@@ -245,6 +248,10 @@ public final class WorkerPool: @unchecked Sendable {
                 return
             }
             job.state = .parked
+            if next.wakeOnChange {
+                parkedForNews += 1
+                if parkedForNews == 1 { hub?.waiterArrives() }
+            }
             job.serial += 1
             let earliest = heap.first.map { due < $0.atUs } ?? true
             pushTimer(Timer(atUs: due, serial: job.serial, job: job))
@@ -254,6 +261,13 @@ public final class WorkerPool: @unchecked Sendable {
                 if keeperWaiting { cond.signal(.second) } else if followers > 0 { cond.signalOne(.first) }
             }
         }
+    }
+
+    /// Called under the lock when a parked job leaves its park.
+    private func unpark(_ job: Job) {
+        guard job.next.wakeOnChange else { return }
+        parkedForNews -= 1
+        if parkedForNews == 0 { hub?.waiterLeaves() }
     }
 
     // A binary min-heap on `atUs`.
