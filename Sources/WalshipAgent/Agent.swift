@@ -178,6 +178,8 @@ public final class Agent {
     /// for the same database (a restart, a directory's retry) finds them free. Its descriptors
     /// and SQLite connections go with the object (see `RawFile.keepOpenIfHeld`).
     public func close() {
+        guard !closed else { return }
+        closed = true
         visibility?.stop()
         ChangeHub.shared.unsubscribe(wakeup)
         for id in heldIdentities { HeldFiles.release(id) }
@@ -185,17 +187,35 @@ public final class Agent {
         // Nothing of this agent may still write to the spool once another can take it: after
         // an error, shutdown() did not run, and uploads or housekeeping may be under way.
         for s in shippers { s.stopAndWait() }
-        let drill = DispatchGroup()
-        drill.enter()
-        verifyQueue.async { drill.leave() }
-        if drill.wait(timeout: .now() + 60) == .timedOut {
-            // (The spool stays locked until the drill ends and the object goes.)
+        releaseLocksAfterDrill()
+        // Normally at once: a new agent for this database (a restart, a retry) takes them next.
+        let released = DispatchGroup()
+        released.enter()
+        verifyQueue.async { released.leave() }
+        if released.wait(timeout: .now() + 1) == .timedOut {
             logger.warning("a restore drill is still running; the spool stays locked until it ends", metadata: meta)
-            return
         }
-        if let f = dbFile { flock(f.fd, LOCK_UN) }
-        spool.unlock()
     }
+    private var closed = false
+
+    /// Gives up the database's flock and the spool's lock once no restore drill runs (queued
+    /// behind it on its queue): a drill must never share the spool with a new agent.
+    private func releaseLocksAfterDrill() {
+        // The objects themselves go along (not the descriptor's number, which a closed file
+        // would leave to be reused): only the drill's queue uses them from here on.
+        let locks = HeldLocks(spool: spool, file: dbFile)
+        verifyQueue.async {
+            if let f = locks.file { flock(f.fd, LOCK_UN) }
+            locks.spool.unlock()
+        }
+    }
+
+    private final class HeldLocks: @unchecked Sendable {
+        let spool: Spool
+        let file: RawFile?
+        init(spool: Spool, file: RawFile?) { self.spool = spool; self.file = file }
+    }
+
 
     var meta: Logger.Metadata { ["db.path": "\(dbPath)"] }
 
@@ -1824,9 +1844,9 @@ public final class Agent {
             logger.warning("a restore drill is still running at shutdown; stopping without waiting for it", metadata: meta)
         }
         if !pin.isAutocommit { try? pin.execute("COMMIT") }
-        // Released now, not when the object goes: a restart takes them again at once.
-        flock(dbFile.fd, LOCK_UN)
-        spool.unlock()
+        // Released now, not when the object goes: a restart takes them again at once (once a
+        // drill that outlived the wait above ends).
+        releaseLocksAfterDrill()
         ChangeHub.shared.unsubscribe(wakeup)
         logger.info("stopped", metadata: meta.merging(["txid": "\(lastTxid)"]) { a, _ in a })
         return pending

@@ -361,7 +361,13 @@ public final class DirectoryWatcher: @unchecked Sendable {
                 if let r = supervisor.nextRetryUs { timeout = min(timeout, max(r - now, Self.scanEveryUs - since)) }
                 if statusWriter != nil { timeout = min(timeout, lastTickUs + 1_000_000 - now) }
                 // A change is taken here only to note it; the listing comes at most twice a second.
-                if pending { wakeup.sleep(timeoutUs: max(0, timeout)) } else if wakeup.wait(timeoutUs: max(0, timeout)) { pending = true }
+                // With no directory (a status file only) it waits for nothing but the clock and a
+                // stop, and does not count as a subscriber waiting for news.
+                if pending || directories.isEmpty {
+                    wakeup.sleep(timeoutUs: max(0, timeout))
+                } else if wakeup.wait(timeoutUs: max(0, timeout)) {
+                    pending = true
+                }
             }
         }
     }

@@ -128,26 +128,9 @@ public final class ChangeHub: @unchecked Sendable {
     /// then relies on its timeout alone. Stop requests reach it either way.
     @discardableResult
     public func subscribe(_ wakeup: Wakeup, directory: String, names: [String]) -> Bool {
-        if mutex.locked({ everyone[ObjectIdentifier(wakeup)] != nil }) { unsubscribe(wakeup) }
-        var stopNow = false
-        // (Stopped outside the mutex: a wake-up's listener may take other locks.)
-        defer { if stopNow { wakeup.stop() } }
-        return mutex.locked {
-            startIfNeeded()
-            everyone[ObjectIdentifier(wakeup)] = wakeup
-            stopNow = stopAll
-            // Its waits count from now on (see `rest`), with names or without.
-            wakeup.setHub(self)
-            guard inotifyFD >= 0 else { return false }
-            // No names: stop requests only, no watch.
-            if names.isEmpty { return true }
-            guard let key = watchKey(directory) else { return false }
-            let id = ObjectIdentifier(wakeup)
-            watches[key]!.count += 1
-            for n in names { watches[key]!.byName[n, default: [:]][id] = wakeup }
-            directoryKey[id] = key
-            wakeup.setHub(self)
-            return true
+        // No names: stop requests only, no watch.
+        register(wakeup, directory: names.isEmpty ? nil : directory) { w, id in
+            for n in names { w.byName[n, default: [:]][id] = wakeup }
         }
     }
 
@@ -158,19 +141,28 @@ public final class ChangeHub: @unchecked Sendable {
     /// when the directory cannot be watched.
     @discardableResult
     public func subscribeToEntries(_ wakeup: Wakeup, directory: String, ignoring: Set<String> = [], ignoringHidden: Bool = false) -> Bool {
+        register(wakeup, directory: directory) { w, id in w.entries[id] = (wakeup, ignoring, ignoringHidden) }
+    }
+
+    /// Both kinds of subscription: `wakeup` hears of stop requests and its waits count (see
+    /// `rest`); with a directory, `file` files it in that directory's watch (under the mutex).
+    private func register(_ wakeup: Wakeup, directory: String?, _ file: (inout Watch, ObjectIdentifier) -> Void) -> Bool {
         if mutex.locked({ everyone[ObjectIdentifier(wakeup)] != nil }) { unsubscribe(wakeup) }
         var stopNow = false
+        // (Stopped outside the mutex: a wake-up's listener may take other locks.)
         defer { if stopNow { wakeup.stop() } }
         return mutex.locked {
             startIfNeeded()
-            everyone[ObjectIdentifier(wakeup)] = wakeup
-            stopNow = stopAll
-            guard inotifyFD >= 0, let key = watchKey(directory) else { return false }
             let id = ObjectIdentifier(wakeup)
-            watches[key]!.count += 1
-            watches[key]!.entries[id] = (wakeup, ignoring, ignoringHidden)
-            directoryKey[id] = key
+            everyone[id] = wakeup
+            stopNow = stopAll
             wakeup.setHub(self)
+            guard inotifyFD >= 0 else { return false }
+            guard let directory else { return true }
+            guard let key = watchKey(directory) else { return false }
+            watches[key]!.count += 1
+            file(&watches[key]!, id)
+            directoryKey[id] = key
             return true
         }
     }

@@ -174,7 +174,6 @@ public final class WorkerPool: @unchecked Sendable {
             if job.wakeup.stopped || (job.next.wakeOnChange && job.wakeup.hasChange) {
                 unpark(job)
                 makeReady(job)
-                try? startThreadIfNeeded()   // (a thread that cannot start: the others go on)
             }
         }
     }
@@ -184,6 +183,17 @@ public final class WorkerPool: @unchecked Sendable {
         while true {
             let job: Job = cond.locked {
                 while true {
+                    // Due timers join the queue first, behind what is ready already: a stream
+                    // of ready jobs never holds a due one back for long.
+                    let now = monotonicMicroseconds()
+                    while let top = heap.first, top.atUs <= now {
+                        popTimer()
+                        if top.job.state == .parked && top.job.serial == top.serial {
+                            unpark(top.job)
+                            top.job.state = .ready
+                            ready.append(top.job)
+                        }
+                    }
                     if readyHead < ready.count {
                         let j = ready[readyHead]!
                         ready[readyHead] = nil
@@ -202,18 +212,6 @@ public final class WorkerPool: @unchecked Sendable {
                         }
                         return j
                     }
-                    let now = monotonicMicroseconds()
-                    var moved = false
-                    while let top = heap.first, top.atUs <= now {
-                        popTimer()
-                        if top.job.state == .parked && top.job.serial == top.serial {
-                            unpark(top.job)
-                            top.job.state = .ready
-                            ready.append(top.job)
-                            moved = true
-                        }
-                    }
-                    if moved { continue }
                     if !keeperWaiting {
                         keeperWaiting = true
                         cond.wait(timeoutUs: heap.first.map { $0.atUs - now }, .second)
