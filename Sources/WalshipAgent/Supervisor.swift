@@ -129,6 +129,11 @@ public final class Supervisor: @unchecked Sendable {
         let path = agent.resolvedPath
         do {
             guard let last = job.next else {
+                // A stop that came while it waited for its first turn: it never starts.
+                if agent.wakeupForScheduling.stopped || ChangeHub.shared.stopping {
+                    release(entry, job)
+                    return .ended(resolvedPath: path)
+                }
                 try agent.start()
                 let n = try agent.beginRun()
                 job.next = n
