@@ -188,10 +188,7 @@ public final class Agent {
         for s in shippers { s.stopAndWait() }
         releaseLocksAfterDrill()
         // Normally at once: a new agent for this database (a restart, a retry) takes them next.
-        let released = DispatchGroup()
-        released.enter()
-        verifyQueue.async { released.leave() }
-        if released.wait(timeout: .now() + 1) == .timedOut {
+        if !drillEnds(withinUs: 1_000_000) {
             logger.warning("a restore drill is still running; the spool stays locked until it ends", metadata: meta)
         }
     }

@@ -209,45 +209,6 @@ extension Agent {
         return false
     }
 
-    /// How long shutdown waits for the replicas to acknowledge what is committed.
-    static let shutdownWaitUs: Int64 = 30_000_000
-
-    /// Ships what is committed and stops; returns the replicas that still lack something
-    /// (kept in the spool for the next start). `deadlineUs`: when to stop waiting for the replicas (default: 30 s from now); a restore
-    /// drill under way gets 30 s more.
-    @discardableResult
-    func shutdown(deadlineUs: Int64? = nil) throws -> [String] {
-        try pollAndAppend()
-        try cutSegment()
-        visibility?.stop()
-        kickShippers()
-        let deadline = deadlineUs ?? monotonicMicroseconds() + Self.shutdownWaitUs
-        var pending: [String] = []
-        for s in shippers where !s.waitUntilShipped(limit: shippableSequence, deadlineUs: deadline) {
-            pending.append(s.replica.displayURL + (s.lastError.map { ": \($0)" } ?? ""))
-            logger.error("replica did not acknowledge everything before shutdown; the spool keeps it for next start",
-                         metadata: ["replica.url": "\(s.replica.displayURL)"])
-        }
-        try collectOutbox()
-        // Every job started must end before the agent does: uploads and housekeeping on the
-        // replicas' queues (housekeeping stops between jobs), and a restore drill under way.
-        for s in shippers { s.stopAndWait() }
-        let drill = DispatchGroup()
-        drill.enter()
-        verifyQueue.async { drill.leave() }
-        let drillWaitUs = max(0, deadline + Self.shutdownWaitUs - monotonicMicroseconds())
-        if drill.wait(timeout: .now() + .microseconds(Int(drillWaitUs))) == .timedOut {
-            logger.warning("a restore drill is still running at shutdown; stopping without waiting for it", metadata: meta)
-        }
-        if !pin.isAutocommit { try? pin.execute("COMMIT") }
-        // Released now, not when the object goes: a restart takes them again at once (once a
-        // drill that outlived the wait above ends).
-        releaseLocksAfterDrill()
-        ChangeHub.shared.unsubscribe(wakeup)
-        logger.info("stopped", metadata: meta.merging(["txid": "\(lastTxid)"]) { a, _ in a })
-        return pending
-    }
-
     public func stop() { wakeup.stop() }
 
     /// The database file's path with symbolic links resolved (the key of its status).
